@@ -1,0 +1,47 @@
+"""Storage backends, one module each, chosen by the scheme of a model's URI.
+
+Adding a backend means one module whose class satisfies ``protocols.storage.StorageBackend``
+and has ``from_uri``, plus one entry in ``_REGISTRY`` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from protocols.errors import ConfigError
+from protocols.storage import StorageBackend
+
+# scheme -> "module:Class"; modules are imported lazily so that a local load never pays for
+# importing aiobotocore or aiohttp.
+_REGISTRY: dict[str, str] = {
+    "file": "backends.local:LocalBackend",
+    "s3": "backends.s3:S3Backend",
+    "http": "backends.http:HTTPBackend",
+    "https": "backends.http:HTTPBackend",
+}
+
+
+def scheme_of(uri: str) -> str:
+    """The registry key for ``uri``: a plain path counts as ``file``."""
+    scheme = urlsplit(uri).scheme.lower()
+    # A one-letter "scheme" is a Windows drive, and no scheme is a plain path.
+    return "file" if len(scheme) <= 1 else scheme
+
+
+def backend_class(uri: str) -> type:
+    scheme = scheme_of(uri)
+    target = _REGISTRY.get(scheme)
+    if target is None:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"no storage backend for scheme {scheme!r} in {uri!r} (known: {known})")
+    module_name, _, cls_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def open_backend(uri: str, settings: Mapping[str, Any] | None = None) -> StorageBackend:
+    """A backend rooted at ``uri``; ``settings`` is that backend's table from the config."""
+    backend: StorageBackend = backend_class(uri).from_uri(uri, dict(settings or {}))
+    return backend
