@@ -65,7 +65,10 @@ class Plan:
     modules: tuple[str, ...]  # planned modules in execution order
     shards: tuple[Shard, ...]
     reads: tuple[ReadRange, ...]
-    order_source: str  # "dry-forward" or "registration"
+    order_source: str  # "dry-forward", "registration" or "given"
+    # Planned modules the dry forward never called: their weights may be read by other code,
+    # so a gated forward waits for them before it starts.
+    uncalled: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:

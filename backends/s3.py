@@ -1,0 +1,288 @@
+"""S3 backend on aiobotocore: concurrent ranged GETs streamed straight into caller buffers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from backends._remote import (
+    MiB,
+    Fill,
+    RemoteSettings,
+    Transient,
+    check_key,
+    fill_resuming,
+    gather_chunks,
+    reject_unknown,
+)
+from protocols.errors import (
+    ConfigError,
+    IntegrityError,
+    ObjectChanged,
+    ObjectNotFound,
+    StorageError,
+    StorageTimeout,
+)
+from protocols.storage import ObjectInfo
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# The largest slice one body.read() hands back; it bounds the transient bytes object that is
+# copied once into the caller's buffer.
+_READ_PIECE = 1 * MiB
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
+_CHANGED = {"PreconditionFailed", "412"}
+
+
+@contextlib.contextmanager
+def map_exceptions(what: str) -> Iterator[None]:
+    """Turn botocore/aiohttp failures of a request (not of its body) into our errors."""
+    try:
+        yield
+    except ClientError as e:
+        err = e.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _NOT_FOUND or status == "404":
+            raise ObjectNotFound(f"{what}: not found ({code})") from e
+        if code in _CHANGED or status == "412":
+            raise ObjectChanged(f"{what}: the object was replaced (ETag no longer matches)") from e
+        if code == "InvalidRange" or status == "416":
+            raise IntegrityError(f"{what}: the object is shorter than the range asked") from e
+        raise StorageError(f"{what}: S3 error {code or status}: {err.get('Message', '')}") from e
+    except (ReadTimeoutError, ConnectTimeoutError, TimeoutError) as e:
+        raise StorageTimeout(f"{what}: timed out ({type(e).__name__})") from e
+    except (BotoCoreError, aiohttp.ClientError, OSError) as e:
+        raise StorageError(f"{what}: {type(e).__name__}: {e}") from e
+
+
+class S3Backend:
+    """Objects under ``s3://bucket/prefix``; keys are paths relative to the prefix.
+
+    Settings beyond the shared ones (see ``backends._remote.RemoteSettings``): endpoint_url,
+    region, aws_access_key_id, aws_secret_access_key, aws_session_token, retry_mode,
+    addressing_style, op_timeout_s.
+    """
+
+    alignment = 1
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        settings: RemoteSettings,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        credentials: dict[str, str] | None = None,
+        retry_mode: str = "standard",
+        addressing_style: str = "auto",
+        op_timeout_s: float | None = None,
+    ) -> None:
+        if retry_mode not in ("standard", "adaptive"):
+            raise ConfigError(f"retry_mode must be 'standard' or 'adaptive', not {retry_mode!r}")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.settings = settings
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self._credentials = credentials or {}
+        self.retry_mode = retry_mode
+        self.addressing_style = addressing_style
+        # One request with all of botocore's retries must finish within this; it is the outer
+        # bound, botocore's own connect/read timeouts fire first in any normal failure.
+        s = settings
+        self.op_timeout_s = op_timeout_s or (
+            s.max_attempts * (s.connect_timeout_s + s.read_timeout_s + 20.0)
+        )
+        self._sem = asyncio.Semaphore(s.concurrency)
+        self._lock = asyncio.Lock()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+        self._closed = False
+
+    @classmethod
+    def from_uri(cls, uri: str, settings: dict[str, Any]) -> "S3Backend":
+        parts = urlsplit(uri)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ConfigError(f"expected s3://bucket/prefix, got {uri!r}")
+        rest = dict(settings)
+        shared = RemoteSettings.take(rest)
+        creds = {
+            k: str(rest.pop(k))
+            for k in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+            if k in rest
+        }
+        if bool(creds.get("aws_access_key_id")) != bool(creds.get("aws_secret_access_key")):
+            raise ConfigError("give both aws_access_key_id and aws_secret_access_key, or neither")
+        op_timeout = rest.pop("op_timeout_s", None)
+        backend = cls(
+            parts.netloc,
+            parts.path,
+            shared,
+            endpoint_url=rest.pop("endpoint_url", None),
+            region=rest.pop("region", None),
+            credentials=creds,
+            retry_mode=str(rest.pop("retry_mode", "standard")),
+            addressing_style=str(rest.pop("addressing_style", "auto")),
+            op_timeout_s=float(op_timeout) if op_timeout is not None else None,
+        )
+        reject_unknown(rest, "s3")
+        return backend
+
+    def _object_key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _where(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._object_key(key)}"
+
+    async def _get_client(self) -> Any:
+        # Created lazily so that the aiohttp session inside belongs to the running loop.
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._closed:
+                raise StorageError("the S3 backend is closed")
+            if self._client is None:
+                from aiobotocore.config import AioConfig
+                from aiobotocore.session import get_session
+
+                s = self.settings
+                config = AioConfig(
+                    connect_timeout=s.connect_timeout_s,
+                    read_timeout=s.read_timeout_s,
+                    # Explicit, because botocore's default retry mode is due to change.
+                    retries={"mode": self.retry_mode, "total_max_attempts": s.max_attempts},
+                    max_pool_connections=max(10, s.concurrency + 2),
+                    s3={"addressing_style": self.addressing_style},
+                    # Ranged GETs carry no full-object checksum, so botocore must not try to
+                    # validate one (and must not wrap the body, which would add a copy).
+                    response_checksum_validation="when_required",
+                    request_checksum_calculation="when_required",
+                    # Loading the service model reads JSON from disk: do it in a thread.
+                    warm_up_loader_caches=True,
+                )
+                stack = contextlib.AsyncExitStack()
+                with map_exceptions(f"creating an S3 client for s3://{self.bucket}"):
+                    async with asyncio.timeout(self.op_timeout_s):
+                        self._client = await stack.enter_async_context(
+                            get_session().create_client(
+                                "s3",
+                                region_name=self.region,
+                                endpoint_url=self.endpoint_url,
+                                config=config,
+                                **self._credentials,
+                            )
+                        )
+                self._stack = stack
+        return self._client
+
+    async def stat(self, key: str) -> ObjectInfo:
+        what = f"HEAD {self._where(key)}"
+        client = await self._get_client()
+        with map_exceptions(what):
+            async with asyncio.timeout(self.op_timeout_s):
+                resp = await client.head_object(Bucket=self.bucket, Key=self._object_key(key))
+        return ObjectInfo(key=key, size=int(resp["ContentLength"]), version=resp.get("ETag"))
+
+    async def read_into(
+        self, key: str, offset: int, buf: memoryview, *, version: str | None = None
+    ) -> None:
+        obj = self._object_key(key)
+        if offset < 0:
+            raise StorageError(f"negative offset {offset} for {self._where(key)}")
+        if not len(buf):
+            return
+        client = await self._get_client()
+
+        async def read_chunk(fill: Fill) -> None:
+            what = f"GET {self._where(key)} bytes {fill.offset}-{fill.offset + len(fill.view) - 1}"
+            await fill_resuming(
+                fill,
+                lambda f: self._read_once(client, obj, f, version, what),
+                self.settings,
+                what,
+            )
+
+        await gather_chunks(buf.cast("B"), offset, self.settings, self._sem, read_chunk)
+
+    async def _read_once(
+        self, client: Any, obj: str, fill: Fill, version: str | None, what: str
+    ) -> None:
+        """One ranged GET for the missing tail of ``fill``; raises Transient if the body breaks."""
+        first, last = fill.pos, fill.offset + len(fill.view) - 1
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": obj, "Range": f"bytes={first}-{last}"}
+        if version is not None:
+            args["IfMatch"] = version
+        with map_exceptions(what):
+            async with asyncio.timeout(self.op_timeout_s):
+                resp = await client.get_object(**args)
+        body = resp["Body"]
+        try:
+            self._check_response(resp, first, last, version, what)
+            await self._stream_body(body, fill, what)
+        finally:
+            # Closing an unfinished body drops its connection rather than reusing a dirty one.
+            body.close()
+
+    @staticmethod
+    def _check_response(
+        resp: dict[str, Any], first: int, last: int, version: str | None, what: str
+    ) -> None:
+        if version is not None and resp.get("ETag") not in (None, version):
+            # Servers that ignore If-Match (s3rver, some gateways) still tell us the ETag.
+            raise ObjectChanged(f"{what}: ETag {resp.get('ETag')} is no longer {version}")
+        m = _CONTENT_RANGE.fullmatch(str(resp.get("ContentRange") or ""))
+        if m is None:
+            raise IntegrityError(
+                f"{what}: no usable Content-Range in the answer ({resp.get('ContentRange')!r}); "
+                "the server or a proxy ignored the Range header"
+            )
+        got_first, got_last = int(m[1]), int(m[2])
+        if got_first != first:
+            raise IntegrityError(f"{what}: server answered bytes {got_first}-{got_last}")
+        if got_last != last:
+            raise IntegrityError(
+                f"{what}: object is shorter than expected (answer ends at byte {got_last}, "
+                f"total {m[3]})"
+            )
+        length = resp.get("ContentLength")
+        if length is not None and int(length) > last - first + 1:
+            raise IntegrityError(f"{what}: Content-Length {length} exceeds the range asked")
+
+    async def _stream_body(self, body: Any, fill: Fill, what: str) -> None:
+        timeout = self.settings.read_timeout_s
+        while fill.missing:
+            try:
+                async with asyncio.timeout(timeout):
+                    piece = await body.read(min(fill.missing, _READ_PIECE))
+            except (TimeoutError, ReadTimeoutError) as e:
+                raise Transient(f"no body bytes for {timeout}s", timeout=True) from e
+            except (ResponseStreamingError, IncompleteReadError, aiohttp.ClientError) as e:
+                raise Transient(f"body broke off: {type(e).__name__}: {e}") from e
+            if not piece:
+                # A clean end before the range was complete: never let a short body pass.
+                raise Transient(f"body ended {fill.missing} bytes short", short=True)
+            fill.land(piece)
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            self._closed = True
+            stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()

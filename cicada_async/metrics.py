@@ -1,0 +1,160 @@
+"""Prometheus text exposition (format 0.0.4) without a client library.
+
+Triton's ``nv_inference_*`` names are kept so existing dashboards chart us unchanged; the
+``cicada_*`` families describe cold starts. Everything here runs on the event loop only, so
+plain dicts need no locks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Cold starts span milliseconds (tiny models, local disk) to minutes (large models over S3).
+COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STAGES = ("skeleton_s", "plan_s", "fetch_s", "apply_s", "compute_s")
+STATES = ("unloaded", "loading", "ready", "failed")
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt_labels(labels: Labels) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"
+
+
+def _fmt_value(v: float) -> str:
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if isinstance(v, int) or float(v).is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    return repr(float(v))
+
+
+@dataclass
+class Family:
+    """One metric family: a name, a type, a help line and samples keyed by label set."""
+
+    name: str
+    kind: str  # counter | gauge | histogram
+    help: str
+    buckets: tuple[float, ...] = ()
+    values: dict[Labels, float] = field(default_factory=dict)
+    # histogram state per label set: (bucket counts, sum, count)
+    hist: dict[Labels, tuple[list[int], float, int]] = field(default_factory=dict)
+
+    def inc(self, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(labels.items())
+        self.values[key] = self.values.get(key, 0) + amount
+
+    def set(self, value: float, **labels: str) -> None:
+        self.values[tuple(labels.items())] = value
+
+    def observe(self, value: float, **labels: str) -> None:
+        key = tuple(labels.items())
+        counts, total, n = self.hist.get(key) or ([0] * len(self.buckets), 0.0, 0)
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                counts[i] += 1
+        self.hist[key] = (counts, total + value, n + 1)
+
+    def render(self, out: list[str]) -> None:
+        out.append(f"# HELP {self.name} {self.help}")
+        out.append(f"# TYPE {self.name} {self.kind}")
+        for labels, v in self.values.items():
+            out.append(f"{self.name}{_fmt_labels(labels)} {_fmt_value(v)}")
+        for labels, (counts, total, n) in self.hist.items():
+            for bound, c in zip(self.buckets, counts):
+                out.append(f"{self.name}_bucket{_fmt_labels(labels + (('le', _fmt_value(bound)),))} {c}")
+            out.append(f"{self.name}_bucket{_fmt_labels(labels + (('le', '+Inf'),))} {n}")
+            out.append(f"{self.name}_sum{_fmt_labels(labels)} {_fmt_value(total)}")
+            out.append(f"{self.name}_count{_fmt_labels(labels)} {n}")
+
+
+class Metrics:
+    """The server's metric families plus gauges computed at scrape time."""
+
+    def __init__(self) -> None:
+        f = self._families = {}  # type: dict[str, Family]
+
+        def add(name: str, kind: str, help: str, buckets: tuple[float, ...] = ()) -> Family:
+            f[name] = Family(name, kind, help, buckets)
+            return f[name]
+
+        self.success = add("nv_inference_request_success", "counter", "Number of successful inference requests, all batch sizes")
+        self.failure = add("nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes")
+        self.count = add("nv_inference_count", "counter", "Number of inferences performed (batch size 1 per request)")
+        self.exec_count = add("nv_inference_exec_count", "counter", "Number of model executions performed")
+        self.request_us = add("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds")
+        self.queue_us = add("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds")
+        self.compute_us = add("nv_inference_compute_infer_duration_us", "counter", "Cumulative compute inference duration in microseconds")
+        self.pending = add("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting execution per-model")
+        self.load_s = add("nv_model_load_duration_secs", "gauge", "Model load time in seconds (last load)")
+        self.cold_starts = add("cicada_cold_starts_total", "counter", "Cold starts (loads of an unloaded model), by outcome")
+        self.cold_start_s = add("cicada_cold_start_seconds", "histogram", "Cold start duration: load start to weights resident", COLD_START_BUCKETS)
+        self.cold_stage_s = add("cicada_cold_start_stage_seconds", "gauge", "Stage breakdown of the last cold start")
+        self.ttfc_s = add("cicada_cold_start_time_to_first_compute_seconds", "gauge", "Load start to first layer computed, last cold start")
+        self.bytes_fetched = add("cicada_bytes_fetched_total", "counter", "Weight bytes fetched from storage")
+        self.stall_s = add("cicada_stall_seconds", "gauge", "Compute time spent waiting for weights in the last cold start")
+        self.utilization = add("cicada_pipeline_utilization", "gauge", "Fraction of the last cold start during which compute was busy")
+        self.gbps = add("cicada_fetch_gbps", "gauge", "Fetch throughput of the last cold start in GB/s")
+        self.state = add("cicada_model_state", "gauge", "1 for the model's current state, 0 for the others")
+        self.evictions = add("cicada_evictions_total", "counter", "Models unloaded, by reason (keep_alive, memory_budget, api)")
+        self.shed = add("cicada_requests_shed_total", "counter", "Requests refused or dropped from the queue, by reason")
+        self.resident = add("cicada_resident_weight_bytes", "gauge", "Weight bytes of loaded models")
+        self._collectors: list[Callable[[], None]] = []
+
+    def family(self, name: str) -> Family:
+        return self._families[name]
+
+    def add_collector(self, fn: Callable[[], None]) -> None:
+        """``fn`` refreshes gauges just before each scrape."""
+        self._collectors.append(fn)
+
+    def record_cold_start(self, model: str, ok: bool, summary: dict[str, Any] | None) -> None:
+        self.cold_starts.inc(model=model, outcome="success" if ok else "failure")
+        if not ok or not summary:
+            return
+        total = float(summary.get("total_s") or 0.0)
+        self.cold_start_s.observe(total, model=model)
+        self.load_s.set(total, model=model, version="1")
+        stages = summary.get("stages") or {}
+        for stage in STAGES:
+            if stage in stages and stages[stage] is not None:
+                self.cold_stage_s.set(float(stages[stage]), model=model, stage=stage.removesuffix("_s"))
+        for fam, key in ((self.ttfc_s, "time_to_first_compute_s"), (self.stall_s, "stall_s"),
+                         (self.utilization, "utilization"), (self.gbps, "gbps")):
+            if summary.get(key) is not None:
+                fam.set(float(summary[key]), model=model)
+        if summary.get("bytes"):
+            self.bytes_fetched.inc(int(summary["bytes"]), model=model)
+
+    def render(self) -> bytes:
+        for fn in self._collectors:
+            fn()
+        out: list[str] = []
+        for fam in self._families.values():
+            fam.render(out)
+        out.append("")
+        return "\n".join(out).encode()
+
+    def families(self) -> Iterable[Family]:
+        return self._families.values()
+
+
+def parse_text(text: str) -> dict[str, float]:
+    """Tiny parser for tests and the load-test summary: ``name{labels}`` -> value."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[key] = float(value)
+    return values

@@ -1,0 +1,354 @@
+"""One cold start: skeleton, plan, fetch, apply-as-landed and the layer-gated forward.
+
+The event loop runs the fetch; the executor thread builds, plans, applies and computes.
+A forward pre-hook on every planned module blocks (applying whatever lands meanwhile) until
+that module's own shards are applied, so layer k computes while later layers are on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from backends.local import DIRECT_ALIGN
+from protocols.errors import CicadaError, InferenceError, LoadError
+from protocols.manifest import FileHeader, Plan, TensorEntry
+from protocols.storage import StorageBackend
+
+from .arena import PAGE, Arena
+from .decoupler import FetchScheduler, Fetcher, FetchSettings
+from .executor import Executor
+from .miniloader import SkeletonIndex, index_skeleton, materialize, skeleton_mode, tensor_from_bytes
+from .modeldir import ModelSpec, output_dict, read_model_spec
+from .plan import DEFAULT_READ_BYTES, build_plan
+from .safetensors_header import header_length, parse_header
+from .timeline import Timeline
+
+HEADER_PROBE = 64 << 10  # one read usually gets the length prefix and the whole header
+
+
+@dataclass
+class LoadOptions:
+    dtype: torch.dtype | None = None
+    device: torch.device = torch.device("cpu")
+    read_bytes: int = DEFAULT_READ_BYTES
+    load_timeout_s: float = 600.0
+
+
+async def read_header(backend: StorageBackend, key: str) -> FileHeader:
+    info = await backend.stat(key)
+    probe = bytearray(min(info.size, HEADER_PROBE))
+    await backend.read_into(key, 0, memoryview(probe), version=info.version)
+    n = header_length(bytes(probe[:8]), key=key, size=info.size)
+    if 8 + n > len(probe):
+        rest = bytearray(8 + n - len(probe))
+        await backend.read_into(key, len(probe), memoryview(rest), version=info.version)
+        probe += rest
+    return parse_header(bytes(probe[8 : 8 + n]), key=key, size=info.size, version=info.version)
+
+
+def build_skeleton(spec: ModelSpec, dtype: torch.dtype | None) -> nn.Module:
+    with skeleton_mode(), torch.device("cpu"):
+        model = spec.build()
+    if dtype is not None:
+        model.to(dtype)  # on meta this is bookkeeping; real float buffers follow as they would in eager
+    return model.eval()
+
+
+class LoadJob:
+    """State shared by the fetch (loop thread) and the applies and forward (executor thread)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: nn.Module,
+        index: SkeletonIndex,
+        plan: Plan,
+        tensors: dict[str, TensorEntry],
+        arenas: dict[str, Arena],
+        options: LoadOptions,
+        executor: Executor,
+        timeline: Timeline,
+        loop: asyncio.AbstractEventLoop,
+        on_applied: Callable[[int], Any],
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.index = index
+        self.plan = plan
+        self.tensors = tensors
+        self.arenas = arenas
+        self.options = options
+        self.executor = executor
+        self.timeline = timeline
+        self.loop = loop
+        self.on_applied = on_applied
+        self.applied = [False] * len(plan.shards)
+        self.remaining = len(plan.shards)
+        self.error: BaseException | None = None
+        self.deadline = time.monotonic() + options.load_timeout_s
+        self._hooks: list[Any] = []
+        shard_of = {t: s.index for s in plan.shards for t in s.tensors}
+        self.module_shards: dict[str, list[int]] = {
+            m: sorted({shard_of[t] for t in names}) for m, names in index.module_slots.items()
+        }
+        self.uncalled_shards = sorted(
+            {i for m in plan.uncalled for i in self.module_shards.get(m, [])}
+            | {s.index for s in plan.shards if s.module == ""}
+        )
+        self.convert = options.dtype is not None or options.device.type != "cpu"
+
+    # loop thread -----------------------------------------------------------------------------
+    def shard_landed(self, i: int) -> None:
+        self.executor.post_apply(lambda: self._apply(i))
+
+    def fail(self, exc: BaseException) -> None:
+        self.executor.post_apply(lambda: self._fail(exc))
+
+    # executor thread ---------------------------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def _apply(self, i: int) -> None:
+        if self.error is not None or self.applied[i]:
+            return
+        shard = self.plan.shards[i]
+        start = self.timeline.now()
+        try:
+            for name in shard.tensors:
+                e = self.tensors[name]
+                raw = self.arenas[e.file].bytes_tensor(e.start, e.end)
+                value = tensor_from_bytes(raw, e, dtype=self.options.dtype, device=self.options.device)
+                materialize(self.index.slots[name], value)
+        except Exception as e:  # noqa: BLE001 - any apply failure fails the whole load
+            self.error = LoadError(f"applying weights of {shard.module or 'the model'}: {e}")
+            return
+        self.timeline.add("apply", shard.module, start, nbytes=shard.nbytes)
+        self.applied[i] = True
+        self.remaining -= 1
+        self.loop.call_soon_threadsafe(self.on_applied, i)
+
+    def wait_for(self, shards: list[int], what: str) -> None:
+        if all(self.applied[i] for i in shards) and self.error is None:
+            return
+        start = self.timeline.now()
+        self.executor.wait_until(
+            lambda: self.error is not None or all(self.applied[i] for i in shards), self.deadline
+        )
+        self.timeline.add("wait", what, start)
+        if self.error is not None:
+            raise self.error
+
+    def wait_all(self) -> None:
+        self.executor.wait_until(lambda: self.error is not None or self.remaining == 0, self.deadline)
+        if self.error is not None:
+            raise self.error
+
+    def install_gates(self) -> None:
+        modules = dict(self.model.named_modules())
+        starts: dict[str, float] = {}
+
+        def gate(name: str, shards: list[int]) -> Callable[..., None]:
+            def pre(_m: nn.Module, _a: Any) -> None:
+                self.wait_for(shards, name)
+                starts[name] = self.timeline.now()
+
+            return pre
+
+        def done(name: str) -> Callable[..., None]:
+            def post(_m: nn.Module, _a: Any, _o: Any) -> None:
+                if name in starts:
+                    self.timeline.add("compute", name, starts.pop(name))
+
+            return post
+
+        for name, shards in self.module_shards.items():
+            mod = modules[name]
+            self._hooks.append(mod.register_forward_pre_hook(gate(name, shards)))
+            self._hooks.append(mod.register_forward_hook(done(name)))
+        if self.uncalled_shards:
+            # Weights of modules the dry run never called may be read by other code: the root
+            # waits for them (they are fetched early enough only if the plan puts them early).
+            self._hooks.append(
+                self.model.register_forward_pre_hook(gate("<uncalled>", self.uncalled_shards))
+            )
+
+    def remove_gates(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def run_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A forward on the executor thread; outputs named and on the CPU."""
+    try:
+        with torch.inference_mode():
+            if device.type != "cpu":
+                inputs = {k: v.to(device) for k, v in inputs.items()}
+            out = output_dict(model(**inputs))
+            if device.type != "cpu":
+                out = {k: v.cpu() for k, v in out.items()}
+            return out
+    except CicadaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any forward failure is the model's, not ours
+        raise InferenceError(f"forward failed: {type(e).__name__}: {e}") from e
+
+
+async def prepare(
+    backend: StorageBackend,
+    executor: Executor,
+    options: LoadOptions,
+    timeline: Timeline,
+    *,
+    alignment: int,
+    cached_plan: Plan | None = None,
+) -> tuple[ModelSpec, nn.Module, SkeletonIndex, Plan, dict[str, FileHeader]]:
+    """Spec, skeleton, index and plan; headers are read while the skeleton is built."""
+    with timeline.stage("spec"):
+        spec = await read_model_spec(backend)
+
+    async def headers() -> dict[str, FileHeader]:
+        with timeline.stage("headers"):
+            hs = await asyncio.gather(*(read_header(backend, k) for k in spec.weight_files))
+        return {h.key: h for h in hs}
+
+    def skeleton() -> nn.Module:
+        with timeline.stage("skeleton"):
+            return build_skeleton(spec, options.dtype)
+
+    hdrs, model = await asyncio.gather(headers(), executor.run(skeleton, priority=-1))
+    tensors: dict[str, TensorEntry] = {}
+    for h in hdrs.values():
+        for name, e in h.tensors.items():
+            if name in tensors:
+                raise LoadError(f"tensor {name!r} appears in both {tensors[name].file} and {e.file}")
+            tensors[name] = e
+
+    def planning() -> tuple[SkeletonIndex, Plan]:
+        with timeline.stage("plan"):
+            index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
+            order = list(cached_plan.modules) if cached_plan is not None else None
+            plan = build_plan(
+                model, spec, index, tensors, {k: h.size for k, h in hdrs.items()},
+                read_bytes=options.read_bytes, alignment=alignment, order=order,
+            )
+            if cached_plan is not None:
+                plan = Plan(plan.modules, plan.shards, plan.reads, cached_plan.order_source, cached_plan.uncalled)
+            return index, plan
+
+    index, plan = await executor.run(planning, priority=-1)
+    return spec, model, index, plan, hdrs
+
+
+async def cold_start(
+    backend: StorageBackend,
+    executor: Executor,
+    scheduler: FetchScheduler,
+    *,
+    options: LoadOptions | None = None,
+    fetch: FetchSettings | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
+    priority: Callable[[], float] = lambda: 0.0,
+    timeline: Timeline | None = None,
+    cached_plan: Plan | None = None,
+    on_prepared: Callable[["LoadJob"], None] | None = None,
+    shard_order: Callable[[list[int]], list[int]] | None = None,
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None, LoadJob]:
+    """Load a model through the pipeline; with ``inputs``, compute while it loads.
+
+    Returns the loaded model, the outputs of the gated forward (or None) and the job (with the
+    timeline and plan). On any failure nothing half-loaded is kept and the error is raised.
+    ``shard_order`` exists for tests: it permutes the order in which landed shards are applied.
+    """
+    options = options or LoadOptions()
+    fetch = fetch or FetchSettings()
+    timeline = timeline or Timeline()
+    loop = asyncio.get_running_loop()
+    alignment = max(getattr(backend, "alignment", 1), 1)
+    spec, model, index, plan, hdrs = await prepare(
+        backend, executor, options, timeline, alignment=alignment, cached_plan=cached_plan
+    )
+    arenas = {k: Arena(h.size) for k, h in hdrs.items()}
+    fetcher: Fetcher | None = None
+    applied_q: asyncio.Queue[int] = asyncio.Queue()
+
+    def on_applied(i: int) -> None:
+        applied_q.put_nowait(i)
+
+    job = LoadJob(spec, model, index, plan, {n: e for h in hdrs.values() for n, e in h.tensors.items()},
+                  arenas, options, executor, timeline, loop, on_applied)
+    if on_prepared is not None:
+        on_prepared(job)
+
+    held: list[int] = []
+
+    def landed(i: int) -> None:
+        if shard_order is None:
+            job.shard_landed(i)
+            return
+        held.append(i)
+        if len(held) == len(plan.shards):
+            for j in shard_order(list(held)):
+                job.shard_landed(j)
+
+    fetcher = Fetcher(plan, backend, hdrs, arenas, settings=fetch, scheduler=scheduler,
+                      priority=priority, on_landed=landed, timeline=timeline)
+
+    async def release_budget() -> None:
+        released = 0
+        while released < len(plan.shards):
+            i = await applied_q.get()
+            released += 1
+            await fetcher.shard_applied(i)
+            if job.convert and alignment >= PAGE:
+                for r in plan.shards[i].reads:
+                    if fetcher._pending_shards[r] == 0:
+                        rd = plan.reads[r]
+                        # Converted copies hold the values now; keep one page at each end,
+                        # which a neighbouring read may share.
+                        arenas[rd.file].release(rd.start + PAGE, rd.end - PAGE)
+
+    outputs: dict[str, torch.Tensor] | None = None
+    job.install_gates()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            fetch_task = tg.create_task(_fetch_or_fail(fetcher, job, timeline))
+            tg.create_task(release_budget())
+            if inputs is not None:
+                def gated() -> dict[str, torch.Tensor]:
+                    with timeline.stage("forward"):
+                        return run_forward(model, inputs, options.device)
+
+                outputs = await executor.run(gated, priority=priority())
+            await fetch_task
+            await executor.run(job.wait_all, priority=-1)
+    except* CicadaError as eg:
+        job.fail(eg.exceptions[0])
+        raise eg.exceptions[0] from None
+    except* BaseException as eg:
+        err = eg.exceptions[0]
+        job.fail(err if isinstance(err, Exception) else LoadError("load cancelled"))
+        raise
+    finally:
+        # Gates come off on the executor thread, between forwards.
+        if executor.alive:
+            await executor.run(job.remove_gates, priority=-1)
+    return model, outputs, job
+
+
+async def _fetch_or_fail(fetcher: Fetcher, job: LoadJob, timeline: Timeline) -> None:
+    try:
+        with timeline.stage("fetch"):
+            await fetcher.run()
+    except BaseException as e:
+        # Wake a forward blocked in a gate: it must fail with this error, not hang.
+        job.fail(e if isinstance(e, Exception) else LoadError("load cancelled"))
+        raise

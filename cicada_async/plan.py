@@ -1,0 +1,174 @@
+"""Execution plan: the order modules run in, each module's shard, and coalesced reads."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from protocols.manifest import Plan, ReadRange, Shard, TensorEntry
+
+from .miniloader import SkeletonIndex
+from .modeldir import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READ_BYTES = 8 << 20
+# Gaps up to this are read rather than skipped: one request beats two on every backend.
+MAX_GAP_BYTES = 256 << 10
+
+
+def execution_order(
+    model: nn.Module, spec: ModelSpec, planned: list[str]
+) -> tuple[list[str], str, list[str]]:
+    """Planned module names in the order a dry forward on ``meta`` first calls them.
+
+    Falls back to registration order when the forward cannot run on meta tensors.
+    """
+    modules = dict(model.named_modules())
+    seen: dict[str, None] = {}
+    handles = []
+    for name in planned:
+        mod = modules.get(name)
+        if mod is None:
+            continue
+
+        def hook(_m: nn.Module, _a: object, name: str = name) -> None:
+            seen.setdefault(name, None)
+
+        handles.append(mod.register_forward_pre_hook(hook))
+    # Buffers are real; the dry run needs every tensor on meta, so swap them for the call.
+    saved = [(m, dict(m._buffers)) for m in model.modules() if m._buffers]
+    try:
+        for m, bufs in saved:
+            for k, b in bufs.items():
+                if b is not None:
+                    m._buffers[k] = b.to("meta")
+        with torch.no_grad():
+            model(**spec.dummy_inputs(device="meta"))
+        source = "dry-forward"
+    except Exception as e:  # any failure of a meta forward just means: no order from it
+        log.info("dry forward on meta failed (%s: %s); using registration order", type(e).__name__, e)
+        seen.clear()
+        source = "registration"
+    finally:
+        for h in handles:
+            h.remove()
+        for m, bufs in saved:
+            m._buffers.update(bufs)
+    uncalled = [n for n in planned if n not in seen]
+    return list(seen) + uncalled, source, uncalled
+
+
+def build_plan(
+    model: nn.Module,
+    spec: ModelSpec,
+    index: SkeletonIndex,
+    tensors: Mapping[str, TensorEntry],
+    file_sizes: Mapping[str, int],
+    *,
+    read_bytes: int = DEFAULT_READ_BYTES,
+    alignment: int = 1,
+    order: list[str] | None = None,
+) -> Plan:
+    """Shards in execution order and the reads that fetch them."""
+    planned = [m for m in (n for n, _ in model.named_modules()) if index.module_slots.get(m)]
+    uncalled: list[str] = []
+    if order is None:
+        order, source, uncalled = execution_order(model, spec, planned)
+    else:
+        source = "given"
+    taken: set[str] = set()
+    groups: list[tuple[str, list[str]]] = []
+    for mname in order:
+        names = [t for t in index.module_slots.get(mname, []) if t not in taken]
+        if names:
+            taken.update(names)
+            groups.append((mname, sorted(names, key=lambda t: (tensors[t].file, tensors[t].start))))
+    rest = sorted(set(index.slots) - taken)
+    if rest:  # owned by no planned module: fetch them last
+        groups.append(("", rest))
+
+    reads: list[ReadRange] = []
+    shard_reads: list[list[int]] = [[] for _ in groups]
+    window: list[int] = []
+    window_bytes = 0
+
+    def flush() -> None:
+        nonlocal window_bytes
+        if not window:
+            return
+        spans = sorted(
+            (tensors[t].file, tensors[t].start, tensors[t].end, s)
+            for s in window
+            for t in groups[s][1]
+        )
+        merged: list[list] = []  # [file, start, end, set(shards)]
+        for f, a, b, s in spans:
+            if merged and merged[-1][0] == f and a - merged[-1][2] <= MAX_GAP_BYTES:
+                merged[-1][2] = max(merged[-1][2], b)
+                merged[-1][3].add(s)
+            else:
+                merged.append([f, a, b, {s}])
+        pieces = []
+        for f, a, b, shards in merged:
+            size = file_sizes[f]
+            a = a - a % alignment
+            b = min(size, -(-b // alignment) * alignment)
+            step = max(alignment, read_bytes - read_bytes % alignment)
+            for lo in range(a, b, step):
+                hi = min(b, lo + step)
+                if b - hi < step // 4:  # no runt piece at the end
+                    hi = b
+                served = tuple(sorted(
+                    s for s in shards
+                    if any(tensors[t].file == f and tensors[t].start < hi and tensors[t].end > lo
+                           for t in groups[s][1])
+                ))
+                pieces.append((min(served) if served else 0, f, lo, hi, served))
+                if hi == b:
+                    break
+        # Within a window, fetch what the earliest shard needs first.
+        for _, f, lo, hi, served in sorted(pieces, key=lambda p: (p[0], p[1], p[2])):
+            for s in served:
+                shard_reads[s].append(len(reads))
+            reads.append(ReadRange(f, lo, hi, served))
+        window.clear()
+        window_bytes = 0
+
+    for i, (_, names) in enumerate(groups):
+        nbytes = sum(tensors[t].nbytes for t in names)
+        if window and window_bytes + nbytes > read_bytes:
+            flush()
+        window.append(i)
+        window_bytes += nbytes
+    flush()
+
+    shards = tuple(
+        Shard(i, mname, tuple(names), tuple(shard_reads[i]), sum(tensors[t].nbytes for t in names))
+        for i, (mname, names) in enumerate(groups)
+    )
+    if rest:
+        uncalled.append("")
+    return Plan(
+        modules=tuple(order), shards=shards, reads=tuple(reads), order_source=source,
+        uncalled=tuple(uncalled),
+    )
+
+
+def format_plan(plan: Plan) -> str:
+    """A human-readable listing for ``cicada plan``."""
+    lines = [
+        f"order from {plan.order_source}: {len(plan.shards)} shards, {len(plan.reads)} reads, "
+        f"{plan.nbytes / 1e6:.1f} MB"
+    ]
+    for s in plan.shards:
+        lines.append(
+            f"  shard {s.index:4d}  {s.module or '<root>':50s} {s.nbytes / 1e6:9.3f} MB  "
+            f"{len(s.tensors):3d} tensors  reads {list(s.reads)[:6]}{'...' if len(s.reads) > 6 else ''}"
+        )
+    for i, r in enumerate(plan.reads):
+        lines.append(f"  read {i:4d}  {r.file}[{r.start}:{r.end}]  {r.nbytes / 1e6:8.3f} MB  shards {list(r.shards)}")
+    return "\n".join(lines)

@@ -1,0 +1,409 @@
+"""The V2 inference service: aiohttp routes over the repository and the scheduler.
+
+``main(argv)`` is what ``cicada serve`` runs. Long-lived resources (engine, repository,
+scheduler, maintenance loop) belong to one cleanup_ctx, so they are created before the socket
+accepts and torn down after the last handler finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cicada_async.config import MODEL_NAME_RE, Config, ModelConfig, load_config, scan_repository
+from cicada_async.metrics import CONTENT_TYPE, Metrics
+from cicada_async.repository import Repository
+from cicada_async.scheduler import Scheduler
+from protocols import v2
+from protocols.errors import (
+    BadRequest,
+    CicadaError,
+    ConfigError,
+    DeadlineExceeded,
+    ModelNotFound,
+    Overloaded,
+    ShuttingDown,
+)
+
+log = logging.getLogger("cicada.server")
+
+SERVER_NAME = "cicada-async"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "schedule_policy", "statistics"]
+# Decoding/encoding big bodies (numpy parsing of long JSON lists) would stall the loop.
+OFFLOAD_BYTES = 256 * 1024
+
+EngineFactory = Callable[[Config], AbstractAsyncContextManager[Any]]
+
+CONFIG_KEY = web.AppKey("config", Config)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+REPO_KEY = web.AppKey("repository", Repository)
+SCHED_KEY = web.AppKey("scheduler", Scheduler)
+STATE_KEY = web.AppKey("state", dict)
+
+
+# -- responses -----------------------------------------------------------------------------------
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    # Exactly "application/json": KServe's client compares the header for equality and
+    # aiohttp's json_response would append "; charset=utf-8".
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(exc: BaseException) -> web.Response:
+    """Map the error hierarchy onto HTTP statuses (documented in docs/service.md)."""
+    headers = None
+    if isinstance(exc, (BadRequest, ConfigError)):
+        status = 400
+    elif isinstance(exc, ModelNotFound):
+        status = 404
+    elif isinstance(exc, (Overloaded, ShuttingDown)):
+        status = 503
+        retry = exc.retry_after_s if isinstance(exc, Overloaded) else 1.0
+        headers = {"Retry-After": str(max(1, round(retry)))}
+    elif isinstance(exc, DeadlineExceeded):
+        status = 504
+    elif isinstance(exc, web.HTTPException):
+        status = exc.status
+    elif isinstance(exc, CicadaError):
+        status = 500
+    else:
+        status = 500
+        return json_response({"error": "internal server error"}, 500)
+    return json_response({"error": str(exc) or type(exc).__name__}, status, headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except (CicadaError, web.HTTPException) as e:
+        if isinstance(e, web.HTTPException) and e.status < 400:
+            raise
+        return error_response(e)
+    except Exception as e:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(e)
+
+
+def model_name(request: web.Request) -> str:
+    name = request.match_info["model"]
+    # Names are only ever looked up, never turned into paths; the pattern keeps them printable.
+    if not MODEL_NAME_RE.match(name):
+        raise BadRequest(f"invalid model name {name!r}")
+    version = request.match_info.get("version")
+    if version not in (None, "", "1"):
+        raise ModelNotFound(f"model {name!r} has no version {version!r} (only version 1)")
+    return name
+
+
+# -- health and metadata --------------------------------------------------------------------------
+async def live(request: web.Request) -> web.Response:
+    return json_response({"live": True})
+
+
+async def ready(request: web.Request) -> web.Response:
+    # Ready as soon as requests can be accepted: a cold model is loaded by its first request,
+    # which waits in the heap meanwhile (see docs/service.md, "Readiness policy").
+    if request.app[STATE_KEY].get("draining"):
+        return json_response({"error": "server is shutting down"}, 503)
+    return json_response({"ready": True})
+
+
+async def server_metadata(request: web.Request) -> web.Response:
+    return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response({"models": sorted(request.app[REPO_KEY].models)})
+
+
+def _io(request: web.Request, cfg: ModelConfig, instance: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    inputs: list[dict[str, Any]] | None = [s.as_dict() for s in cfg.inputs] if cfg.inputs else None
+    outputs: list[dict[str, Any]] | None = [s.as_dict() for s in cfg.outputs] if cfg.outputs else None
+    if inputs is None or outputs is None:
+        try:
+            d_in, d_out = instance.io_spec()
+        except CicadaError as e:
+            log.warning("io_spec failed for %s: %s", cfg.name, e)
+            d_in, d_out = [], []
+        inputs = inputs if inputs is not None else list(d_in)
+        outputs = outputs if outputs is not None else list(d_out)
+    return inputs, outputs
+
+
+async def model_metadata(request: web.Request) -> web.Response:
+    entry = request.app[REPO_KEY].get(model_name(request))
+    inputs, outputs = _io(request, entry.config, entry.instance)
+    return json_response({"name": entry.name, "versions": ["1"], "platform": "pytorch",
+                          "inputs": inputs, "outputs": outputs})
+
+
+async def model_ready(request: web.Request) -> web.Response:
+    entry = request.app[REPO_KEY].get(model_name(request))
+    # A model counts as ready when a request sent now will be answered: unloaded models are
+    # loaded on demand. Only a failed last load (or draining) reports 503.
+    if request.app[STATE_KEY].get("draining"):
+        return json_response({"error": "server is shutting down"}, 503)
+    if entry.state == "failed" and entry.loading is None:
+        return json_response({"error": f"model {entry.name!r} failed to load: {entry.instance.last_error}"}, 503)
+    return json_response({"name": entry.name, "ready": True, "state": entry.state})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# -- repository extension ------------------------------------------------------------------------
+async def repo_index(request: web.Request) -> web.Response:
+    repo = request.app[REPO_KEY]
+    if repo.config.model_repository is not None:
+        await asyncio.to_thread(repo.rescan)  # directory listing: off the loop
+    return json_response(repo.index())
+
+
+async def repo_load(request: web.Request) -> web.Response:
+    await request.app[REPO_KEY].load(model_name(request))
+    return json_response({})
+
+
+async def repo_unload(request: web.Request) -> web.Response:
+    await request.app[REPO_KEY].unload(model_name(request))
+    return json_response({})
+
+
+# -- inference -----------------------------------------------------------------------------------
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes whether or not Content-Length is set."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
+                                            text=f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    # Chunked bodies have no Content-Length: count as they stream (client_max_size is only
+    # enforced by read(), whose limit is app-wide).
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size,
+                                                text=f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _header_length(request: web.Request) -> int | None:
+    raw = request.headers.get(v2.HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"{v2.HEADER_LENGTH} must be an integer") from None
+
+
+async def infer(request: web.Request) -> web.Response:
+    app = request.app
+    m = app[METRICS_KEY]
+    t0 = time.monotonic()
+    name = model_name(request)
+    entry = app[REPO_KEY].get(name)
+    if app[STATE_KEY].get("draining"):
+        raise ShuttingDown("server is shutting down")
+    ok = False
+    try:
+        body = await read_body(request, app[CONFIG_KEY].server.max_request_bytes)
+        hl = _header_length(request)
+        if len(body) > OFFLOAD_BYTES:
+            req = await asyncio.to_thread(v2.decode_request, body, hl)
+        else:
+            req = v2.decode_request(body, hl)
+        outputs, stats = await app[SCHED_KEY].submit(entry, req.inputs, priority=req.priority, timeout_s=req.timeout_s)
+        nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
+        encode = lambda: v2.encode_response(name, outputs, request_id=req.id, requested=req.outputs,  # noqa: E731
+                                            binary_default=req.binary_output)
+        out, out_hl = await asyncio.to_thread(encode) if nbytes > OFFLOAD_BYTES else encode()
+        ok = True
+        m.exec_count.inc(model=name, version="1")
+        m.count.inc(model=name, version="1")
+        m.queue_us.inc(int(stats.queue_s * 1e6), model=name, version="1")
+        m.compute_us.inc(int(stats.compute_s * 1e6), model=name, version="1")
+    finally:
+        (m.success if ok else m.failure).inc(model=name, version="1")
+        m.request_us.inc(int((time.monotonic() - t0) * 1e6), model=name, version="1")
+    if out_hl is None:
+        return web.Response(body=out, content_type="application/json")
+    return web.Response(body=out, content_type="application/octet-stream",
+                        headers={v2.HEADER_LENGTH: str(out_hl)})
+
+
+# -- application ---------------------------------------------------------------------------------
+def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
+    from cicada_async.engine import Engine  # deferred: heavy imports only when serving
+
+    return Engine(storage=config.storage)
+
+
+def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory,
+              options: Callable[[ModelConfig], Any] | None = None) -> web.Application:
+    """The aiohttp application; ``engine_factory`` and ``options`` let tests swap the engine."""
+    app = web.Application(middlewares=[errors_middleware])
+    metrics_ = Metrics()
+    app[CONFIG_KEY] = config
+    app[METRICS_KEY] = metrics_
+    app[STATE_KEY] = {"draining": False}
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        async with engine_factory(config) as engine:
+            repo = Repository(engine, config, metrics_, options)
+            sched = Scheduler(repo, max_queue_total=config.server.max_queue_total,
+                              retry_after_s=config.server.retry_after_s,
+                              on_shed=lambda model, reason: metrics_.shed.inc(model=model, reason=reason))
+            app[REPO_KEY] = repo
+            app[SCHED_KEY] = sched
+
+            def pending() -> None:
+                for name, e in repo.models.items():
+                    metrics_.pending.set(sched.queued(name) + e.busy, model=name, version="1")
+
+            metrics_.add_collector(pending)
+            sched.start()
+            maintenance = asyncio.create_task(repo.maintain(), name="cicada-maintenance")
+            try:
+                yield
+            finally:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance
+                await sched.aclose()
+
+    async def on_shutdown(app: web.Application) -> None:
+        # The socket is closed already; admitted requests keep running until shutdown_timeout.
+        app[STATE_KEY]["draining"] = True
+        if SCHED_KEY in app:
+            app[SCHED_KEY].begin_drain()
+
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(on_shutdown)
+
+    r = app.router
+    r.add_get("/v2", server_metadata)
+    r.add_get("/v2/health/live", live)
+    r.add_get("/v2/health/ready", ready)
+    r.add_get("/v2/models", list_models)
+    r.add_post("/v2/repository/index", repo_index)
+    r.add_post("/v2/repository/models/{model}/load", repo_load)
+    r.add_post("/v2/repository/models/{model}/unload", repo_unload)
+    for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        r.add_get(prefix, model_metadata)
+        r.add_get(prefix + "/ready", model_ready)
+        r.add_post(prefix + "/infer", infer)
+    r.add_get("/metrics", metrics)
+    return app
+
+
+# -- logging -------------------------------------------------------------------------------------
+_RECORD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra=`` fields become keys (cold-start breakdowns)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {"ts": round(record.created, 6), "level": record.levelname,
+                               "logger": record.name, "msg": record.getMessage()}
+        for k, v in vars(record).items():
+            if k not in _RECORD_ATTRS and not k.startswith("_"):
+                doc[k] = v
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="cicada serve", description="Serve models over the V2 inference protocol.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="TOML config file")
+    src.add_argument("--model-repository", type=Path, help="directory whose subfolders are model directories")
+    p.add_argument("--host", help="bind address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (default: config, then $PORT, then 8080)")
+    p.add_argument("--memory-budget-bytes", type=int, help="resident weight budget; idle models evicted LRU")
+    p.add_argument("--keep-alive-s", type=float, help="idle seconds before unload, for --model-repository models")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--access-log", action="store_true", help="log every request (off: it costs latency)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    if args.config is not None:
+        config = load_config(args.config)
+    else:
+        defaults = ModelConfig(name="_", uri="_")
+        if args.keep_alive_s is not None:
+            defaults.keep_alive_s = args.keep_alive_s or None
+        config = Config(model_repository=args.model_repository)
+        config.models = scan_repository(args.model_repository, defaults)
+    if args.host:
+        config.server.host = args.host
+    if args.port is not None:
+        config.server.port = args.port
+    if args.memory_budget_bytes is not None:
+        config.server.memory_budget_bytes = args.memory_budget_bytes
+    if config.server.port is None:
+        env = os.environ.get("PORT")
+        try:
+            config.server.port = int(env) if env else 8080
+        except ValueError:
+            raise ConfigError(f"$PORT must be an integer, got {env!r}") from None
+    return config
+
+
+def main(argv: list[str]) -> int:
+    """``cicada serve``: run until SIGTERM/SIGINT, then drain and exit 0."""
+    if argv and argv[0] == "serve":
+        argv = argv[1:]
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"cicada serve: {e}", file=sys.stderr)
+        return 2
+    log.info("starting", extra={"event": "start", "host": config.server.host, "port": config.server.port,
+                                "models": sorted(config.models)})
+    web.run_app(
+        build_app(config),
+        host=config.server.host,
+        port=config.server.port,
+        shutdown_timeout=config.server.shutdown_timeout_s,
+        backlog=config.server.max_connections,
+        access_log=logging.getLogger("aiohttp.access") if args.access_log else None,
+        print=None,
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
