@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "s3": "backends.s3:S3Backend",
     "http": "backends.http:HTTPBackend",
     "https": "backends.http:HTTPBackend",
+    "memory": "backends.memory:MemoryBackend",  # a local directory served from RAM, for tests
 }
 
 

@@ -242,7 +242,7 @@ def load_config(path: str | Path) -> Config:
 
 
 def scan_repository(root: Path, defaults: ModelConfig | None = None) -> dict[str, ModelConfig]:
-    """Models from a directory: each subfolder holding a config.json is one model.
+    """Models from a directory: each subfolder holding config.json or cicada.json is one model.
 
     Folder names that are not valid model names are skipped rather than escaped, so a name
     never has to be mapped back to a path.
@@ -251,7 +251,11 @@ def scan_repository(root: Path, defaults: ModelConfig | None = None) -> dict[str
         raise ConfigError(f"model repository {root} is not a directory")
     models = {}
     for sub in sorted(root.iterdir()):
-        if sub.is_dir() and not sub.is_symlink() and MODEL_NAME_RE.match(sub.name) and (sub / "config.json").is_file():
+        if sub.is_dir() and not sub.is_symlink() and MODEL_NAME_RE.match(sub.name) and _is_model_dir(sub):
             base = dataclasses.replace(defaults, name=sub.name, uri=str(sub.resolve())) if defaults else None
             models[sub.name] = base or ModelConfig(name=sub.name, uri=str(sub.resolve()))
     return models
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "cicada.json").is_file()

@@ -15,7 +15,6 @@ from typing import Any
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Cold starts span milliseconds (tiny models, local disk) to minutes (large models over S3).
 COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-STAGES = ("skeleton_s", "plan_s", "fetch_s", "apply_s", "compute_s")
 STATES = ("unloaded", "loading", "ready", "failed")
 
 Labels = tuple[tuple[str, str], ...]
@@ -126,10 +125,10 @@ class Metrics:
         total = float(summary.get("total_s") or 0.0)
         self.cold_start_s.observe(total, model=model)
         self.load_s.set(total, model=model, version="1")
-        stages = summary.get("stages") or {}
-        for stage in STAGES:
-            if stage in stages and stages[stage] is not None:
-                self.cold_stage_s.set(float(stages[stage]), model=model, stage=stage.removesuffix("_s"))
+        # Stage names come from the engine's timeline as they are (skeleton, plan, fetch_s, ...).
+        for stage, seconds in (summary.get("stages") or {}).items():
+            if isinstance(seconds, (int, float)):
+                self.cold_stage_s.set(float(seconds), model=model, stage=str(stage))
         for fam, key in ((self.ttfc_s, "time_to_first_compute_s"), (self.stall_s, "stall_s"),
                          (self.utilization, "utilization"), (self.gbps, "gbps")):
             if summary.get(key) is not None:

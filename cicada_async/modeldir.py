@@ -40,7 +40,7 @@ class ModelSpec:
     def build(self) -> nn.Module:
         """Construct the model; under ``miniloader.skeleton_mode`` parameters land on meta."""
         if self.kind == "factory":
-            return _import_factory(self.architecture)(**self.config.get("kwargs", {}))
+            return _import_factory(self.architecture)(**self.config.get("kwargs", {})).eval()
         import transformers
 
         cls = getattr(transformers, self.architecture, None)

@@ -41,7 +41,23 @@ def execution_order(
         handles.append(mod.register_forward_pre_hook(hook))
     # Buffers are real; the dry run needs every tensor on meta, so swap them for the call.
     saved = [(m, dict(m._buffers)) for m in model.modules() if m._buffers]
+    # Data-dependent checks (mask shortcuts, ``if x.any()``) cannot be answered on meta; any
+    # answer will do, since only the order of module calls is recorded.
+    patched = {n: getattr(torch.Tensor, n) for n in ("item", "__bool__", "tolist")}
+
+    def _meta_safe(n: str):  # type: ignore[no-untyped-def]
+        orig = patched[n]
+
+        def f(self: torch.Tensor, *a: object, **k: object) -> object:
+            if self.is_meta:
+                return False if n == "__bool__" else (0 if n == "item" else [])
+            return orig(self, *a, **k)
+
+        return f
+
     try:
+        for n in patched:
+            setattr(torch.Tensor, n, _meta_safe(n))
         for m, bufs in saved:
             for k, b in bufs.items():
                 if b is not None:
@@ -54,12 +70,15 @@ def execution_order(
         seen.clear()
         source = "registration"
     finally:
+        for n, f in patched.items():
+            setattr(torch.Tensor, n, f)
         for h in handles:
             h.remove()
         for m, bufs in saved:
             m._buffers.update(bufs)
     uncalled = [n for n in planned if n not in seen]
-    return list(seen) + uncalled, source, uncalled
+    # Without a dry run every module keeps its own gate; "uncalled" means seen not to run.
+    return list(seen) + uncalled, source, uncalled if seen else []
 
 
 def build_plan(

@@ -50,6 +50,12 @@ class ModelEntry:
         return str(self.instance.state)
 
     @property
+    def failed(self) -> bool:
+        """The last load failed and nothing is retrying it."""
+        return self.loading is None and self.state != "ready" and (
+            self.state == "failed" or bool(self.instance.last_error))
+
+    @property
     def resident_bytes(self) -> int:
         if self.state in ("ready", "loading") or self.loading is not None:
             return int(self.instance.nbytes or 0)

@@ -278,7 +278,9 @@ class Scheduler:
         except BaseException as e:  # handed to the waiting handler, which maps it to a status
             p.finished = loop.time()
             self._fail(p, e)
-            if p.cold and isinstance(e, CicadaError) and entry.state == "failed":
+            # The engine leaves a failed model "unloaded" (or "failed"); either way the load is
+            # over, and the requests that waited for it share its outcome.
+            if p.cold and isinstance(e, CicadaError) and entry.state != "ready":
                 self._fail_waiting(entry, e)
             if not isinstance(e, Exception):
                 raise

@@ -65,7 +65,7 @@ def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = 
 def error_response(exc: BaseException) -> web.Response:
     """Map the error hierarchy onto HTTP statuses (documented in docs/service.md)."""
     headers = None
-    if isinstance(exc, (BadRequest, ConfigError)):
+    if isinstance(exc, BadRequest):
         status = 400
     elif isinstance(exc, ModelNotFound):
         status = 404
@@ -77,7 +77,7 @@ def error_response(exc: BaseException) -> web.Response:
         status = 504
     elif isinstance(exc, web.HTTPException):
         status = exc.status
-    elif isinstance(exc, CicadaError):
+    elif isinstance(exc, CicadaError):  # storage, checkpoint, config of a model dir, forward
         status = 500
     else:
         status = 500
@@ -158,7 +158,7 @@ async def model_ready(request: web.Request) -> web.Response:
     # loaded on demand. Only a failed last load (or draining) reports 503.
     if request.app[STATE_KEY].get("draining"):
         return json_response({"error": "server is shutting down"}, 503)
-    if entry.state == "failed" and entry.loading is None:
+    if entry.failed:
         return json_response({"error": f"model {entry.name!r} failed to load: {entry.instance.last_error}"}, 503)
     return json_response({"name": entry.name, "ready": True, "state": entry.state})
 
@@ -215,6 +215,36 @@ def _header_length(request: web.Request) -> int | None:
         raise BadRequest(f"{v2.HEADER_LENGTH} must be an integer") from None
 
 
+def check_inputs(cfg: ModelConfig, instance: Any, inputs: dict[str, Any]) -> None:
+    """Refuse inputs that contradict the published metadata before they reach the engine.
+
+    A bad first request would otherwise fail the cold start that every queued request shares.
+    Names are checked only against metadata from the config (the engine's derived metadata
+    lists the example inputs, not every optional keyword a forward accepts).
+    """
+    if cfg.inputs:
+        specs = {s.name: s.as_dict() for s in cfg.inputs}
+        unknown = sorted(set(inputs) - set(specs))
+        if unknown:
+            raise BadRequest(f"unknown input(s) {', '.join(map(repr, unknown))} (model inputs: {', '.join(specs)})")
+    else:
+        try:
+            specs = {s["name"]: s for s in instance.io_spec()[0]}
+        except CicadaError:
+            return
+    for name, t in inputs.items():
+        spec = specs.get(name)
+        if spec is None:
+            continue
+        datatype = v2.TORCH_TO_V2.get(t.dtype)
+        if datatype != spec["datatype"]:
+            raise BadRequest(f"input {name!r} must be {spec['datatype']}, got {datatype}")
+        shape = list(spec["shape"])
+        # Rank only: derived metadata may pin example sizes that the model does not require.
+        if len(shape) != t.dim():
+            raise BadRequest(f"input {name!r} has shape {list(t.shape)}, model expects {shape}")
+
+
 async def infer(request: web.Request) -> web.Response:
     app = request.app
     m = app[METRICS_KEY]
@@ -231,6 +261,7 @@ async def infer(request: web.Request) -> web.Response:
             req = await asyncio.to_thread(v2.decode_request, body, hl)
         else:
             req = v2.decode_request(body, hl)
+        check_inputs(entry.config, entry.instance, req.inputs)
         outputs, stats = await app[SCHED_KEY].submit(entry, req.inputs, priority=req.priority, timeout_s=req.timeout_s)
         nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
         encode = lambda: v2.encode_response(name, outputs, request_id=req.id, requested=req.outputs,  # noqa: E731
@@ -385,12 +416,12 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "serve":
         argv = argv[1:]
     args = parse_args(argv)
-    setup_logging(args.log_level)
     try:
         config = config_from_args(args)
     except ConfigError as e:
         print(f"cicada serve: {e}", file=sys.stderr)
         return 2
+    setup_logging(args.log_level)
     log.info("starting", extra={"event": "start", "host": config.server.host, "port": config.server.port,
                                 "models": sorted(config.models)})
     web.run_app(

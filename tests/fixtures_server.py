@@ -74,7 +74,7 @@ class FakeInstance:
         await self.load_gate.wait()
         if self.fail_next_load:
             self.fail_next_load = False
-            self.state = "failed"
+            self.state = "unloaded"  # as the real engine does; last_error tells the story
             self.last_error = "simulated storage failure"
             raise LoadError(self.last_error)
         self.last_timeline = FakeTimeline(self.engine.load_s, self.nbytes)

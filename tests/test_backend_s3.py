@@ -229,3 +229,23 @@ async def test_close_is_final_and_idempotent(s3_model: S3Model) -> None:
 async def test_close_before_use(s3_model: S3Model) -> None:
     backend = open_backend(s3_model.uri, settings(s3_model))
     await backend.aclose()
+
+
+@pytest.mark.parametrize("retry_mode", ["standard", "adaptive"])
+async def test_retry_modes_ride_out_throttling(
+    s3_model: S3Model, fault_proxy_factory: Any, retry_mode: str
+) -> None:
+    from tests.faultproxy import Fault
+
+    proxy = await fault_proxy_factory(s3_model.endpoint)
+    proxy.fault = Fault("slowdown", times=2, methods=("HEAD", "GET"))
+    backend = open_backend(
+        s3_model.uri,
+        settings(s3_model, endpoint_url=proxy.url, retry_mode=retry_mode, max_attempts=3),
+    )
+    try:
+        info = await backend.stat(BIG)
+        assert await read(backend, BIG, 0, info.size, version=info.version) == s3_model.files[BIG]
+    finally:
+        await backend.aclose()
+    assert proxy.fault.applied == 2

@@ -166,8 +166,15 @@ async def test_range_ignoring_origin_fault(
             await asyncio.to_thread(http_model.put, KEY, new)
 
         fault.on_request = replace
+    else:
+        # The first GET (the probe) reads only the first chunk; the second streams to the
+        # end of the object, which is where a drop at mid-object and a short end fall.
+        fault.after = 1
     uri = f"{proxy.url}/{http_model.dir.name}/"
     await run_case(proxy, uri, {}, fault, expected, http_model.files[KEY])
+    gets = [e for e in proxy.log if e.method == "GET"]
+    # probe + whole-object stream (+ one resume of it), or the probe alone when it failed
+    assert len(gets) == (1 if fault.mode == "replace" else 3), [e.headers.get("Range") for e in gets]
 
 
 @pytest.mark.parametrize("kind", ["s3", "http"])
@@ -194,3 +201,45 @@ async def test_bandwidth_cap(
         await backend.aclose()
     assert bytes(buf) == data
     assert elapsed >= 0.8 * len(data) / rate
+
+
+@pytest.mark.parametrize("kind", ["s3", "http"])
+async def test_cancelled_read_leaves_nothing_behind(
+    kind: str, s3_model: S3Model, fault_proxy_factory: Any, aiohttp_origin: str, served_root: Any
+) -> None:
+    """Cancelling a stalled read returns promptly, and the backend stays usable."""
+    if kind == "s3":
+        proxy = await fault_proxy_factory(s3_model.endpoint)
+        uri, extra, data = s3_model.uri, {"endpoint_url": proxy.url}, s3_model.files[KEY]
+    else:
+        model = HTTPModel("aiohttp", aiohttp_origin, served_root / f"cancel-{s3_model.bucket}")
+        model.put(KEY, s3_model.files[KEY])
+        proxy = await fault_proxy_factory(aiohttp_origin)
+        uri, extra, data = f"{proxy.url}/{model.dir.name}/", {}, model.files[KEY]
+    backend = open_backend(uri, {**SETTINGS, **extra, "read_timeout_s": 30})
+    try:
+        await backend.stat(KEY)
+        baseline = len(asyncio.all_tasks())
+        proxy.fault = Fault("stall", stall_s=60, times=-1)
+        buf = bytearray(len(data))
+        task = asyncio.create_task(backend.read_into(KEY, 0, memoryview(buf)))
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 1.0
+        # The proxy's stalled handlers end once their clients hang up.
+        for _ in range(100):
+            if proxy.in_flight == 0 and len(asyncio.all_tasks()) <= baseline:
+                break
+            await asyncio.sleep(0.02)
+        assert proxy.in_flight == 0
+        assert len(asyncio.all_tasks()) <= baseline
+        proxy.fault = None
+        buf = bytearray(len(data))
+        await asyncio.wait_for(backend.read_into(KEY, 0, memoryview(buf)), DEADLINE_S)
+        assert bytes(buf) == data
+    finally:
+        await backend.aclose()

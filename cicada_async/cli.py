@@ -1,0 +1,213 @@
+"""The ``cicada`` command: make models, plan, run one cold inference, benchmark, serve."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from protocols.errors import CicadaError
+
+
+def _add_model_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="serve in this dtype")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cicada", description=__doc__)
+    ap.add_argument("--traceback", action="store_true", help="show Python tracebacks on errors")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-model", help="write a model directory with random weights")
+    p.add_argument("name", help="catalogue name, e.g. gpt2, bert-base, tiny-llama")
+    p.add_argument("dst", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-shard-bytes", type=int, help="split weights into shards with an index")
+
+    p = sub.add_parser("plan", help="print a model's execution plan: shards and reads")
+    p.add_argument("model", help="model directory or URI")
+    p.add_argument("--read-bytes", type=int, default=8 << 20)
+
+    p = sub.add_parser("run", help="one cold inference")
+    p.add_argument("model", help="model directory (or URI with --strategy cicada)")
+    p.add_argument("--input", type=Path, help="safetensors file of named inputs (default: random)")
+    p.add_argument("--output", type=Path, help="write named outputs here (safetensors)")
+    p.add_argument("--strategy", choices=["cicada", "eager", "meta-mmap", "hf"], default="cicada")
+    p.add_argument("--timeline", type=Path, help="write the cold start's timeline (JSON)")
+    p.add_argument("--plot", type=Path, help="draw the timeline as a Gantt chart (PNG)")
+    _add_model_opts(p)
+
+    p = sub.add_parser("demo", help="make a demo model and cold-start it beside plain PyTorch")
+    p.add_argument("--model", default="gpt2", help="catalogue name of the demo model")
+    p.add_argument("--dir", type=Path, default=Path("models"))
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("cold-start", help="cold start per model and strategy, side by side")
+    b.add_argument("--models", default="gpt2,gpt2-medium,bert-base,resnet-50,vit-base")
+    b.add_argument("--strategies", default="cicada,eager,meta-mmap,hf")
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--json", type=Path, default=Path("bench-results/cold-start.json"))
+    b.add_argument("--dir", type=Path, default=Path("models"), help="where catalogue models are made")
+    b.add_argument("--warm", action="store_true", help="also run with the page cache warm")
+
+    p = sub.add_parser("pack", help="rewrite a checkpoint in execution order with a sha256 manifest")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+
+    p = sub.add_parser("serve", help="serve models over the V2 inference protocol", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        from .server import main as serve_main
+
+        return _guard(lambda: serve_main(argv[1:]), "--traceback" in argv)
+    args = build_parser().parse_args(argv)
+    show_tb = args.traceback or os.environ.get("CICADA_TRACEBACK") == "1"
+    return _guard(lambda: _dispatch(args), show_tb)
+
+
+def _guard(fn, show_tb: bool) -> int:  # type: ignore[no-untyped-def]
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        return 130
+    except CicadaError as e:
+        if show_tb:
+            raise
+        print(f"cicada: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line for users, traceback on request
+        if show_tb:
+            raise
+        print(f"cicada: internal error: {type(e).__name__}: {e} (run with --traceback for details)", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.cmd == "make-model":
+        from .zoo import make_model
+
+        out = make_model(args.name, args.dst, seed=args.seed, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
+        print(f"wrote {args.name} to {out}")
+        return 0
+    if args.cmd == "plan":
+        return _plan(args)
+    if args.cmd == "run":
+        return _run(args)
+    if args.cmd == "demo":
+        return _demo(args)
+    if args.cmd == "bench":
+        from .bench import cold_start_bench
+
+        return cold_start_bench(args)
+    if args.cmd == "pack":
+        from .pack import pack
+
+        pack(args.src, args.dst)
+        print(f"packed {args.src} into {args.dst}")
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from backends import open_backend
+
+    from .executor import Executor
+    from .pipeline import LoadOptions, prepare
+    from .plan import format_plan
+    from .timeline import Timeline
+
+    async def go() -> str:
+        backend = open_backend(args.model)
+        ex = Executor()
+        ex.start()
+        try:
+            _, _, _, plan, _ = await prepare(
+                backend, ex, LoadOptions(read_bytes=args.read_bytes), Timeline(),
+                alignment=getattr(backend, "alignment", 1),
+            )
+            return format_plan(plan)
+        finally:
+            await backend.aclose()
+            await asyncio.to_thread(ex.stop)
+
+    print(asyncio.run(go()))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from .strategies import RUNNERS, example_inputs, local_spec, prepare_imports
+
+    if args.strategy != "cicada" and "://" in args.model and not args.model.startswith("file://"):
+        raise CicadaError(f"strategy {args.strategy!r} reads local directories only")
+    spec = local_spec(args.model) if "://" not in args.model else None
+    if args.input:
+        if not args.input.is_file():
+            raise CicadaError(f"input file {args.input} does not exist")
+        inputs = load_file(str(args.input))
+    elif spec is not None:
+        inputs = example_inputs(spec)
+    else:
+        raise CicadaError("--input is required for a remote model")
+    if spec is not None:
+        prepare_imports(spec)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    timelines: list = []
+    t0 = time.perf_counter()
+    if args.strategy == "cicada":
+        out, t = RUNNERS["cicada"](args.model, spec, inputs, dtype, timeline_out=timelines)
+    else:
+        out, t = RUNNERS[args.strategy](Path(args.model), spec, inputs, dtype)
+    total = time.perf_counter() - t0
+    parts = "  ".join(f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in t.items() if isinstance(v, float) and k != "total_s")
+    print(f"{args.strategy}: cold inference {total * 1e3:.0f} ms  ({parts})")
+    if timelines:
+        s = timelines[0].summary()
+        print(
+            f"  first compute at {(s['time_to_first_compute_s'] or 0) * 1e3:.0f} ms, stall {s['stall_s'] * 1e3:.0f} ms, "
+            f"overlap {s['utilization']:.2f}, {s['bytes'] / 1e6:.0f} MB at {(s['gbps'] or 0):.2f} GB/s"
+        )
+        if args.timeline:
+            args.timeline.write_bytes(timelines[0].to_json())
+        if args.plot:
+            timelines[0].plot(args.plot, title=f"{Path(str(args.model)).name} cold start")
+    elif args.timeline or args.plot:
+        print("  (--timeline and --plot apply to --strategy cicada)", file=sys.stderr)
+    if args.output:
+        save_file({k: v.contiguous() for k, v in out.items()}, str(args.output))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .zoo import make_model
+
+    model_dir = args.dir / args.model
+    if not (model_dir / "model.safetensors").exists() and not (model_dir / "model.safetensors.index.json").exists():
+        print(f"making {args.model} with random weights in {model_dir} ...")
+        make_model(args.model, model_dir)
+    from .bench import drop_page_cache
+
+    for strategy in ("eager", "cicada"):
+        drop_page_cache(model_dir)
+        # A fresh process each, so neither inherits the other's warm state.
+        subprocess.run([sys.executable, "-m", "cicada_async", "run", str(model_dir), "--strategy", strategy], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
