@@ -31,6 +31,8 @@ class LocalBackend:
 
     def __init__(self, root: str | os.PathLike[str], *, direct_io: bool = True) -> None:
         self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise ObjectNotFound(f"model directory {self.root} does not exist")
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self.alignment = DIRECT_ALIGN if self.direct_io else 1
         self._fds: dict[tuple[str, bool], int] = {}

@@ -116,6 +116,31 @@ class Fetcher:
         self._next = 0
         self.bytes_read = 0
 
+    @property
+    def admitted(self) -> int:
+        """Reads admitted so far (a prefix of ``plan.reads``)."""
+        return self._next
+
+    def read_done(self, r: int) -> bool:
+        """Whether every shard that read ``r`` serves has been applied."""
+        return self._pending_shards[r] == 0
+
+    def replan(self, plan: Plan) -> None:
+        """Adopt a plan with the same shards whose reads agree with ours up to ``admitted``."""
+        keep = 0
+        for old, new in zip(self.plan.reads, plan.reads):
+            if old != new:
+                break
+            keep += 1
+        if keep < self._next:
+            raise ValueError("a new plan must keep every admitted read")
+        kept_shards = {s for r in plan.reads[:keep] for s in r.shards}
+        self._pending_shards = self._pending_shards[:keep] + [len(r.shards) for r in plan.reads[keep:]]
+        for s in plan.shards:
+            if s.index not in kept_shards:
+                self._pending_reads[s.index] = len(s.reads)
+        self.plan = plan
+
     async def run(self) -> None:
         """Fetch everything; raises the first storage error (other reads are cancelled)."""
         try:
@@ -161,7 +186,7 @@ class Fetcher:
 
     async def shard_applied(self, shard: int) -> None:
         """Called (on the loop) once the executor applied ``shard``: frees its reads' budget."""
-        for r in self.plan.shards[shard].reads:
+        for r in self.plan.shards[shard].reads:  # the current plan: replan keeps this shard's reads
             self._pending_shards[r] -= 1
             if self._pending_shards[r] == 0:
                 await self.budget.release(self.plan.reads[r].nbytes)

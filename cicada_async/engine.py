@@ -111,6 +111,7 @@ class ModelInstance:
         self._fetch_priority = 0.0
         self._io: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self._first_outputs: asyncio.Future[dict[str, torch.Tensor] | None] | None = None
+        self._load_error: BaseException | None = None
         options.load_options(read_bytes=1, load_timeout_s=1)  # validate early
 
     # public API --------------------------------------------------------------------------------
@@ -141,8 +142,15 @@ class ModelInstance:
             return
         if self._load is None:
             self._start_load(priority, None)
-        assert self._load is not None
-        await asyncio.shield(self._load)
+        assert self._job is not None
+        # The job future carries the load's error when it fails before or while planning;
+        # after planning, the load task's own outcome does.
+        await asyncio.shield(self._job)
+        load = self._load
+        if load is not None:
+            await asyncio.shield(load)
+        if self.state != "ready":
+            raise self._load_error or LoadError(f"loading {self.name} failed")
 
     async def unload(self) -> None:
         load = self._load
@@ -209,19 +217,26 @@ class ModelInstance:
                 if not fut.done():
                     fut.set_exception(err)
                     fut.exception()  # retrieved: no "never retrieved" warning when unused
+            self._load_error = err
             log.warning('{"event": "load_failed", "model": "%s", "error": "%s"}', self.name, str(err).replace('"', "'"))
             if isinstance(e, asyncio.CancelledError):
                 raise
-            raise err from None
+            return  # the error reaches callers through the futures, not the task
         self._model = model
         self._plan = job.plan
         self.nbytes = job.plan.nbytes
         self.last_timeline = timeline
         self.last_error = None
         self.cold_starts += 1
-        self._io = _io_spec(job, outputs)
+        self._io = _io_spec(job, outputs if isinstance(outputs, dict) else None)
         self.state = "ready"
-        _set(out_fut, outputs)
+        self._load_error = None
+        if isinstance(outputs, BaseException):
+            # Only the first request's forward failed (bad inputs): it gets that error.
+            out_fut.set_exception(outputs)
+            out_fut.exception()
+        else:
+            _set(out_fut, outputs)
         log.info("cold start %s: %.3f s", self.name, time.monotonic() - started)
 
 

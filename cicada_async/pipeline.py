@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from backends.local import DIRECT_ALIGN
-from protocols.errors import CicadaError, InferenceError, LoadError
+from protocols.errors import CheckpointError, CicadaError, InferenceError, LoadError
 from protocols.manifest import FileHeader, Plan, TensorEntry
 from protocols.storage import StorageBackend
 
@@ -26,7 +27,7 @@ from .decoupler import FetchScheduler, Fetcher, FetchSettings
 from .executor import Executor
 from .miniloader import SkeletonIndex, index_skeleton, materialize, skeleton_mode, tensor_from_bytes
 from .modeldir import ModelSpec, output_dict, read_model_spec
-from .plan import DEFAULT_READ_BYTES, build_plan
+from .plan import DEFAULT_READ_BYTES, build_plan, execution_order, reorder
 from .safetensors_header import header_length, parse_header
 from .timeline import Timeline
 
@@ -92,17 +93,22 @@ class LoadJob:
         self.applied = [False] * len(plan.shards)
         self.remaining = len(plan.shards)
         self.error: BaseException | None = None
+        self.convert = options.dtype is not None or options.device.type != "cpu"
         self.deadline = time.monotonic() + options.load_timeout_s
         self._hooks: list[Any] = []
+        self.set_plan(plan)
+
+    def set_plan(self, plan: Plan) -> None:
+        """Adopt a re-planned (same shards, new order) plan before the gates go in."""
+        self.plan = plan
         shard_of = {t: s.index for s in plan.shards for t in s.tensors}
         self.module_shards: dict[str, list[int]] = {
-            m: sorted({shard_of[t] for t in names}) for m, names in index.module_slots.items()
+            m: sorted({shard_of[t] for t in names}) for m, names in self.index.module_slots.items()
         }
         self.uncalled_shards = sorted(
             {i for m in plan.uncalled for i in self.module_shards.get(m, [])}
             | {s.index for s in plan.shards if s.module == ""}
         )
-        self.convert = options.dtype is not None or options.device.type != "cpu"
 
     # loop thread -----------------------------------------------------------------------------
     def shard_landed(self, i: int) -> None:
@@ -210,8 +216,14 @@ async def prepare(
     *,
     alignment: int,
     cached_plan: Plan | None = None,
+    dry_run: bool = True,
 ) -> tuple[ModelSpec, nn.Module, SkeletonIndex, Plan, dict[str, FileHeader]]:
-    """Spec, skeleton, index and plan; headers are read while the skeleton is built."""
+    """Spec, skeleton, index and plan; headers are read while the skeleton is built.
+
+    With ``dry_run=False`` the plan follows registration order (or ``cached_plan``'s order) so
+    that fetching can start at once; ``cold_start`` then runs the dry forward while the first
+    reads are on the wire and re-plans what has not been admitted yet.
+    """
     with timeline.stage("spec"):
         spec = await read_model_spec(backend)
 
@@ -225,27 +237,36 @@ async def prepare(
             return build_skeleton(spec, options.dtype)
 
     hdrs, model = await asyncio.gather(headers(), executor.run(skeleton, priority=-1))
-    tensors: dict[str, TensorEntry] = {}
-    for h in hdrs.values():
-        for name, e in h.tensors.items():
-            if name in tensors:
-                raise LoadError(f"tensor {name!r} appears in both {tensors[name].file} and {e.file}")
-            tensors[name] = e
+    tensors = all_tensors(hdrs)
 
     def planning() -> tuple[SkeletonIndex, Plan]:
         with timeline.stage("plan"):
             index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
             order = list(cached_plan.modules) if cached_plan is not None else None
+            if order is None and not dry_run:
+                order = [n for n, _ in model.named_modules() if index.module_slots.get(n)]
             plan = build_plan(
                 model, spec, index, tensors, {k: h.size for k, h in hdrs.items()},
                 read_bytes=options.read_bytes, alignment=alignment, order=order,
             )
             if cached_plan is not None:
-                plan = Plan(plan.modules, plan.shards, plan.reads, cached_plan.order_source, cached_plan.uncalled)
+                plan = replace(plan, order_source=cached_plan.order_source, uncalled=cached_plan.uncalled)
+            elif not dry_run:
+                plan = replace(plan, order_source="registration", uncalled=())
             return index, plan
 
     index, plan = await executor.run(planning, priority=-1)
     return spec, model, index, plan, hdrs
+
+
+def all_tensors(hdrs: dict[str, FileHeader]) -> dict[str, TensorEntry]:
+    tensors: dict[str, TensorEntry] = {}
+    for h in hdrs.values():
+        for name, e in h.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {e.file}")
+            tensors[name] = e
+    return tensors
 
 
 async def cold_start(
@@ -261,12 +282,14 @@ async def cold_start(
     cached_plan: Plan | None = None,
     on_prepared: Callable[["LoadJob"], None] | None = None,
     shard_order: Callable[[list[int]], list[int]] | None = None,
-) -> tuple[nn.Module, dict[str, torch.Tensor] | None, LoadJob]:
+) -> tuple[nn.Module, dict[str, torch.Tensor] | BaseException | None, LoadJob]:
     """Load a model through the pipeline; with ``inputs``, compute while it loads.
 
-    Returns the loaded model, the outputs of the gated forward (or None) and the job (with the
-    timeline and plan). On any failure nothing half-loaded is kept and the error is raised.
-    ``shard_order`` exists for tests: it permutes the order in which landed shards are applied.
+    Returns the loaded model, the outputs of the gated forward (None without inputs; the
+    exception when only that forward failed, e.g. on bad inputs, since the load itself is fine)
+    and the job (with the timeline and plan). On a load failure nothing half-loaded is kept and
+    the error is raised. ``shard_order`` exists for tests: it permutes the order in which landed
+    shards are applied.
     """
     options = options or LoadOptions()
     fetch = fetch or FetchSettings()
@@ -274,17 +297,15 @@ async def cold_start(
     loop = asyncio.get_running_loop()
     alignment = max(getattr(backend, "alignment", 1), 1)
     spec, model, index, plan, hdrs = await prepare(
-        backend, executor, options, timeline, alignment=alignment, cached_plan=cached_plan
+        backend, executor, options, timeline, alignment=alignment, cached_plan=cached_plan,
+        dry_run=False,
     )
+    tensors = all_tensors(hdrs)
+    file_sizes = {k: h.size for k, h in hdrs.items()}
     arenas = {k: Arena(h.size) for k, h in hdrs.items()}
-    fetcher: Fetcher | None = None
     applied_q: asyncio.Queue[int] = asyncio.Queue()
-
-    def on_applied(i: int) -> None:
-        applied_q.put_nowait(i)
-
-    job = LoadJob(spec, model, index, plan, {n: e for h in hdrs.values() for n, e in h.tensors.items()},
-                  arenas, options, executor, timeline, loop, on_applied)
+    job = LoadJob(spec, model, index, plan, tensors, arenas, options, executor, timeline, loop,
+                  applied_q.put_nowait)
     if on_prepared is not None:
         on_prepared(job)
 
@@ -303,31 +324,53 @@ async def cold_start(
                       priority=priority, on_landed=landed, timeline=timeline)
 
     async def release_budget() -> None:
-        released = 0
-        while released < len(plan.shards):
+        for _ in range(len(plan.shards)):
             i = await applied_q.get()
-            released += 1
             await fetcher.shard_applied(i)
             if job.convert and alignment >= PAGE:
-                for r in plan.shards[i].reads:
-                    if fetcher._pending_shards[r] == 0:
-                        rd = plan.reads[r]
+                for r in fetcher.plan.shards[i].reads:
+                    if fetcher.read_done(r):
+                        rd = fetcher.plan.reads[r]
                         # Converted copies hold the values now; keep one page at each end,
                         # which a neighbouring read may share.
                         arenas[rd.file].release(rd.start + PAGE, rd.end - PAGE)
 
-    outputs: dict[str, torch.Tensor] | None = None
-    job.install_gates()
+    async def dry_run() -> None:
+        # Runs on the executor while the first reads are on the wire (it would idle anyway
+        # until the first shard lands), then re-plans the reads not yet admitted.
+        planned = [n for n, _ in model.named_modules() if index.module_slots.get(n)]
+
+        def order() -> tuple[list[str], str, list[str]]:
+            with timeline.stage("dry-run"):
+                return execution_order(model, spec, planned)
+
+        modules, source, uncalled = await executor.run(order, priority=-1)
+        if "" in {s.module for s in plan.shards}:
+            uncalled = [*uncalled, ""]
+        new = reorder(fetcher.plan, modules, fetcher.admitted, tensors, file_sizes,
+                      read_bytes=options.read_bytes, alignment=alignment, source=source, uncalled=uncalled)
+        fetcher.replan(new)
+        job.set_plan(new)
+
+    outputs: dict[str, torch.Tensor] | BaseException | None = None
     try:
         async with asyncio.TaskGroup() as tg:
             fetch_task = tg.create_task(_fetch_or_fail(fetcher, job, timeline))
             tg.create_task(release_budget())
+            if cached_plan is None:
+                await dry_run()
+            job.install_gates()
             if inputs is not None:
                 def gated() -> dict[str, torch.Tensor]:
                     with timeline.stage("forward"):
                         return run_forward(model, inputs, options.device)
 
-                outputs = await executor.run(gated, priority=priority())
+                try:
+                    outputs = await executor.run(gated, priority=priority())
+                except InferenceError as e:
+                    if job.error is not None:
+                        raise job.error from None
+                    outputs = e  # this request's inputs were bad; the load goes on
             await fetch_task
             await executor.run(job.wait_all, priority=-1)
     except* CicadaError as eg:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,63 +112,12 @@ def build_plan(
     if rest:  # owned by no planned module: fetch them last
         groups.append(("", rest))
 
-    reads: list[ReadRange] = []
-    shard_reads: list[list[int]] = [[] for _ in groups]
-    window: list[int] = []
-    window_bytes = 0
-
-    def flush() -> None:
-        nonlocal window_bytes
-        if not window:
-            return
-        spans = sorted(
-            (tensors[t].file, tensors[t].start, tensors[t].end, s)
-            for s in window
-            for t in groups[s][1]
-        )
-        merged: list[list] = []  # [file, start, end, set(shards)]
-        for f, a, b, s in spans:
-            if merged and merged[-1][0] == f and a - merged[-1][2] <= MAX_GAP_BYTES:
-                merged[-1][2] = max(merged[-1][2], b)
-                merged[-1][3].add(s)
-            else:
-                merged.append([f, a, b, {s}])
-        pieces = []
-        for f, a, b, shards in merged:
-            size = file_sizes[f]
-            a = a - a % alignment
-            b = min(size, -(-b // alignment) * alignment)
-            step = max(alignment, read_bytes - read_bytes % alignment)
-            for lo in range(a, b, step):
-                hi = min(b, lo + step)
-                if b - hi < step // 4:  # no runt piece at the end
-                    hi = b
-                served = tuple(sorted(
-                    s for s in shards
-                    if any(tensors[t].file == f and tensors[t].start < hi and tensors[t].end > lo
-                           for t in groups[s][1])
-                ))
-                pieces.append((min(served) if served else 0, f, lo, hi, served))
-                if hi == b:
-                    break
-        # Within a window, fetch what the earliest shard needs first.
-        for _, f, lo, hi, served in sorted(pieces, key=lambda p: (p[0], p[1], p[2])):
-            for s in served:
-                shard_reads[s].append(len(reads))
-            reads.append(ReadRange(f, lo, hi, served))
-        window.clear()
-        window_bytes = 0
-
-    for i, (_, names) in enumerate(groups):
-        nbytes = sum(tensors[t].nbytes for t in names)
-        if window and window_bytes + nbytes > read_bytes:
-            flush()
-        window.append(i)
-        window_bytes += nbytes
-    flush()
-
+    reads, shard_reads = plan_reads(
+        list(enumerate(names for _, names in groups)), tensors, file_sizes,
+        read_bytes=read_bytes, alignment=alignment,
+    )
     shards = tuple(
-        Shard(i, mname, tuple(names), tuple(shard_reads[i]), sum(tensors[t].nbytes for t in names))
+        Shard(i, mname, tuple(names), tuple(shard_reads.get(i, ())), sum(tensors[t].nbytes for t in names))
         for i, (mname, names) in enumerate(groups)
     )
     if rest:
@@ -175,6 +126,116 @@ def build_plan(
         modules=tuple(order), shards=shards, reads=tuple(reads), order_source=source,
         uncalled=tuple(uncalled),
     )
+
+
+def plan_reads(
+    groups: list[tuple[int, Sequence[str]]],
+    tensors: Mapping[str, TensorEntry],
+    file_sizes: Mapping[str, int],
+    *,
+    read_bytes: int,
+    alignment: int,
+    first: int = 0,
+) -> tuple[list[ReadRange], dict[int, list[int]]]:
+    """Coalesced reads for shards in the given order; read indices start at ``first``.
+
+    Consecutive shards are grouped into windows of about ``read_bytes``; within a window the
+    byte ranges are merged (small gaps included) and split into aligned pieces, so a layer's
+    small tensors cost one request and a large tensor several, none much above ``read_bytes``.
+    """
+    reads: list[ReadRange] = []
+    shard_reads: dict[int, list[int]] = {}
+    names_of = dict(groups)
+    window: list[int] = []
+    window_bytes = 0
+    step = max(alignment, read_bytes - read_bytes % alignment)
+
+    def flush() -> None:
+        nonlocal window_bytes
+        if not window:
+            return
+        spans = sorted((tensors[t].file, tensors[t].start, tensors[t].end, s) for s in window for t in names_of[s])
+        merged: list[list[Any]] = []  # [file, start, end, set(shards)]
+        for f, a, b, s in spans:
+            if merged and merged[-1][0] == f and a - merged[-1][2] <= MAX_GAP_BYTES:
+                merged[-1][2] = max(merged[-1][2], b)
+                merged[-1][3].add(s)
+            else:
+                merged.append([f, a, b, {s}])
+        rank = {s: i for i, s in enumerate(window)}
+        pieces = []
+        for f, a, b, shards in merged:
+            a -= a % alignment
+            b = min(file_sizes[f], -(-b // alignment) * alignment)
+            lo = a
+            while lo < b:
+                hi = min(b, lo + step)
+                if b - hi < step // 4:  # no runt piece at the end
+                    hi = b
+                served = tuple(sorted(
+                    (s for s in shards if any(
+                        tensors[t].file == f and tensors[t].start < hi and tensors[t].end > lo
+                        for t in names_of[s])),
+                    key=rank.__getitem__,
+                ))
+                pieces.append((rank[served[0]] if served else 0, f, lo, hi, served))
+                lo = hi
+        # Within a window, fetch what the earliest shard needs first.
+        for _, f, lo, hi, served in sorted(pieces, key=lambda p: (p[0], p[1], p[2])):
+            for s in served:
+                shard_reads.setdefault(s, []).append(first + len(reads))
+            reads.append(ReadRange(f, lo, hi, served))
+        window.clear()
+        window_bytes = 0
+
+    for i, names in groups:
+        nbytes = sum(tensors[t].nbytes for t in names)
+        if window and window_bytes + nbytes > read_bytes:
+            flush()
+        window.append(i)
+        window_bytes += nbytes
+    flush()
+    return reads, shard_reads
+
+
+def reorder(
+    plan: Plan,
+    order: Sequence[str],
+    admitted: int,
+    tensors: Mapping[str, TensorEntry],
+    file_sizes: Mapping[str, int],
+    *,
+    read_bytes: int,
+    alignment: int,
+    source: str,
+    uncalled: Sequence[str],
+) -> Plan:
+    """The same shards with reads not yet admitted re-planned in ``order``.
+
+    Reads up to the end of every window already started are kept as they are, so a shard is
+    always fetched by the reads of one plan.
+    """
+    keep = admitted
+    while True:
+        touched = {s for r in plan.reads[:keep] for s in r.shards}
+        need = max((max(plan.shards[s].reads) + 1 for s in touched if plan.shards[s].reads), default=0)
+        if need <= keep:
+            break
+        keep = need
+    pos = {m: i for i, m in enumerate(order)}
+    remaining = sorted(
+        (s for s in plan.shards if s.index not in touched),
+        key=lambda s: (pos.get(s.module, len(pos)), s.index),
+    )
+    reads, shard_reads = plan_reads(
+        [(s.index, s.tensors) for s in remaining], tensors, file_sizes,
+        read_bytes=read_bytes, alignment=alignment, first=keep,
+    )
+    shards = tuple(
+        s if s.index in touched else replace(s, reads=tuple(shard_reads.get(s.index, ())))
+        for s in plan.shards
+    )
+    return Plan(tuple(order), shards, plan.reads[:keep] + tuple(reads), source, tuple(uncalled))
 
 
 def format_plan(plan: Plan) -> str:

@@ -182,3 +182,18 @@ def test_header_rules():
         parse_header(b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "a": {}}', key="k", size=100)
     with pytest.raises(CheckpointError, match="exceeds"):
         header_length(struct.pack("<Q", 200_000_000), key="k", size=10**9)
+
+
+async def test_bad_first_request_does_not_sink_the_load(model_dirs):
+    d = model_dirs["tiny-gpt2"]
+    inputs = inputs_for(d)
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d))
+        from protocols.errors import InferenceError
+
+        with pytest.raises(InferenceError):
+            await inst.infer({"input_ids": torch.zeros(1, 4, dtype=torch.float32)})
+        await inst.load()
+        assert inst.state == "ready" and inst.cold_starts == 1
+        out = await inst.infer(inputs)
+    assert_equal_outputs(reference(d, inputs), out)

@@ -1,0 +1,69 @@
+"""The ``cicada`` command end to end, as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .helpers import inputs_for, reference
+
+
+def cicada(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cicada_async", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_run_all_strategies_agree(model_dirs, tmp_path):
+    d = model_dirs["tiny-gpt2"]
+    inputs = inputs_for(d)
+    save_file(inputs, str(tmp_path / "in.safetensors"))
+    ref = reference(d, inputs)
+    for strategy in ("cicada", "eager", "meta-mmap", "hf"):
+        out_path = tmp_path / f"{strategy}.safetensors"
+        r = cicada("run", str(d), "--input", str(tmp_path / "in.safetensors"), "--output", str(out_path),
+                   "--strategy", strategy)
+        assert r.returncode == 0, r.stderr
+        assert f"{strategy}: cold inference" in r.stdout
+        assert torch.equal(load_file(str(out_path))["logits"], ref["logits"]), strategy
+
+
+def test_run_writes_timeline_and_plot(model_dirs, tmp_path):
+    r = cicada("run", str(model_dirs["tiny-bert"]), "--timeline", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png"))
+    assert r.returncode == 0, r.stderr
+    tl = json.loads((tmp_path / "t.json").read_text())
+    kinds = {s["kind"] for s in tl["spans"]}
+    assert {"fetch", "apply", "compute", "stage"} <= kinds
+    s = tl["summary"]
+    assert s["bytes"] == sum(p.stat().st_size for p in model_dirs["tiny-bert"].glob("*.safetensors")) or s["bytes"] > 0
+    assert 0.0 <= s["utilization"] <= 1.0 and s["time_to_first_compute_s"] is not None
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_lists_shards_in_execution_order(model_dirs):
+    r = cicada("plan", str(model_dirs["tiny-gpt2"]))
+    assert r.returncode == 0, r.stderr
+    assert "order from dry-forward" in r.stdout
+    modules = [line.split()[2] for line in r.stdout.splitlines() if line.strip().startswith("shard")]
+    assert modules[0] == "transformer.wte"
+    assert modules.index("transformer.h.0.ln_1") < modules.index("transformer.h.1.ln_1") < modules.index("transformer.ln_f")
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path):
+    r = cicada("run", str(tmp_path / "nope"))
+    assert r.returncode == 1
+    assert r.stderr.startswith("cicada: error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = cicada("make-model", "no-such-model", str(tmp_path / "x"))
+    assert r.returncode == 1 and "unknown model" in r.stderr
+
+
+def test_make_model_sharded(tmp_path):
+    r = cicada("make-model", "tiny-llama", str(tmp_path / "m"), "--max-shard-bytes", "100000")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    r = cicada("run", str(tmp_path / "m"))
+    assert r.returncode == 0, r.stderr
