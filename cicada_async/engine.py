@@ -84,6 +84,20 @@ class Engine:
         # join() blocks: keep it off the event loop.
         await asyncio.to_thread(self.executor.stop)
 
+    @property
+    def healthy(self) -> bool:
+        """False once the executor thread has died or been stopped: report not ready."""
+        return self.executor.alive
+
+    async def restart_executor(self) -> None:
+        """Replace a dead executor thread. Loaded models are dropped: their state is unknown."""
+        for inst in list(self.instances.values()):
+            inst._forget()
+        old = self.executor
+        self.executor = Executor()
+        self.executor.start()
+        await asyncio.to_thread(old.stop, 1.0)
+
     def instance(self, name: str, uri: str, options: ModelOptions | None = None) -> "ModelInstance":
         inst = ModelInstance(self, name, uri, options or ModelOptions())
         self.instances[name] = inst
@@ -168,6 +182,15 @@ class ModelInstance:
             # Drop the last reference on the executor thread, after any forward in flight.
             await self.engine.executor.run(lambda: None)
         del model
+
+    def _forget(self) -> None:
+        """Drop everything without the executor's help (it is dead)."""
+        if self._load is not None and not self._load.done():
+            self._load.cancel()
+        self._model = None
+        self._load = None
+        self._job = None
+        self.state = "unloaded"
 
     def set_fetch_priority(self, priority: int) -> None:
         self._fetch_priority = float(priority)
