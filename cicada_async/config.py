@@ -37,6 +37,27 @@ DEFAULT_PRIORITY = 10
 
 
 @dataclass
+class AuthConfig:
+    """The ``[server.auth]`` table: optional bearer tokens (see cicada_async/auth.py).
+
+    With no token configured at all, every route is open. With any token configured, every
+    route except health (and /metrics unless ``protect_metrics``) needs a token of its scope;
+    a scope with no tokens is then closed to everyone.
+    """
+
+    inference_tokens: list[str] = field(default_factory=list, repr=False)
+    """Tokens for infer and metadata routes; also $CICADA_INFERENCE_TOKENS (comma list)."""
+    admin_tokens: list[str] = field(default_factory=list, repr=False)
+    """Tokens for /v2/repository/* (index, load, unload); also $CICADA_ADMIN_TOKENS."""
+    protect_metrics: bool = False
+    """Require a token (either scope) for /metrics; off so that scrapers need no secret."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.inference_tokens or self.admin_tokens)
+
+
+@dataclass
 class ServerConfig:
     """The ``[server]`` table."""
 
@@ -63,6 +84,15 @@ class ServerConfig:
     """Torch intra-op threads; None: usable cores minus one, so that OpenMP workers spinning
     after each op do not starve the event loop (measured: 7.5 ms -> 0.9 ms per warm request
     on 2 cores). 0 leaves torch's default."""
+    max_body_bytes_in_flight: int = 1 << 30
+    """Infer body bytes the server holds at once (being read, queued or running). A request
+    whose Content-Length does not fit is refused with 503 before its body is read; a chunked
+    body that runs out of room mid-read is refused then. Bounds memory under a flood."""
+    body_timeout_s: float = 60.0
+    """Longest time allowed to receive one infer body (408 after it): a slow sender cannot hold
+    a handler and its buffer forever."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """The [server.auth] table."""
 
 
 @dataclass
@@ -150,11 +180,30 @@ def _server(table: dict[str, Any]) -> ServerConfig:
             _typed(value, (int,), where, minimum=1)
         elif key == "torch_threads":
             _typed(value, (int,), where, minimum=0)
-        elif key in ("max_request_bytes", "max_queue_total", "max_connections"):
+        elif key in ("max_request_bytes", "max_queue_total", "max_connections", "max_body_bytes_in_flight"):
             _typed(value, (int,), where, minimum=1)
+        elif key == "auth":
+            value = _auth(_typed(value, (dict,), "[server.auth]"))
         else:
             value = float(_typed(value, (int, float), where, minimum=0))
         setattr(cfg, key, value)
+    return cfg
+
+
+def _auth(table: dict[str, Any]) -> AuthConfig:
+    _check_keys(table, AuthConfig, "[server.auth]")
+    cfg = AuthConfig()
+    for key, value in table.items():
+        where = f"[server.auth] {key}"
+        if key == "protect_metrics":
+            cfg.protect_metrics = _typed(value, (bool,), where)
+            continue
+        tokens = _typed(value, (list,), where)
+        for i, t in enumerate(tokens):
+            # Never echo the value: a config error must not put a secret in the logs.
+            if not isinstance(t, str) or not t or not t.isascii() or not t.isprintable() or " " in t:
+                raise ConfigError(f"{where}[{i}]: tokens must be non-empty printable ASCII without spaces")
+        setattr(cfg, key, list(tokens))
     return cfg
 
 

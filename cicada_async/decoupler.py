@@ -1,4 +1,4 @@
-"""WeightDecoupler, fetch side: read coroutines stream shards in plan order into the arenas.
+"""WeightDecoupler, fetch side: read coroutines stream shards in plan order into their landing.
 
 Reads are admitted strictly in plan order against a byte budget (bytes landed but not yet
 applied), run with bounded concurrency, and take a slot from the shared FetchScheduler so
@@ -18,7 +18,7 @@ from protocols.errors import CicadaError, StorageError, StorageTimeout
 from protocols.manifest import FileHeader, Plan
 from protocols.storage import StorageBackend
 
-from .arena import Arena
+from .landing import Landing
 from .timeline import Timeline
 
 
@@ -54,20 +54,34 @@ class FetchScheduler:
 
 
 class ByteBudget:
-    """Bytes admitted but not yet applied; admission waits while the budget is spent."""
+    """Bytes admitted but not yet applied; admission waits while the budget is spent.
+
+    A shard is applied only when all its reads have landed, so when every admitted read has
+    landed and the budget is still spent, the shards holding it are waiting for reads not yet
+    admitted: the next read is admitted anyway. That bounds the overshoot by one window and
+    makes a deadlock impossible whatever the plan.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
+        self.in_flight = 0
         self._cv = asyncio.Condition()
 
     async def acquire(self, n: int) -> None:
         async with self._cv:
-            # A read larger than the budget still goes, alone, so no plan can deadlock.
-            await self._cv.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            await self._cv.wait_for(
+                lambda: self.used + n <= self.limit or self.in_flight == 0
+            )
             self.used += n
+            self.in_flight += 1
             self.peak = max(self.peak, self.used)
+
+    async def landed(self) -> None:
+        async with self._cv:
+            self.in_flight -= 1
+            self._cv.notify_all()
 
     async def release(self, n: int) -> None:
         async with self._cv:
@@ -90,7 +104,7 @@ class Fetcher:
         plan: Plan,
         backend: StorageBackend,
         headers: dict[str, FileHeader],
-        arenas: dict[str, Arena],
+        landing: Landing,
         *,
         settings: FetchSettings,
         scheduler: FetchScheduler,
@@ -101,15 +115,13 @@ class Fetcher:
         self.plan = plan
         self.backend = backend
         self.headers = headers
-        self.arenas = arenas
+        self.landing = landing
         self.settings = settings
         self.scheduler = scheduler
         self.priority = priority
         self.on_landed = on_landed
         self.timeline = timeline
-        # The window a shard needs can exceed a small budget; never let that deadlock.
-        largest = max((sum(plan.reads[r].nbytes for r in s.reads) for s in plan.shards), default=0)
-        self.budget = ByteBudget(max(settings.queue_bytes, 2 * largest))
+        self.budget = ByteBudget(settings.queue_bytes)
         self._pending_reads = [len(s.reads) for s in plan.shards]
         self._pending_shards = [len(r.shards) for r in plan.reads]
         self._order = asyncio.Lock()
@@ -165,20 +177,20 @@ class Fetcher:
                 self._next += 1
                 read = self.plan.reads[i]
                 await self.budget.acquire(read.nbytes)
+            buf = await self.landing.buffer_for(i, read)
             await self.scheduler.acquire(self.priority())
             try:
                 start = self.timeline.now()
                 async with asyncio.timeout(self.settings.read_timeout_s):
                     await self.backend.read_into(
-                        read.file,
-                        read.start,
-                        self.arenas[read.file].buffer(read.start, read.end),
-                        version=self.headers[read.file].version,
+                        read.file, read.start, buf, version=self.headers[read.file].version
                     )
                 self.timeline.add("fetch", f"read {i}", start, nbytes=read.nbytes)
                 self.bytes_read += read.nbytes
             finally:
                 self.scheduler.release()
+            await self.budget.landed()
+            self.landing.read_landed(i, read)
             for s in read.shards:
                 self._pending_reads[s] -= 1
                 if self._pending_reads[s] == 0:
@@ -189,4 +201,5 @@ class Fetcher:
         for r in self.plan.shards[shard].reads:  # the current plan: replan keeps this shard's reads
             self._pending_shards[r] -= 1
             if self._pending_shards[r] == 0:
+                self.landing.read_released(r, self.plan.reads[r])
                 await self.budget.release(self.plan.reads[r].nbytes)

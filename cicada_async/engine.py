@@ -65,7 +65,9 @@ class Engine:
         queue_bytes: int = 256 << 20,
         read_timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
+        warm_imports: bool = True,
     ) -> None:
+        self.warm_imports = warm_imports
         self.storage = {k: dict(v) for k, v in (storage or {}).items()}
         self.fetch = FetchSettings(read_concurrency, queue_bytes, read_timeout_s)
         self.read_bytes = read_bytes
@@ -76,6 +78,10 @@ class Engine:
 
     async def __aenter__(self) -> "Engine":
         self.executor.start()
+        if self.warm_imports:
+            # transformers takes seconds to import; do it on the idle executor thread now, so a
+            # process started by a scale-from-zero pays it while waiting for the first request.
+            self.executor.submit(_import_model_libraries, priority=10)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -126,6 +132,7 @@ class ModelInstance:
         self._io: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
         self._first_outputs: asyncio.Future[dict[str, torch.Tensor] | None] | None = None
         self._load_error: BaseException | None = None
+        self._inputs_meta: list[dict[str, Any]] = []
         options.load_options(read_bytes=1, load_timeout_s=1)  # validate early
 
     # public API --------------------------------------------------------------------------------
@@ -199,7 +206,18 @@ class ModelInstance:
         """Input and output metadata ([{name, datatype, shape}]); outputs known after a load."""
         if self._io is not None:
             return self._io
-        return [], []
+        return list(self._inputs_meta), []
+
+    async def describe(self) -> None:
+        """Read the model's config files (not its weights) so metadata has its inputs."""
+        backend = open_backend(self.uri, self.engine.storage.get(scheme_of(self.uri), {}))
+        try:
+            from .modeldir import read_model_spec
+
+            spec = await read_model_spec(backend)
+        finally:
+            await backend.aclose()
+        self._inputs_meta = _inputs_meta(spec)
 
     # internals ---------------------------------------------------------------------------------
     def _start_load(self, priority: int, inputs: dict[str, torch.Tensor] | None) -> None:
@@ -263,17 +281,29 @@ class ModelInstance:
         log.info("cold start %s: %.3f s", self.name, time.monotonic() - started)
 
 
+def _import_model_libraries() -> None:
+    try:
+        import transformers  # noqa: F401
+
+        transformers.PreTrainedModel  # noqa: B018 - the lazy module loads on first access
+    except ImportError:  # plain-PyTorch models need no transformers
+        pass
+
+
 def _set(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
 
 
-def _io_spec(job: LoadJob, outputs: dict[str, torch.Tensor] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    spec = job.spec
-    inputs = [
+def _inputs_meta(spec: Any) -> list[dict[str, Any]]:
+    return [
         {"name": n, "datatype": _V2_TYPES.get(dt, "FP32"), "shape": list(shape)}
         for n, (shape, dt) in spec.example_inputs.items()
     ]
+
+
+def _io_spec(job: LoadJob, outputs: dict[str, torch.Tensor] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    inputs = _inputs_meta(job.spec)
     outs = [
         {"name": n, "datatype": _V2_TYPES.get(t.dtype, "FP32"), "shape": [-1] * t.dim()}
         for n, t in (outputs or {}).items()

@@ -22,10 +22,10 @@ from protocols.errors import CheckpointError, CicadaError, InferenceError, LoadE
 from protocols.manifest import FileHeader, Plan, TensorEntry
 from protocols.storage import StorageBackend
 
-from .arena import PAGE, Arena
+from .landing import Landing, landing_for
 from .decoupler import FetchScheduler, Fetcher, FetchSettings
 from .executor import Executor
-from .miniloader import SkeletonIndex, index_skeleton, materialize, skeleton_mode, tensor_from_bytes
+from .miniloader import SkeletonIndex, index_skeleton, materialize, skeleton_mode
 from .modeldir import ModelSpec, output_dict, read_model_spec
 from .plan import DEFAULT_READ_BYTES, build_plan, execution_order, reorder
 from .safetensors_header import header_length, parse_header
@@ -40,6 +40,9 @@ class LoadOptions:
     device: torch.device = torch.device("cpu")
     read_bytes: int = DEFAULT_READ_BYTES
     load_timeout_s: float = 600.0
+    # Use the staging path (pinned slabs, device-side assembly) even on the CPU: for tests of
+    # the CUDA path on machines without a GPU.
+    staging: bool = False
 
 
 async def read_header(backend: StorageBackend, key: str) -> FileHeader:
@@ -72,7 +75,7 @@ class LoadJob:
         index: SkeletonIndex,
         plan: Plan,
         tensors: dict[str, TensorEntry],
-        arenas: dict[str, Arena],
+        landing: Landing,
         options: LoadOptions,
         executor: Executor,
         timeline: Timeline,
@@ -84,7 +87,8 @@ class LoadJob:
         self.index = index
         self.plan = plan
         self.tensors = tensors
-        self.arenas = arenas
+        self.landing = landing
+        self.events: dict[int, Any] = {}
         self.options = options
         self.executor = executor
         self.timeline = timeline
@@ -93,7 +97,6 @@ class LoadJob:
         self.applied = [False] * len(plan.shards)
         self.remaining = len(plan.shards)
         self.error: BaseException | None = None
-        self.convert = options.dtype is not None or options.device.type != "cpu"
         self.deadline = time.monotonic() + options.load_timeout_s
         self._hooks: list[Any] = []
         self.set_plan(plan)
@@ -129,10 +132,11 @@ class LoadJob:
         start = self.timeline.now()
         try:
             for name in shard.tensors:
-                e = self.tensors[name]
-                raw = self.arenas[e.file].bytes_tensor(e.start, e.end)
-                value = tensor_from_bytes(raw, e, dtype=self.options.dtype, device=self.options.device)
+                value = self.landing.make_tensor(self.tensors[name], self.plan, i)
                 materialize(self.index.slots[name], value)
+            ev = self.landing.shard_done()
+            if ev is not None:
+                self.events[i] = ev
         except Exception as e:  # noqa: BLE001 - any apply failure fails the whole load
             self.error = LoadError(f"applying weights of {shard.module or 'the model'}: {e}")
             return
@@ -143,6 +147,7 @@ class LoadJob:
 
     def wait_for(self, shards: list[int], what: str) -> None:
         if all(self.applied[i] for i in shards) and self.error is None:
+            self._device_wait(shards)
             return
         start = self.timeline.now()
         self.executor.wait_until(
@@ -151,6 +156,17 @@ class LoadJob:
         self.timeline.add("wait", what, start)
         if self.error is not None:
             raise self.error
+        self._device_wait(shards)
+
+    def _device_wait(self, shards: list[int]) -> None:
+        # On CUDA the shard's copies may still be queued: compute waits on the device for its
+        # own copies only, without blocking the host.
+        if self.events:
+            stream = torch.cuda.current_stream(self.options.device)
+            for i in shards:
+                ev = self.events.pop(i, None)
+                if ev is not None:
+                    stream.wait_event(ev)
 
     def wait_all(self) -> None:
         self.executor.wait_until(lambda: self.error is not None or self.remaining == 0, self.deadline)
@@ -302,9 +318,12 @@ async def cold_start(
     )
     tensors = all_tensors(hdrs)
     file_sizes = {k: h.size for k, h in hdrs.items()}
-    arenas = {k: Arena(h.size) for k, h in hdrs.items()}
+    landing = landing_for(
+        hdrs, options.device, options.dtype, read_bytes=options.read_bytes, alignment=alignment,
+        pool_bytes=fetch.queue_bytes, post=executor.post_apply, staging=options.staging,
+    )
     applied_q: asyncio.Queue[int] = asyncio.Queue()
-    job = LoadJob(spec, model, index, plan, tensors, arenas, options, executor, timeline, loop,
+    job = LoadJob(spec, model, index, plan, tensors, landing, options, executor, timeline, loop,
                   applied_q.put_nowait)
     if on_prepared is not None:
         on_prepared(job)
@@ -320,20 +339,13 @@ async def cold_start(
             for j in shard_order(list(held)):
                 job.shard_landed(j)
 
-    fetcher = Fetcher(plan, backend, hdrs, arenas, settings=fetch, scheduler=scheduler,
+    fetcher = Fetcher(plan, backend, hdrs, landing, settings=fetch, scheduler=scheduler,
                       priority=priority, on_landed=landed, timeline=timeline)
 
     async def release_budget() -> None:
         for _ in range(len(plan.shards)):
             i = await applied_q.get()
             await fetcher.shard_applied(i)
-            if job.convert and alignment >= PAGE:
-                for r in fetcher.plan.shards[i].reads:
-                    if fetcher.read_done(r):
-                        rd = fetcher.plan.reads[r]
-                        # Converted copies hold the values now; keep one page at each end,
-                        # which a neighbouring read may share.
-                        arenas[rd.file].release(rd.start + PAGE, rd.end - PAGE)
 
     async def dry_run() -> None:
         # Runs on the executor while the first reads are on the wire (it would idle anyway
@@ -384,6 +396,7 @@ async def cold_start(
         # Gates come off on the executor thread, between forwards.
         if executor.alive:
             await executor.run(job.remove_gates, priority=-1)
+        await landing.aclose()
     return model, outputs, job
 
 

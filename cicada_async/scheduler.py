@@ -65,6 +65,12 @@ class _Queue:
     live: int = 0
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark an abandoned future's exception as seen (no 'never retrieved' warning)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Scheduler:
     """Admission (bounded, shedding the lowest priority), ordering, and dispatch."""
 
@@ -149,7 +155,23 @@ class Scheduler:
             p.timer = loop.call_at(deadline, self._expire, p)
         self.kick()
         try:
-            outputs = await p.future
+            if timeout_s:
+                # The heap timer answers requests that never started; this bound answers those
+                # that did (a cold start riding a slow load, a long forward): nobody waits past
+                # their deadline. The work itself cannot be preempted; its result is dropped.
+                try:
+                    outputs = await asyncio.wait_for(asyncio.shield(p.future), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    if p.queued:
+                        self._expire(p)
+                        outputs = await p.future  # raises DeadlineExceeded
+                    p.future.add_done_callback(_retrieve)
+                    self.on_shed(entry.name, "deadline")
+                    raise DeadlineExceeded(
+                        f"request timeout expired while the model {'loaded' if p.cold else 'ran'} it; "
+                        "the result was dropped") from None
+            else:
+                outputs = await p.future
         finally:
             if p.queued:  # cancelled (client went away) while still waiting
                 self._remove(p)
@@ -158,6 +180,24 @@ class Scheduler:
                 p.timer.cancel()
         assert p.started is not None and p.finished is not None
         return outputs, RunStats(p.started - p.enqueued, p.finished - p.started, p.cold)
+
+    def hopeless(self, entry: ModelEntry) -> bool:
+        """True when a new request for ``entry`` would surely be shed, whatever its priority.
+
+        The server asks before reading a body (the priority is inside it): a full queue whose
+        least urgent request already has priority 1 can take no newcomer.
+        """
+        if self._closing:
+            return True
+        q = self._queues.get(entry.name)
+        queues = []
+        if q is not None and q.live >= entry.config.max_queue:
+            queues.append(q)
+        if self._total >= self.max_queue_total:
+            queues = list(self._queues.values())
+        if not queues:
+            return False
+        return all(p.priority <= 1 for q in queues for _, p in q.heap if p.queued)
 
     def _admit(self, new: Pending) -> None:
         q = self._queues.setdefault(new.entry.name, _Queue())

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from cicada_async import auth
 from cicada_async.config import MODEL_NAME_RE, Config, ModelConfig, load_config, scan_repository
 from cicada_async.metrics import CONTENT_TYPE, Metrics
 from cicada_async.repository import Repository
@@ -53,6 +54,31 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 REPO_KEY = web.AppKey("repository", Repository)
 SCHED_KEY = web.AppKey("scheduler", Scheduler)
 STATE_KEY = web.AppKey("state", dict)
+ENGINE_KEY = web.AppKey("engine", object)
+BUDGET_KEY = web.AppKey("body_budget", "BodyBudget")
+
+
+class BodyBudget:
+    """Bytes of infer bodies the server holds at once (reading, queued or running).
+
+    Reservations are made before bytes are read, so a flood of large bodies is refused
+    without being buffered. Loop-only state: no lock needed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+
+    def try_reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            self.refused += 1
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
 
 
 # -- responses -----------------------------------------------------------------------------------
@@ -77,6 +103,10 @@ def error_response(exc: BaseException) -> web.Response:
         status = 504
     elif isinstance(exc, web.HTTPException):
         status = exc.status
+        # Keep the informative headers (Accept-Encoding on 415, Allow on 405), not the framing.
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+        text = exc.text if exc.text and not exc.text.startswith(f"{status}:") else exc.reason
+        return json_response({"error": text}, status, headers or None)
     elif isinstance(exc, CicadaError):  # storage, checkpoint, config of a model dir, forward
         status = 500
     else:
@@ -118,9 +148,20 @@ async def live(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     # Ready as soon as requests can be accepted: a cold model is loaded by its first request,
     # which waits in the heap meanwhile (see docs/service.md, "Readiness policy").
-    if request.app[STATE_KEY].get("draining"):
+    state = request.app[STATE_KEY]
+    if state.get("draining"):
         return json_response({"error": "server is shutting down"}, 503)
+    if not engine_healthy(request.app):
+        return json_response({"error": "the engine's executor thread died; restarting it"}, 503)
     return json_response({"ready": True})
+
+
+def engine_healthy(app: web.Application) -> bool:
+    """False from the moment the executor thread is found dead until it has been replaced."""
+    if app[STATE_KEY].get("restarting"):
+        return False
+    engine = app.get(ENGINE_KEY)
+    return bool(getattr(engine, "healthy", True)) if engine is not None else True
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -187,8 +228,13 @@ async def repo_unload(request: web.Request) -> web.Response:
 
 
 # -- inference -----------------------------------------------------------------------------------
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing more than ``limit`` bytes whether or not Content-Length is set."""
+async def read_body(request: web.Request, limit: int, budget: BodyBudget | None = None,
+                    reserved: list[int] | None = None) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes whether or not Content-Length is set.
+
+    With ``budget``, bytes beyond what was reserved up front (from Content-Length) are reserved
+    as they arrive and added to ``reserved[0]``; the caller releases them.
+    """
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
                                             text=f"request body exceeds {limit} bytes")
@@ -201,6 +247,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         if size > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size,
                                                 text=f"request body exceeds {limit} bytes")
+        if budget is not None and reserved is not None and size > reserved[0]:
+            grow = size - reserved[0]
+            if not budget.try_reserve(grow):
+                raise Overloaded("too many request bytes in flight; retry later")
+            reserved[0] += grow
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -245,22 +296,79 @@ def check_inputs(cfg: ModelConfig, instance: Any, inputs: dict[str, Any]) -> Non
             raise BadRequest(f"input {name!r} has shape {list(t.shape)}, model expects {shape}")
 
 
+def precheck(request: web.Request) -> None:
+    """Everything decidable from the request line and headers, before any body byte is read."""
+    app = request.app
+    entry = app[REPO_KEY].get(model_name(request))
+    if app[STATE_KEY].get("draining"):
+        raise ShuttingDown("server is shutting down")
+    if not engine_healthy(app):
+        raise Overloaded("the engine is restarting; retry later", app[CONFIG_KEY].server.retry_after_s)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # Compressed tensors save little and a small gzip can expand a thousandfold: refused
+        # outright rather than decompressed under a cap (docs/service.md, "Limits").
+        raise web.HTTPUnsupportedMediaType(
+            text=f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed",
+            headers={"Accept-Encoding": "identity"})
+    limit = app[CONFIG_KEY].server.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
+                                            text=f"request body exceeds {limit} bytes")
+    if app[SCHED_KEY].hopeless(entry):
+        app[METRICS_KEY].shed.inc(model=entry.name, reason="queue_full")
+        raise Overloaded(f"queue for model {entry.name!r} is full; retry later", app[CONFIG_KEY].server.retry_after_s)
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: answer the refusal instead of inviting a body we would drop.
+
+    aiohttp runs this before middlewares; a returned response is final.
+    """
+    try:
+        precheck(request)
+    except (CicadaError, web.HTTPException) as e:
+        if isinstance(e, web.HTTPException) and e.status < 400:
+            raise
+        resp = error_response(e)
+        resp.force_close()  # the body the client holds back is never read
+        return resp
+    expect = request.headers.get("Expect", "")
+    if request.version == (1, 1) and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's default handler: the body has not started
+        return None
+    raise web.HTTPExpectationFailed(text=f"unknown Expect: {expect}")
+
+
 async def infer(request: web.Request) -> web.Response:
     app = request.app
     m = app[METRICS_KEY]
+    cfg = app[CONFIG_KEY].server
     t0 = time.monotonic()
+    precheck(request)
     name = model_name(request)
     entry = app[REPO_KEY].get(name)
-    if app[STATE_KEY].get("draining"):
-        raise ShuttingDown("server is shutting down")
+    budget = app[BUDGET_KEY]
+    # Reserve what Content-Length announces before reading a byte; chunked bodies reserve as
+    # they stream. Released when the answer is ready (the inputs are garbage by then).
+    reserved = [request.content_length or 0]
+    if not budget.try_reserve(reserved[0]):
+        m.shed.inc(model=name, reason="body_budget")
+        raise Overloaded("too many request bytes in flight; retry later", cfg.retry_after_s)
     ok = False
     try:
-        body = await read_body(request, app[CONFIG_KEY].server.max_request_bytes)
+        try:
+            async with asyncio.timeout(cfg.body_timeout_s):
+                body = await read_body(request, cfg.max_request_bytes, budget, reserved)
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"request body not received within {cfg.body_timeout_s} s") from None
         hl = _header_length(request)
         if len(body) > OFFLOAD_BYTES:
             req = await asyncio.to_thread(v2.decode_request, body, hl)
         else:
             req = v2.decode_request(body, hl)
+        del body  # the tensors alias a private copy; let the raw body go before waiting
         check_inputs(entry.config, entry.instance, req.inputs)
         outputs, stats = await app[SCHED_KEY].submit(entry, req.inputs, priority=req.priority, timeout_s=req.timeout_s)
         nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
@@ -273,6 +381,7 @@ async def infer(request: web.Request) -> web.Response:
         m.queue_us.inc(int(stats.queue_s * 1e6), model=name, version="1")
         m.compute_us.inc(int(stats.compute_s * 1e6), model=name, version="1")
     finally:
+        budget.release(reserved[0])
         (m.success if ok else m.failure).inc(model=name, version="1")
         m.request_us.inc(int((time.monotonic() - t0) * 1e6), model=name, version="1")
     if out_hl is None:
@@ -282,6 +391,37 @@ async def infer(request: web.Request) -> web.Response:
 
 
 # -- application ---------------------------------------------------------------------------------
+async def watch_engine(app: web.Application, engine: Any, sched: Scheduler) -> None:
+    """Maintenance tick: notice a dead executor thread and replace it.
+
+    A dead executor is noticed on one tick and replaced on the next, so that readiness probes
+    see 503 for at least one interval (the load balancer stops sending) while requests
+    already queued are held, not failed; they run once the new thread is up.
+    """
+    if not hasattr(engine, "restart_executor"):
+        return  # test engines without an executor
+    interval = app[CONFIG_KEY].server.keep_alive_check_s
+    state = app[STATE_KEY]
+    while True:
+        await asyncio.sleep(interval)
+        if getattr(engine, "healthy", True):
+            continue
+        state["restarting"] = True
+        sched.hold()
+        log.error("executor thread is dead; restarting it", extra={"event": "executor_dead"})
+        try:
+            await asyncio.sleep(interval)
+            await engine.restart_executor()
+            state["executor_restarts"] += 1
+            log.warning("executor restarted; loaded models were dropped",
+                        extra={"event": "executor_restarted", "restarts": state["executor_restarts"]})
+        except Exception:  # keep watching: the next tick tries again
+            log.exception("executor restart failed")
+        finally:
+            state["restarting"] = False
+            sched.release()
+
+
 def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
     from cicada_async.engine import Engine  # deferred: heavy imports only when serving
 
@@ -291,11 +431,13 @@ def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
 def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory,
               options: Callable[[ModelConfig], Any] | None = None) -> web.Application:
     """The aiohttp application; ``engine_factory`` and ``options`` let tests swap the engine."""
-    app = web.Application(middlewares=[errors_middleware])
+    # Auth runs first: an unauthenticated request touches no handler and no body byte.
+    app = web.Application(middlewares=[auth.middleware(config.server.auth), errors_middleware])
     metrics_ = Metrics()
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = metrics_
-    app[STATE_KEY] = {"draining": False}
+    app[STATE_KEY] = {"draining": False, "restarting": False, "executor_restarts": 0}
+    app[BUDGET_KEY] = BodyBudget(config.server.max_body_bytes_in_flight)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with engine_factory(config) as engine:
@@ -305,6 +447,7 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
                               on_shed=lambda model, reason: metrics_.shed.inc(model=model, reason=reason))
             app[REPO_KEY] = repo
             app[SCHED_KEY] = sched
+            app[ENGINE_KEY] = engine
 
             def pending() -> None:
                 for name, e in repo.models.items():
@@ -313,12 +456,14 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
             metrics_.add_collector(pending)
             sched.start()
             maintenance = asyncio.create_task(repo.maintain(), name="cicada-maintenance")
+            watchdog = asyncio.create_task(watch_engine(app, engine, sched), name="cicada-watchdog")
             try:
                 yield
             finally:
-                maintenance.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await maintenance
+                for task in (maintenance, watchdog):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 await sched.aclose()
 
     async def on_shutdown(app: web.Application) -> None:
@@ -331,6 +476,7 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
     app.on_shutdown.append(on_shutdown)
 
     r = app.router
+    infer_route = {"expect_handler": expect_continue}
     r.add_get("/v2", server_metadata)
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
@@ -341,7 +487,7 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
-        r.add_post(prefix + "/infer", infer)
+        r.add_post(prefix + "/infer", infer, **infer_route)
     r.add_get("/metrics", metrics)
     return app
 
@@ -405,6 +551,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.server.torch_threads = args.torch_threads
     if args.memory_budget_bytes is not None:
         config.server.memory_budget_bytes = args.memory_budget_bytes
+    auth.merge_env(config.server.auth)
     if config.server.port is None:
         env = os.environ.get("PORT")
         try:

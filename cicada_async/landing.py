@@ -1,0 +1,207 @@
+"""Where fetched bytes land and how they become tensors: one strategy per target device.
+
+- ``ArenaLanding`` (CPU): file-shaped arenas; a tensor is a view of the bytes it landed in.
+- ``StagingLanding`` (CUDA): a bounded pool of pinned host slabs, reused; each shard's bytes
+  are copied host-to-device on a dedicated stream, and an event per shard lets compute wait
+  for its own copies only. The whole model is never staged in host memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from protocols.manifest import FileHeader, Plan, ReadRange, TensorEntry
+
+from .arena import PAGE, Arena
+from .miniloader import tensor_from_bytes
+from .plan import MAX_GAP_BYTES
+
+
+class Landing(Protocol):
+    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+        """The memory read ``r`` writes into (may wait until the pool has room)."""
+        ...
+
+    def read_landed(self, r: int, read: ReadRange) -> None:
+        """Loop thread: read ``r`` has filled its buffer."""
+        ...
+
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+        """Executor thread: the tensor for ``entry`` once all its reads have landed."""
+        ...
+
+    def shard_done(self) -> torch.cuda.Event | None:
+        """Executor thread, after a shard's tensors: what compute must wait for, if anything."""
+        ...
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        """Loop thread: every shard read ``r`` serves is applied; its memory may be reused."""
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+class ArenaLanding:
+    def __init__(self, headers: dict[str, FileHeader], dtype: torch.dtype | None) -> None:
+        self.arenas = {k: Arena(h.size) for k, h in headers.items()}
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+        # Byte ranges that tensors still view (not converted): never released.
+        self._views: dict[str, list[tuple[int, int]]] = {k: [] for k in headers}
+
+    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+        return self.arenas[read.file].buffer(read.start, read.end)
+
+    def read_landed(self, r: int, read: ReadRange) -> None:
+        return None  # the bytes are already where the tensors will be
+
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+        raw = self.arenas[entry.file].bytes_tensor(entry.start, entry.end)
+        t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        if t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+            self._views[entry.file].append((entry.start, entry.end))
+        return t
+
+    def shard_done(self) -> None:
+        return None
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        if self.dtype is None:
+            return
+        lo, hi = read.start + PAGE, read.end - PAGE
+        if any(a < hi and b > lo for a, b in self._views[read.file]):
+            return
+        # Converted copies hold the values now. Keep one page at each end, which a
+        # neighbouring read may share.
+        self.arenas[read.file].release(lo, hi)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class StagingLanding:
+    """Reads land in a bounded pool of reused host slabs and are copied to the device at once.
+
+    Each landed read is copied into a file-shaped buffer on the device on a dedicated stream
+    (posted to the executor thread, the GPU thread), and its slab goes back to the pool as soon
+    as that copy has run. A shard's tensors are views of the device buffer; the event recorded
+    after them is what the module's compute waits for (on the device, not on the host).
+    """
+
+    def __init__(
+        self,
+        headers: dict[str, FileHeader],
+        device: torch.device,
+        dtype: torch.dtype | None,
+        *,
+        slab_bytes: int,
+        pool_bytes: int,
+        post: Callable[[Callable[[], None]], None],
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.cuda = device.type == "cuda"
+        self.post = post
+        self.slab_bytes = slab_bytes
+        count = max(2, pool_bytes // max(slab_bytes, 1))
+        # Pinned memory makes host-to-device copies asynchronous and faster; pinning is costly,
+        # so the slabs are allocated once per load and reused.
+        self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
+        for _ in range(count):
+            self._free.put_nowait(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self.cuda))
+        self.slabs: dict[int, torch.Tensor] = {}
+        self.device_files = {
+            k: torch.empty(h.size, dtype=torch.uint8, device=device) for k, h in headers.items()
+        }
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+        self._poller: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+        if read.nbytes > self.slab_bytes:
+            raise ValueError(f"read of {read.nbytes} bytes exceeds the {self.slab_bytes}-byte slab")
+        slab = await self._free.get()
+        self.slabs[r] = slab
+        return memoryview(slab.numpy()).cast("B")[: read.nbytes]
+
+    def read_landed(self, r: int, read: ReadRange) -> None:
+        slab = self.slabs.pop(r)
+        self.post(lambda: self._copy(read, slab))
+
+    def _copy(self, read: ReadRange, slab: torch.Tensor) -> None:  # executor thread
+        dst = self.device_files[read.file][read.start : read.end]
+        if self.stream is None:
+            dst.copy_(slab[: read.nbytes])
+            self._loop.call_soon_threadsafe(self._free.put_nowait, slab)
+            return
+        with torch.cuda.stream(self.stream):
+            dst.copy_(slab[: read.nbytes], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self._loop.call_soon_threadsafe(self._recycle_after, ev, slab)
+
+    def _recycle_after(self, ev: torch.cuda.Event, slab: torch.Tensor) -> None:
+        self._pending.append((ev, slab))
+        if self._poller is None or self._poller.done():
+            self._poller = self._loop.create_task(self._recycle())
+
+    async def _recycle(self) -> None:
+        while self._pending:
+            still = []
+            for ev, slab in self._pending:
+                if ev.query():
+                    self._free.put_nowait(slab)
+                else:
+                    still.append((ev, slab))
+            self._pending = still
+            if still:
+                await asyncio.sleep(0.0005)
+
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+        raw = self.device_files[entry.file][entry.start : entry.end]
+        if self.stream is None:
+            return tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        with torch.cuda.stream(self.stream):
+            t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        return t
+
+    def shard_done(self) -> torch.cuda.Event | None:
+        if self.stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        return None  # slabs were recycled after their copy
+
+    async def aclose(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+def landing_for(
+    headers: dict[str, FileHeader],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    *,
+    read_bytes: int,
+    alignment: int,
+    pool_bytes: int,
+    post: Callable[[Callable[[], None]], None],
+    staging: bool = False,
+) -> Landing:
+    """Arenas for the CPU; pinned staging slabs for CUDA (or on request, to test that path)."""
+    if device.type == "cpu" and not staging:
+        return ArenaLanding(headers, dtype)
+    # A read is at most 1.25 read sizes (no runt pieces) plus alignment at both ends.
+    slab = read_bytes + read_bytes // 4 + 2 * alignment + MAX_GAP_BYTES
+    return StagingLanding(headers, device, dtype, slab_bytes=slab, pool_bytes=pool_bytes, post=post)
