@@ -101,6 +101,25 @@ def _deny(status: int, message: str, challenge: str | None = None) -> web.Respon
                         content_type="application/json", headers=headers)
 
 
+def refusal(request: web.Request, auth: AuthConfig, tokens: TokenSet) -> web.Response | None:
+    """The 401/403 answer for ``request``, or None when it may proceed."""
+    if not auth.enabled:
+        return None
+    need = scope_of(request.path, auth)
+    if need is None:
+        return None
+    token = _bearer(request.headers.get("Authorization"))
+    if token is None:
+        return _deny(401, "missing bearer token", 'Bearer realm="cicada"')
+    granted = tokens.scopes(token)
+    if not granted:
+        return _deny(401, "invalid bearer token", 'Bearer realm="cicada", error="invalid_token"')
+    if need != "any" and need not in granted:
+        return _deny(403, f"token does not grant the {need} scope",
+                     f'Bearer realm="cicada", error="insufficient_scope", scope="{need}"')
+    return None
+
+
 def middleware(auth: AuthConfig) -> Callable[..., Awaitable[web.StreamResponse]]:
     """An aiohttp middleware enforcing ``auth``; runs before any body is read."""
     tokens = TokenSet.from_config(auth)
@@ -108,21 +127,7 @@ def middleware(auth: AuthConfig) -> Callable[..., Awaitable[web.StreamResponse]]
     @web.middleware
     async def check(request: web.Request,
                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if not auth.enabled:
-            return await handler(request)
-        need = scope_of(request.path, auth)
-        if need is None:
-            return await handler(request)
-        raw = request.headers.get("Authorization")
-        token = _bearer(raw)
-        if token is None:
-            return _deny(401, "missing bearer token", 'Bearer realm="cicada"')
-        granted = tokens.scopes(token)
-        if not granted:
-            return _deny(401, "invalid bearer token", 'Bearer realm="cicada", error="invalid_token"')
-        if need != "any" and need not in granted:
-            return _deny(403, f"token does not grant the {need} scope",
-                         f'Bearer realm="cicada", error="insufficient_scope", scope="{need}"')
-        return await handler(request)
+        return refusal(request, auth, tokens) or await handler(request)
 
+    check.tokens = tokens  # type: ignore[attr-defined]  # reused by the Expect handler
     return check

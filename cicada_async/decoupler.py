@@ -97,7 +97,12 @@ class FetchSettings:
 
 
 class Fetcher:
-    """Runs the reads of one plan; calls ``on_landed(shard)`` on the event loop per shard."""
+    """Runs the reads of a plan; calls ``on_landed(shard)`` on the event loop per shard.
+
+    The plan may be replaced while reads run (``replan``): fetching starts in file order
+    before the model's skeleton exists, and the dry run re-orders what is left. Admitted reads
+    are never changed, only which shards they serve.
+    """
 
     def __init__(
         self,
@@ -122,42 +127,57 @@ class Fetcher:
         self.on_landed = on_landed
         self.timeline = timeline
         self.budget = ByteBudget(settings.queue_bytes)
-        self._pending_reads = [len(s.reads) for s in plan.shards]
-        self._pending_shards = [len(r.shards) for r in plan.reads]
         self._order = asyncio.Lock()
         self._next = 0
+        self._landed: set[int] = set()
+        self._applied: set[int] = set()
+        self._notified: set[int] = set()
+        self._released: set[int] = set()
+        self._more = asyncio.Event()  # set when a replan adds reads for idle workers
+        self._final = False
         self.bytes_read = 0
+        self._recount()
 
     @property
     def admitted(self) -> int:
         """Reads admitted so far (a prefix of ``plan.reads``)."""
         return self._next
 
-    def read_done(self, r: int) -> bool:
-        """Whether every shard that read ``r`` serves has been applied."""
-        return self._pending_shards[r] == 0
+    def _recount(self) -> None:
+        self._pending_reads = [sum(r not in self._landed for r in s.reads) for s in self.plan.shards]
+        self._pending_shards = [sum(s not in self._applied for s in r.shards) for r in self.plan.reads]
 
-    def replan(self, plan: Plan) -> None:
-        """Adopt a plan with the same shards whose reads agree with ours up to ``admitted``."""
-        keep = 0
-        for old, new in zip(self.plan.reads, plan.reads):
-            if old != new:
-                break
-            keep += 1
-        if keep < self._next:
+    async def replan(self, plan: Plan, *, final: bool = False) -> None:
+        """Adopt ``plan``, whose first ``admitted`` reads cover the same bytes as ours."""
+        old = [(r.file, r.start, r.end) for r in self.plan.reads[: self._next]]
+        if [(r.file, r.start, r.end) for r in plan.reads[: self._next]] != old:
             raise ValueError("a new plan must keep every admitted read")
-        kept_shards = {s for r in plan.reads[:keep] for s in r.shards}
-        self._pending_shards = self._pending_shards[:keep] + [len(r.shards) for r in plan.reads[keep:]]
-        for s in plan.shards:
-            if s.index not in kept_shards:
-                self._pending_reads[s.index] = len(s.reads)
         self.plan = plan
+        self._final = final
+        self._recount()
+        for r in sorted(self._landed):
+            await self._maybe_release(r)
+        for s in range(len(plan.shards)):
+            self._maybe_notify(s)
+        self._more.set()
+
+    def _maybe_notify(self, s: int) -> None:
+        if self._pending_reads[s] == 0 and s not in self._notified:
+            self._notified.add(s)
+            self.on_landed(s)
+
+    async def _maybe_release(self, r: int) -> None:
+        # Bytes of a read that serves no shard (yet) are already where they belong.
+        if r in self._landed and r not in self._released and self._pending_shards[r] == 0:
+            self._released.add(r)
+            self.landing.read_released(r, self.plan.reads[r])
+            await self.budget.release(self.plan.reads[r].nbytes)
 
     async def run(self) -> None:
         """Fetch everything; raises the first storage error (other reads are cancelled)."""
         try:
             async with asyncio.TaskGroup() as tg:
-                for _ in range(max(1, min(self.settings.concurrency, len(self.plan.reads)))):
+                for _ in range(max(1, self.settings.concurrency)):
                     tg.create_task(self._worker())
         except* CicadaError as eg:
             raise eg.exceptions[0] from None
@@ -171,9 +191,12 @@ class Fetcher:
     async def _worker(self) -> None:
         while True:
             async with self._order:  # admission strictly in plan order
+                while self._next >= len(self.plan.reads):
+                    if self._final:
+                        return
+                    self._more.clear()
+                    await self._more.wait()  # a replan may add reads
                 i = self._next
-                if i >= len(self.plan.reads):
-                    return
                 self._next += 1
                 read = self.plan.reads[i]
                 await self.budget.acquire(read.nbytes)
@@ -191,15 +214,16 @@ class Fetcher:
                 self.scheduler.release()
             await self.budget.landed()
             self.landing.read_landed(i, read)
+            self._landed.add(i)
+            read = self.plan.reads[i]  # the current plan's view of which shards it serves
             for s in read.shards:
                 self._pending_reads[s] -= 1
-                if self._pending_reads[s] == 0:
-                    self.on_landed(s)
+                self._maybe_notify(s)
+            await self._maybe_release(i)
 
     async def shard_applied(self, shard: int) -> None:
         """Called (on the loop) once the executor applied ``shard``: frees its reads' budget."""
-        for r in self.plan.shards[shard].reads:  # the current plan: replan keeps this shard's reads
+        self._applied.add(shard)
+        for r in self.plan.shards[shard].reads:
             self._pending_shards[r] -= 1
-            if self._pending_shards[r] == 0:
-                self.landing.read_released(r, self.plan.reads[r])
-                await self.budget.release(self.plan.reads[r].nbytes)
+            await self._maybe_release(r)

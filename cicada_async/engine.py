@@ -152,9 +152,13 @@ class ModelInstance:
                     return out
             assert self._job is not None
             job = await asyncio.shield(self._job)
-            return await self.engine.executor.run(
-                run_forward, job.model, inputs, torch.device(self.options.device), priority=priority
-            )
+            device = torch.device(self.options.device)
+
+            def joined() -> dict[str, torch.Tensor]:
+                job.check()  # a failed load's model must not compute
+                return run_forward(job.model, inputs, device)
+
+            return await self.engine.executor.run(joined, priority=priority)
         finally:
             self.last_used = time.monotonic()
 

@@ -53,7 +53,8 @@ class Executor:
             jobs, self._jobs = self._jobs, []
             self._cv.notify_all()
         for *_, fut in jobs:
-            fut.set_exception(ExecutorDead("the executor was stopped before this job ran"))
+            if fut.set_running_or_notify_cancel():  # skips jobs whose caller already gave up
+                fut.set_exception(ExecutorDead("the executor was stopped before this job ran"))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         self._thread = None

@@ -27,7 +27,15 @@ from .decoupler import FetchScheduler, Fetcher, FetchSettings
 from .executor import Executor
 from .miniloader import SkeletonIndex, index_skeleton, materialize, skeleton_mode
 from .modeldir import ModelSpec, output_dict, read_model_spec
-from .plan import DEFAULT_READ_BYTES, build_plan, execution_order, reorder
+from .plan import (
+    DEFAULT_READ_BYTES,
+    build_plan,
+    execution_order,
+    file_order_reads,
+    make_plan,
+    planned_modules,
+    shard_groups,
+)
 from .safetensors_header import header_length, parse_header
 from .timeline import Timeline
 
@@ -202,6 +210,12 @@ class LoadJob:
                 self.model.register_forward_pre_hook(gate("<uncalled>", self.uncalled_shards))
             )
 
+    def check(self) -> None:
+        """Raise the load's error, if it failed (executor thread)."""
+        self.executor.run_applies()
+        if self.error is not None:
+            raise self.error
+
     def remove_gates(self) -> None:
         for h in self._hooks:
             h.remove()
@@ -301,6 +315,10 @@ async def cold_start(
 ) -> tuple[nn.Module, dict[str, torch.Tensor] | BaseException | None, LoadJob]:
     """Load a model through the pipeline; with ``inputs``, compute while it loads.
 
+    Fetching starts as soon as the safetensors headers are known, in file order, while the
+    skeleton is built (which may first import transformers); the plan then re-orders the reads
+    not yet admitted by the registration order, and the dry forward by execution order.
+
     Returns the loaded model, the outputs of the gated forward (None without inputs; the
     exception when only that forward failed, e.g. on bad inputs, since the load itself is fine)
     and the job (with the timeline and plan). On a load failure nothing half-loaded is kept and
@@ -312,10 +330,21 @@ async def cold_start(
     timeline = timeline or Timeline()
     loop = asyncio.get_running_loop()
     alignment = max(getattr(backend, "alignment", 1), 1)
-    spec, model, index, plan, hdrs = await prepare(
-        backend, executor, options, timeline, alignment=alignment, cached_plan=cached_plan,
-        dry_run=False,
-    )
+    with timeline.stage("spec"):
+        spec = await read_model_spec(backend)
+
+    def skeleton() -> nn.Module:
+        with timeline.stage("skeleton"):
+            return build_skeleton(spec, options.dtype)
+
+    skeleton_fut = asyncio.ensure_future(executor.run(skeleton, priority=-1))
+    try:
+        with timeline.stage("headers"):
+            hs = await asyncio.gather(*(read_header(backend, k) for k in spec.weight_files))
+    except BaseException:
+        skeleton_fut.cancel()
+        raise
+    hdrs = {h.key: h for h in hs}
     tensors = all_tensors(hdrs)
     file_sizes = {k: h.size for k, h in hdrs.items()}
     landing = landing_for(
@@ -323,55 +352,76 @@ async def cold_start(
         pool_bytes=fetch.queue_bytes, post=executor.post_apply, staging=options.staging,
     )
     applied_q: asyncio.Queue[int] = asyncio.Queue()
-    job = LoadJob(spec, model, index, plan, tensors, landing, options, executor, timeline, loop,
-                  applied_q.put_nowait)
-    if on_prepared is not None:
-        on_prepared(job)
-
+    job: LoadJob | None = None
     held: list[int] = []
 
     def landed(i: int) -> None:
+        assert job is not None  # shards exist only once the job does
         if shard_order is None:
             job.shard_landed(i)
             return
         held.append(i)
-        if len(held) == len(plan.shards):
+        if len(held) == len(job.plan.shards):
             for j in shard_order(list(held)):
                 job.shard_landed(j)
 
-    fetcher = Fetcher(plan, backend, hdrs, landing, settings=fetch, scheduler=scheduler,
+    prefetch = Plan((), (), tuple(file_order_reads(hdrs, read_bytes=options.read_bytes, alignment=alignment)),
+                    "file", ())
+    fetcher = Fetcher(prefetch, backend, hdrs, landing, settings=fetch, scheduler=scheduler,
                       priority=priority, on_landed=landed, timeline=timeline)
 
+    def plan_for(groups: list[tuple[str, list[str]]], modules: list[str], source: str,
+                 uncalled: list[str]) -> Plan:
+        pos = {m: i for i, m in enumerate(modules)}
+        order = sorted(range(len(groups)), key=lambda i: (pos.get(groups[i][0], len(pos)), i))
+        return make_plan(
+            groups, fetcher.plan.reads[: fetcher.admitted], tensors, file_sizes,
+            read_bytes=options.read_bytes, alignment=alignment, modules=modules, source=source,
+            uncalled=uncalled, shard_order=order,
+        )
+
     async def release_budget() -> None:
-        for _ in range(len(plan.shards)):
-            i = await applied_q.get()
-            await fetcher.shard_applied(i)
-
-    async def dry_run() -> None:
-        # Runs on the executor while the first reads are on the wire (it would idle anyway
-        # until the first shard lands), then re-plans the reads not yet admitted.
-        planned = [n for n, _ in model.named_modules() if index.module_slots.get(n)]
-
-        def order() -> tuple[list[str], str, list[str]]:
-            with timeline.stage("dry-run"):
-                return execution_order(model, spec, planned)
-
-        modules, source, uncalled = await executor.run(order, priority=-1)
-        if "" in {s.module for s in plan.shards}:
-            uncalled = [*uncalled, ""]
-        new = reorder(fetcher.plan, modules, fetcher.admitted, tensors, file_sizes,
-                      read_bytes=options.read_bytes, alignment=alignment, source=source, uncalled=uncalled)
-        fetcher.replan(new)
-        job.set_plan(new)
+        while True:
+            await fetcher.shard_applied(await applied_q.get())
 
     outputs: dict[str, torch.Tensor] | BaseException | None = None
     try:
         async with asyncio.TaskGroup() as tg:
-            fetch_task = tg.create_task(_fetch_or_fail(fetcher, job, timeline))
-            tg.create_task(release_budget())
+            fetch_task = tg.create_task(_fetch_or_fail(fetcher, lambda: job, timeline))
+            releaser = tg.create_task(release_budget())
+            model = await skeleton_fut
+
+            def planning() -> tuple[SkeletonIndex, list[tuple[str, list[str]]], list[str]]:
+                with timeline.stage("plan"):
+                    index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
+                    modules = (list(cached_plan.modules) if cached_plan is not None
+                               else planned_modules(model, index))
+                    return index, shard_groups(model, index, tensors, modules), modules
+
+            index, groups, modules = await executor.run(planning, priority=-1)
+            if cached_plan is not None:
+                plan = plan_for(groups, modules, cached_plan.order_source, list(cached_plan.uncalled))
+            else:
+                plan = plan_for(groups, modules, "registration", [])
+            job = LoadJob(spec, model, index, plan, tensors, landing, options, executor, timeline,
+                          loop, applied_q.put_nowait)
+            await fetcher.replan(plan, final=cached_plan is not None)
             if cached_plan is None:
-                await dry_run()
+                # The dry forward runs on the executor while reads are on the wire (the
+                # executor would idle until the first shard lands anyway).
+                def order() -> tuple[list[str], str, list[str]]:
+                    with timeline.stage("dry-run"):
+                        return execution_order(model, spec, modules)
+
+                exec_modules, source, uncalled = await executor.run(order, priority=-1)
+                if groups and groups[-1][0] == "":
+                    uncalled = [*uncalled, ""]
+                plan = plan_for(groups, exec_modules, source, uncalled)
+                job.set_plan(plan)
+                await fetcher.replan(plan, final=True)
             job.install_gates()
+            if on_prepared is not None:
+                on_prepared(job)  # from here on, other forwards may join (the gates hold them)
             if inputs is not None:
                 def gated() -> dict[str, torch.Tensor]:
                     with timeline.stage("forward"):
@@ -385,26 +435,34 @@ async def cold_start(
                     outputs = e  # this request's inputs were bad; the load goes on
             await fetch_task
             await executor.run(job.wait_all, priority=-1)
+            releaser.cancel()
     except* CicadaError as eg:
-        job.fail(eg.exceptions[0])
+        if job is not None:
+            job.fail(eg.exceptions[0])
         raise eg.exceptions[0] from None
     except* BaseException as eg:
         err = eg.exceptions[0]
-        job.fail(err if isinstance(err, Exception) else LoadError("load cancelled"))
+        if job is not None:
+            job.fail(err if isinstance(err, Exception) else LoadError("load cancelled"))
         raise
     finally:
-        # Gates come off on the executor thread, between forwards.
-        if executor.alive:
-            await executor.run(job.remove_gates, priority=-1)
+        if not skeleton_fut.done():
+            skeleton_fut.cancel()
         await landing.aclose()
+    # Gates come off on the executor thread, between forwards, and only after a successful
+    # load: after a failure they stay, so a forward that joined the load meets the load's
+    # error at its first gate instead of computing on a half-loaded model.
+    await executor.run(job.remove_gates, priority=-1)
     return model, outputs, job
 
 
-async def _fetch_or_fail(fetcher: Fetcher, job: LoadJob, timeline: Timeline) -> None:
+async def _fetch_or_fail(fetcher: Fetcher, job: Callable[[], LoadJob | None], timeline: Timeline) -> None:
     try:
         with timeline.stage("fetch"):
             await fetcher.run()
     except BaseException as e:
         # Wake a forward blocked in a gate: it must fail with this error, not hang.
-        job.fail(e if isinstance(e, Exception) else LoadError("load cancelled"))
+        j = job()
+        if j is not None:
+            j.fail(e if isinstance(e, Exception) else LoadError("load cancelled"))
         raise

@@ -83,6 +83,29 @@ def execution_order(
     return list(seen) + uncalled, source, uncalled if seen else []
 
 
+def shard_groups(
+    model: nn.Module, index: SkeletonIndex, tensors: Mapping[str, TensorEntry], order: Sequence[str]
+) -> list[tuple[str, list[str]]]:
+    """(module, checkpoint names) per shard: each tensor goes to the first module in ``order``
+    that holds it (a tied tensor to its first user); tensors held by no planned module last."""
+    taken: set[str] = set()
+    groups: list[tuple[str, list[str]]] = []
+    for mname in order:
+        names = [t for t in index.module_slots.get(mname, []) if t not in taken]
+        if names:
+            taken.update(names)
+            groups.append((mname, sorted(names, key=lambda t: (tensors[t].file, tensors[t].start))))
+    rest = sorted(set(index.slots) - taken)
+    if rest:
+        groups.append(("", rest))
+    return groups
+
+
+def planned_modules(model: nn.Module, index: SkeletonIndex) -> list[str]:
+    """Modules that own checkpoint tensors, in registration order."""
+    return [n for n, _ in model.named_modules() if index.module_slots.get(n)]
+
+
 def build_plan(
     model: nn.Module,
     spec: ModelSpec,
@@ -94,77 +117,140 @@ def build_plan(
     alignment: int = 1,
     order: list[str] | None = None,
 ) -> Plan:
-    """Shards in execution order and the reads that fetch them."""
-    planned = [m for m in (n for n, _ in model.named_modules()) if index.module_slots.get(m)]
+    """Shards in execution order and the reads that fetch them (``cicada plan``)."""
+    planned = planned_modules(model, index)
     uncalled: list[str] = []
     if order is None:
         order, source, uncalled = execution_order(model, spec, planned)
     else:
         source = "given"
-    taken: set[str] = set()
-    groups: list[tuple[str, list[str]]] = []
-    for mname in order:
-        names = [t for t in index.module_slots.get(mname, []) if t not in taken]
-        if names:
-            taken.update(names)
-            groups.append((mname, sorted(names, key=lambda t: (tensors[t].file, tensors[t].start))))
-    rest = sorted(set(index.slots) - taken)
-    if rest:  # owned by no planned module: fetch them last
-        groups.append(("", rest))
-
-    reads, shard_reads = plan_reads(
-        list(enumerate(names for _, names in groups)), tensors, file_sizes,
-        read_bytes=read_bytes, alignment=alignment,
-    )
-    shards = tuple(
-        Shard(i, mname, tuple(names), tuple(shard_reads.get(i, ())), sum(tensors[t].nbytes for t in names))
-        for i, (mname, names) in enumerate(groups)
-    )
-    if rest:
+    groups = shard_groups(model, index, tensors, order)
+    if groups and groups[-1][0] == "":
         uncalled.append("")
-    return Plan(
-        modules=tuple(order), shards=shards, reads=tuple(reads), order_source=source,
-        uncalled=tuple(uncalled),
-    )
+    return make_plan(groups, (), tensors, file_sizes, read_bytes=read_bytes, alignment=alignment,
+                     modules=order, source=source, uncalled=uncalled)
 
 
-def plan_reads(
-    groups: list[tuple[int, Sequence[str]]],
+def make_plan(
+    groups: Sequence[tuple[str, Sequence[str]]],
+    prefix: Sequence[ReadRange],
     tensors: Mapping[str, TensorEntry],
     file_sizes: Mapping[str, int],
     *,
     read_bytes: int,
     alignment: int,
-    first: int = 0,
-) -> tuple[list[ReadRange], dict[int, list[int]]]:
-    """Coalesced reads for shards in the given order; read indices start at ``first``.
+    modules: Sequence[str],
+    source: str,
+    uncalled: Sequence[str],
+    shard_order: Sequence[int] | None = None,
+) -> Plan:
+    """A plan for shards ``groups`` (index = position) whose first reads are ``prefix``.
 
-    Consecutive shards are grouped into windows of about ``read_bytes``; within a window the
-    byte ranges are merged (small gaps included) and split into aligned pieces, so a layer's
-    small tensors cost one request and a large tensor several, none much above ``read_bytes``.
+    ``prefix`` holds reads already issued (their byte ranges are kept; which shards they serve
+    is recomputed). New reads cover only bytes the prefix does not, for shards in
+    ``shard_order`` (default: as given). A shard depends on every read overlapping its tensors.
     """
+    prefix_ranges = [(r.file, r.start, r.end) for r in prefix]
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for f, lo, hi in prefix_ranges:
+        covered.setdefault(f, []).append((lo, hi))
+    for spans in covered.values():
+        spans.sort()
+    order = list(shard_order) if shard_order is not None else list(range(len(groups)))
+    uncovered: list[tuple[int, list[tuple[str, int, int]]]] = []
+    for i in order:
+        parts: list[tuple[str, int, int]] = []
+        for t in groups[i][1]:
+            e = tensors[t]
+            parts += [(e.file, lo, hi) for lo, hi in _subtract(e.start, e.end, covered.get(e.file, []))]
+        uncovered.append((i, parts))
+    new = _coalesce(uncovered, file_sizes, read_bytes=read_bytes, alignment=alignment)
+    ranges = prefix_ranges + new
+    # Which shards each read serves: overlap with any of the shard's tensors.
+    by_file: dict[str, list[tuple[int, int, int]]] = {}
+    for i, (_, names) in enumerate(groups):
+        for t in names:
+            e = tensors[t]
+            by_file.setdefault(e.file, []).append((e.start, e.end, i))
+    for lst in by_file.values():
+        lst.sort()
     reads: list[ReadRange] = []
     shard_reads: dict[int, list[int]] = {}
-    names_of = dict(groups)
-    window: list[int] = []
-    window_bytes = 0
+    for r, (f, lo, hi) in enumerate(ranges):
+        served = sorted({i for a, b, i in _overlapping(by_file.get(f, []), lo, hi)})
+        for i in served:
+            shard_reads.setdefault(i, []).append(r)
+        reads.append(ReadRange(f, lo, hi, tuple(served)))
+    shards = tuple(
+        Shard(i, m, tuple(names), tuple(shard_reads.get(i, ())), sum(tensors[t].nbytes for t in names))
+        for i, (m, names) in enumerate(groups)
+    )
+    return Plan(tuple(modules), shards, tuple(reads), source, tuple(uncalled))
+
+
+def _subtract(lo: int, hi: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[lo, hi) minus the sorted spans."""
+    out = []
+    pos = lo
+    for a, b in spans:
+        if b <= pos:
+            continue
+        if a >= hi:
+            break
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+        if pos >= hi:
+            break
+    if pos < hi:
+        out.append((pos, hi))
+    return out
+
+
+def _overlapping(spans: list[tuple[int, int, int]], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    import bisect
+
+    # spans sorted by start and non-overlapping (tensors tile the file): scan from the one
+    # that starts before lo.
+    k = max(0, bisect.bisect_right(spans, (lo, float("inf"), 0)) - 1)
+    out = []
+    while k < len(spans) and spans[k][0] < hi:
+        if spans[k][1] > lo:
+            out.append(spans[k])
+        k += 1
+    return out
+
+
+def _coalesce(
+    shards: list[tuple[int, list[tuple[str, int, int]]]],
+    file_sizes: Mapping[str, int],
+    *,
+    read_bytes: int,
+    alignment: int,
+) -> list[tuple[str, int, int]]:
+    """Reads for shards in order: consecutive shards are grouped into windows of about
+    ``read_bytes``; within a window byte ranges are merged (small gaps included) and split into
+    aligned pieces, so a layer's small tensors cost one request and a large tensor several."""
+    out: list[tuple[str, int, int]] = []
     step = max(alignment, read_bytes - read_bytes % alignment)
+    window: list[tuple[int, list[tuple[str, int, int]]]] = []
+    window_bytes = 0
 
     def flush() -> None:
         nonlocal window_bytes
-        if not window:
-            return
-        spans = sorted((tensors[t].file, tensors[t].start, tensors[t].end, s) for s in window for t in names_of[s])
-        merged: list[list[Any]] = []  # [file, start, end, set(shards)]
-        for f, a, b, s in spans:
+        rank: dict[tuple[str, int, int], int] = {}
+        for w, (_, parts) in enumerate(window):
+            for p in parts:
+                rank.setdefault(p, w)
+        merged: list[list[Any]] = []  # [file, start, end, first window rank]
+        for f, a, b in sorted(rank):
             if merged and merged[-1][0] == f and a - merged[-1][2] <= MAX_GAP_BYTES:
                 merged[-1][2] = max(merged[-1][2], b)
-                merged[-1][3].add(s)
+                merged[-1][3] = min(merged[-1][3], rank[(f, a, b)])
             else:
-                merged.append([f, a, b, {s}])
-        rank = {s: i for i, s in enumerate(window)}
+                merged.append([f, a, b, rank[(f, a, b)]])
         pieces = []
-        for f, a, b, shards in merged:
+        for f, a, b, first in merged:
             a -= a % alignment
             b = min(file_sizes[f], -(-b // alignment) * alignment)
             lo = a
@@ -172,70 +258,42 @@ def plan_reads(
                 hi = min(b, lo + step)
                 if b - hi < step // 4:  # no runt piece at the end
                     hi = b
-                served = tuple(sorted(
-                    (s for s in shards if any(
-                        tensors[t].file == f and tensors[t].start < hi and tensors[t].end > lo
-                        for t in names_of[s])),
-                    key=rank.__getitem__,
-                ))
-                pieces.append((rank[served[0]] if served else 0, f, lo, hi, served))
+                pieces.append((first, f, lo, hi))
                 lo = hi
-        # Within a window, fetch what the earliest shard needs first.
-        for _, f, lo, hi, served in sorted(pieces, key=lambda p: (p[0], p[1], p[2])):
-            for s in served:
-                shard_reads.setdefault(s, []).append(first + len(reads))
-            reads.append(ReadRange(f, lo, hi, served))
+        # Within a window, what the earliest shard needs goes first.
+        out.extend((f, lo, hi) for _, f, lo, hi in sorted(pieces))
         window.clear()
         window_bytes = 0
 
-    for i, names in groups:
-        nbytes = sum(tensors[t].nbytes for t in names)
+    for i, parts in shards:
+        nbytes = sum(b - a for _, a, b in parts)
+        if not parts:
+            continue
         if window and window_bytes + nbytes > read_bytes:
             flush()
-        window.append(i)
+        window.append((i, parts))
         window_bytes += nbytes
-    flush()
-    return reads, shard_reads
+    if window:
+        flush()
+    return out
 
 
-def reorder(
-    plan: Plan,
-    order: Sequence[str],
-    admitted: int,
-    tensors: Mapping[str, TensorEntry],
-    file_sizes: Mapping[str, int],
-    *,
-    read_bytes: int,
-    alignment: int,
-    source: str,
-    uncalled: Sequence[str],
-) -> Plan:
-    """The same shards with reads not yet admitted re-planned in ``order``.
-
-    Reads up to the end of every window already started are kept as they are, so a shard is
-    always fetched by the reads of one plan.
-    """
-    keep = admitted
-    while True:
-        touched = {s for r in plan.reads[:keep] for s in r.shards}
-        need = max((max(plan.shards[s].reads) + 1 for s in touched if plan.shards[s].reads), default=0)
-        if need <= keep:
-            break
-        keep = need
-    pos = {m: i for i, m in enumerate(order)}
-    remaining = sorted(
-        (s for s in plan.shards if s.index not in touched),
-        key=lambda s: (pos.get(s.module, len(pos)), s.index),
-    )
-    reads, shard_reads = plan_reads(
-        [(s.index, s.tensors) for s in remaining], tensors, file_sizes,
-        read_bytes=read_bytes, alignment=alignment, first=keep,
-    )
-    shards = tuple(
-        s if s.index in touched else replace(s, reads=tuple(shard_reads.get(s.index, ())))
-        for s in plan.shards
-    )
-    return Plan(tuple(order), shards, plan.reads[:keep] + tuple(reads), source, tuple(uncalled))
+def file_order_reads(
+    headers: Mapping[str, Any], *, read_bytes: int, alignment: int
+) -> list[ReadRange]:
+    """Every file's tensor data in file order, before anything is known of the model."""
+    step = max(alignment, read_bytes - read_bytes % alignment)
+    reads = []
+    for key in sorted(headers):
+        h = headers[key]
+        lo = h.data_offset - h.data_offset % alignment
+        while lo < h.size:
+            hi = min(h.size, lo + step)
+            if h.size - hi < step // 4:
+                hi = h.size
+            reads.append(ReadRange(key, lo, hi, ()))
+            lo = hi
+    return reads
 
 
 def format_plan(plan: Plan) -> str:

@@ -56,6 +56,7 @@ SCHED_KEY = web.AppKey("scheduler", Scheduler)
 STATE_KEY = web.AppKey("state", dict)
 ENGINE_KEY = web.AppKey("engine", object)
 BUDGET_KEY = web.AppKey("body_budget", "BodyBudget")
+TOKENS_KEY = web.AppKey("tokens", auth.TokenSet)
 
 
 class BodyBudget:
@@ -323,8 +324,13 @@ def precheck(request: web.Request) -> None:
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     """``Expect: 100-continue``: answer the refusal instead of inviting a body we would drop.
 
-    aiohttp runs this before middlewares; a returned response is final.
+    aiohttp runs this before middlewares (so auth is checked here too, lest an unauthenticated
+    caller learn which models exist); a returned response is final.
     """
+    denied = auth.refusal(request, request.app[CONFIG_KEY].server.auth, request.app[TOKENS_KEY])
+    if denied is not None:
+        denied.force_close()
+        return denied
     try:
         precheck(request)
     except (CicadaError, web.HTTPException) as e:
@@ -432,7 +438,9 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
               options: Callable[[ModelConfig], Any] | None = None) -> web.Application:
     """The aiohttp application; ``engine_factory`` and ``options`` let tests swap the engine."""
     # Auth runs first: an unauthenticated request touches no handler and no body byte.
-    app = web.Application(middlewares=[auth.middleware(config.server.auth), errors_middleware])
+    auth_mw = auth.middleware(config.server.auth)
+    app = web.Application(middlewares=[auth_mw, errors_middleware])
+    app[TOKENS_KEY] = auth_mw.tokens  # type: ignore[attr-defined]
     metrics_ = Metrics()
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = metrics_

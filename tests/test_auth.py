@@ -166,3 +166,20 @@ async def test_tokens_never_logged(server: LiveServer, caplog: pytest.LogCapture
     text = "\n".join(r.getMessage() + str(r.__dict__) for r in caplog.records)
     for token in (INF, ADM, "wrong-secret-value"):
         assert token not in text
+
+
+async def test_expect_continue_checks_the_token_first(server: LiveServer) -> None:
+    import asyncio
+
+    for headers, want in [("", b" 401 "), (f"Authorization: Bearer {ADM}\r\n", b" 403 "),
+                          (f"Authorization: Bearer {INF}\r\n", b" 100 ")]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write((f"POST /v2/models/nope/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n{headers}"
+                          "Expect: 100-continue\r\n\r\n").encode())
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 5)
+        finally:
+            writer.close()
+        # Without a valid token nobody learns whether model 'nope' exists (404 vs 100).
+        assert want in line or (want == b" 100 " and b" 404 " in line), (headers, line)

@@ -315,11 +315,6 @@ async def test_failure_during_gated_forward_then_retry(model_dirs: dict[str, Pat
     assert_equal_outputs(retry, expected_outputs(model_dirs["tiny-llama"]))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "engine bug: a request that joined a load (ModelInstance.infer awaits self._job, resolved at "
-    "on_prepared) runs its forward after the load failed and cold_start removed the gates "
-    "(remove_gates is queued at priority -1, ahead of the joined forward): it gets "
-    "InferenceError('Tensor.item() cannot be called on meta tensors') instead of the load's error"))
 async def test_joined_request_gets_the_load_error(model_dirs: dict[str, Path], publish: Any,
                                                   fault_proxy_factory: Any,
                                                   request: pytest.FixtureRequest) -> None:
