@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import errno
+import mmap
 import os
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -21,9 +25,58 @@ _preadv = aiofiles.os.wrap(os.preadv)  # runs in the loop's default executor, of
 
 
 def _addr(buf: memoryview) -> int:
-    import ctypes
-
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _addr_of(mapping: mmap.mmap) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+
+_MADV_POPULATE_READ = 22  # Linux 5.14+
+_libc: ctypes.CDLL | None = None
+
+
+def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            return None
+    fn = getattr(_libc, "madvise", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    return fn
+
+
+def _populate_call(addr: int, length: int) -> int:
+    # ctypes releases the GIL around the call, so the loop runs while the kernel reads.
+    fn = _madvise()
+    if fn is None:
+        return errno.ENOSYS
+    return 0 if fn(addr, length, _MADV_POPULATE_READ) == 0 else ctypes.get_errno()
+
+
+async def _populate(addr: int, length: int) -> int:
+    return await asyncio.to_thread(_populate_call, addr, length)
+
+
+_populate_ok: bool | None = None
+
+
+def _populate_supported() -> bool:
+    global _populate_ok
+    if _populate_ok is None:
+        if not sys.platform.startswith("linux"):
+            _populate_ok = False
+        else:
+            m = mmap.mmap(-1, mmap.PAGESIZE)
+            try:
+                _populate_ok = _populate_call(_addr_of(m), mmap.PAGESIZE) == 0
+            finally:
+                m.close()
+    return _populate_ok
 
 
 class LocalBackend:
@@ -125,6 +178,33 @@ class LocalBackend:
             # old bytes consistently; only an in-place rewrite can change what we read.
             if self._version(os.fstat(fd)) != version:
                 raise ObjectChanged(f"{self.root / key} changed while it was being read")
+
+    def map_file(self, key: str, size: int) -> mmap.mmap:
+        """A private (copy-on-write) mapping of the file: tensors can view the page cache.
+
+        Raises StorageError where the kernel cannot populate mappings (before Linux 5.14).
+        """
+        if not _populate_supported():
+            raise StorageError("MADV_POPULATE_READ is not supported by this kernel")
+        fd = self._fd(key, False)
+        if os.fstat(fd).st_size != size:
+            raise ObjectChanged(f"{self.root / key} changed size since its header was read")
+        return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+    async def populate(
+        self, key: str, mapping: mmap.mmap, offset: int, length: int, *, version: str | None = None
+    ) -> None:
+        """Read [offset, offset + length) of the mapped file into the page cache and map it.
+
+        The kernel reads straight into page-cache pages that the mapping then points at: no
+        copy and no zeroing of fresh memory, so the CPU stays free for compute.
+        """
+        lo = offset - offset % mmap.PAGESIZE
+        err = await _populate(_addr_of(mapping) + lo, length + offset - lo)
+        if err:
+            raise StorageError(f"reading {self.root / key} at {offset}: {os.strerror(err)}")
+        if version is not None and self._version(os.fstat(self._fd(key, False))) != version:
+            raise ObjectChanged(f"{self.root / key} changed while it was being read")
 
     async def aclose(self) -> None:
         fds, self._fds = self._fds, {}

@@ -200,14 +200,11 @@ class Fetcher:
                 self._next += 1
                 read = self.plan.reads[i]
                 await self.budget.acquire(read.nbytes)
-            buf = await self.landing.buffer_for(i, read)
             await self.scheduler.acquire(self.priority())
             try:
                 start = self.timeline.now()
                 async with asyncio.timeout(self.settings.read_timeout_s):
-                    await self.backend.read_into(
-                        read.file, read.start, buf, version=self.headers[read.file].version
-                    )
+                    await self.landing.fill(i, read, self.backend, self.headers[read.file].version)
                 self.timeline.add("fetch", f"read {i}", start, nbytes=read.nbytes)
                 self.bytes_read += read.nbytes
             finally:

@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 import asyncio
+import mmap
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from protocols.errors import StorageError
 from protocols.manifest import FileHeader, Plan, ReadRange, TensorEntry
+from protocols.storage import StorageBackend
 
 from .arena import PAGE, Arena
 from .miniloader import tensor_from_bytes
@@ -22,8 +25,8 @@ from .plan import MAX_GAP_BYTES
 
 
 class Landing(Protocol):
-    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
-        """The memory read ``r`` writes into (may wait until the pool has room)."""
+    async def fill(self, r: int, read: ReadRange, backend: StorageBackend, version: str | None) -> None:
+        """Fetch read ``r``'s bytes from ``backend`` to where they land."""
         ...
 
     def read_landed(self, r: int, read: ReadRange) -> None:
@@ -46,13 +49,83 @@ class Landing(Protocol):
         ...
 
 
-class ArenaLanding:
+class _Converted:
+    """Byte ranges of tensors that were copied (converted) rather than viewed.
+
+    Only those ranges may be given back once applied: every tensor belongs to one shard, so
+    after its conversion nobody needs its source bytes, while bytes that a tensor views, or
+    that a shard not yet applied needs, lie outside them.
+    """
+
+    def __init__(self, headers: dict[str, FileHeader]) -> None:
+        self.spans: dict[str, list[tuple[int, int]]] = {k: [] for k in headers}
+
+    def note(self, entry: TensorEntry, t: torch.Tensor, raw: torch.Tensor) -> None:
+        if t.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
+            self.spans[entry.file].append((entry.start, entry.end))
+
+    def within(self, read: ReadRange) -> list[tuple[int, int]]:
+        return [
+            (max(a, read.start), min(b, read.end))
+            for a, b in self.spans[read.file]
+            if a < read.end and b > read.start
+        ]
+
+
+class _BufferFill:
+    """Landings that hand the backend a buffer to fill."""
+
+    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+        raise NotImplementedError
+
+    async def fill(self, r: int, read: ReadRange, backend: StorageBackend, version: str | None) -> None:
+        buf = await self.buffer_for(r, read)
+        await backend.read_into(read.file, read.start, buf, version=version)
+
+
+class MappedLanding:
+    """Local files mapped into memory; a read asks the kernel to populate a range of the
+    mapping, so bytes go from disk into page-cache pages that the tensors view directly."""
+
+    def __init__(self, headers: dict[str, FileHeader], backend: Any, dtype: torch.dtype | None) -> None:
+        self.maps = {k: backend.map_file(k, h.size) for k, h in headers.items()}
+        self.views = {k: torch.frombuffer(m, dtype=torch.uint8) for k, m in self.maps.items()}
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+        self._converted = _Converted(headers)
+
+    async def fill(self, r: int, read: ReadRange, backend: Any, version: str | None) -> None:
+        await backend.populate(read.file, self.maps[read.file], read.start, read.nbytes, version=version)
+
+    def read_landed(self, r: int, read: ReadRange) -> None:
+        return None
+
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+        raw = self.views[entry.file][entry.start : entry.end]
+        t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        self._converted.note(entry, t, raw)
+        return t
+
+    def shard_done(self) -> None:
+        return None
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        for lo, hi in self._converted.within(read):
+            lo = -(-lo // PAGE) * PAGE
+            hi -= hi % PAGE
+            if hi > lo:  # unmapped pages stay in the page cache; RSS drops
+                self.maps[read.file].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ArenaLanding(_BufferFill):
     def __init__(self, headers: dict[str, FileHeader], dtype: torch.dtype | None) -> None:
         self.arenas = {k: Arena(h.size) for k, h in headers.items()}
         self.dtype = dtype
         self.device = torch.device("cpu")
-        # Byte ranges that tensors still view (not converted): never released.
-        self._views: dict[str, list[tuple[int, int]]] = {k: [] for k in headers}
+        self._converted = _Converted(headers)
 
     async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
         return self.arenas[read.file].buffer(read.start, read.end)
@@ -63,28 +136,21 @@ class ArenaLanding:
     def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
         raw = self.arenas[entry.file].bytes_tensor(entry.start, entry.end)
         t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
-        if t.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
-            self._views[entry.file].append((entry.start, entry.end))
+        self._converted.note(entry, t, raw)
         return t
 
     def shard_done(self) -> None:
         return None
 
     def read_released(self, r: int, read: ReadRange) -> None:
-        if self.dtype is None:
-            return
-        lo, hi = read.start + PAGE, read.end - PAGE
-        if any(a < hi and b > lo for a, b in self._views[read.file]):
-            return
-        # Converted copies hold the values now. Keep one page at each end, which a
-        # neighbouring read may share.
-        self.arenas[read.file].release(lo, hi)
+        for lo, hi in self._converted.within(read):
+            self.arenas[read.file].release(lo, hi)
 
     async def aclose(self) -> None:
         return None
 
 
-class StagingLanding:
+class StagingLanding(_BufferFill):
     """Reads land in a bounded pool of reused host slabs and are copied to the device at once.
 
     Each landed read is copied into a file-shaped buffer on the device on a dedicated stream
@@ -198,9 +264,15 @@ def landing_for(
     pool_bytes: int,
     post: Callable[[Callable[[], None]], None],
     staging: bool = False,
+    mapped_backend: Any = None,
 ) -> Landing:
     """Arenas for the CPU; pinned staging slabs for CUDA (or on request, to test that path)."""
     if device.type == "cpu" and not staging:
+        if mapped_backend is not None:
+            try:
+                return MappedLanding(headers, mapped_backend, dtype)
+            except StorageError:
+                pass  # no populate support: read into arenas instead
         return ArenaLanding(headers, dtype)
     # A read is at most 1.25 read sizes (no runt pieces) plus alignment at both ends.
     slab = read_bytes + read_bytes // 4 + 2 * alignment + MAX_GAP_BYTES

@@ -51,6 +51,9 @@ class LoadOptions:
     # Use the staging path (pinned slabs, device-side assembly) even on the CPU: for tests of
     # the CUDA path on machines without a GPU.
     staging: bool = False
+    # Local files: map them and let the kernel read into the page cache that tensors view
+    # (no copy, no zeroing). False reads into anonymous arenas with O_DIRECT instead.
+    mapped: bool = True
 
 
 async def read_header(backend: StorageBackend, key: str) -> FileHeader:
@@ -350,6 +353,7 @@ async def cold_start(
     landing = landing_for(
         hdrs, options.device, options.dtype, read_bytes=options.read_bytes, alignment=alignment,
         pool_bytes=fetch.queue_bytes, post=executor.post_apply, staging=options.staging,
+        mapped_backend=backend if options.mapped and hasattr(backend, "map_file") else None,
     )
     applied_q: asyncio.Queue[int] = asyncio.Queue()
     job: LoadJob | None = None

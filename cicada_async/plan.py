@@ -165,8 +165,9 @@ def make_plan(
             parts += [(e.file, lo, hi) for lo, hi in _subtract(e.start, e.end, covered.get(e.file, []))]
         uncovered.append((i, parts))
     new = _coalesce(uncovered, file_sizes, read_bytes=read_bytes, alignment=alignment)
-    ranges = prefix_ranges + new
-    # Which shards each read serves: overlap with any of the shard's tensors.
+    # A shard depends on the prefix reads that hold some of its bytes and on the new reads
+    # made for it; another window's read that touches its bytes only through alignment
+    # rounding is not a dependency (those bytes arrive with the shard's own reads too).
     by_file: dict[str, list[tuple[int, int, int]]] = {}
     for i, (_, names) in enumerate(groups):
         for t in names:
@@ -176,10 +177,15 @@ def make_plan(
         lst.sort()
     reads: list[ReadRange] = []
     shard_reads: dict[int, list[int]] = {}
-    for r, (f, lo, hi) in enumerate(ranges):
-        served = sorted({i for a, b, i in _overlapping(by_file.get(f, []), lo, hi)})
+    for r, (f, lo, hi) in enumerate(prefix_ranges):
+        served = sorted({i for _, _, i in _overlapping(by_file.get(f, []), lo, hi)})
         for i in served:
             shard_reads.setdefault(i, []).append(r)
+        reads.append(ReadRange(f, lo, hi, tuple(served)))
+    for f, lo, hi, served_set in new:
+        served = sorted(served_set)
+        for i in served:
+            shard_reads.setdefault(i, []).append(len(reads))
         reads.append(ReadRange(f, lo, hi, tuple(served)))
     shards = tuple(
         Shard(i, m, tuple(names), tuple(shard_reads.get(i, ())), sum(tensors[t].nbytes for t in names))
@@ -227,11 +233,11 @@ def _coalesce(
     *,
     read_bytes: int,
     alignment: int,
-) -> list[tuple[str, int, int]]:
+) -> list[tuple[str, int, int, set[int]]]:
     """Reads for shards in order: consecutive shards are grouped into windows of about
     ``read_bytes``; within a window byte ranges are merged (small gaps included) and split into
     aligned pieces, so a layer's small tensors cost one request and a large tensor several."""
-    out: list[tuple[str, int, int]] = []
+    out: list[tuple[str, int, int, set[int]]] = []
     step = max(alignment, read_bytes - read_bytes % alignment)
     window: list[tuple[int, list[tuple[str, int, int]]]] = []
     window_bytes = 0
@@ -239,9 +245,11 @@ def _coalesce(
     def flush() -> None:
         nonlocal window_bytes
         rank: dict[tuple[str, int, int], int] = {}
-        for w, (_, parts) in enumerate(window):
+        owner: dict[tuple[str, int, int], int] = {}
+        for w, (shard, parts) in enumerate(window):
             for p in parts:
                 rank.setdefault(p, w)
+                owner.setdefault(p, shard)
         merged: list[list[Any]] = []  # [file, start, end, first window rank]
         for f, a, b in sorted(rank):
             if merged and merged[-1][0] == f and a - merged[-1][2] <= MAX_GAP_BYTES:
@@ -258,10 +266,11 @@ def _coalesce(
                 hi = min(b, lo + step)
                 if b - hi < step // 4:  # no runt piece at the end
                     hi = b
-                pieces.append((first, f, lo, hi))
+                served = {owner[p] for p in owner if p[0] == f and p[1] < hi and p[2] > lo}
+                pieces.append((first, f, lo, hi, served))
                 lo = hi
         # Within a window, what the earliest shard needs goes first.
-        out.extend((f, lo, hi) for _, f, lo, hi in sorted(pieces))
+        out.extend((f, lo, hi, served) for _, f, lo, hi, served in sorted(pieces, key=lambda p: p[:4]))
         window.clear()
         window_bytes = 0
 

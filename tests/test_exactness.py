@@ -28,6 +28,29 @@ async def test_cicada_equals_eager(model_dirs, name):
     assert_equal_outputs(ref, out)
 
 
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "tiny-resnet", "tiny-llama", "tiny-gpt2-sharded"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+async def test_arena_path_equals_eager(model_dirs, name, dtype):
+    """Local files read with O_DIRECT into anonymous arenas (mapped=False) give the same."""
+    from cicada_async.pipeline import LoadOptions
+
+    if dtype is not None and name == "tiny-resnet":
+        pytest.skip("a bf16 vision model needs bf16 pixels")
+    d = model_dirs[name]
+    inputs = inputs_for(d)
+    ref = reference(d, inputs, dtype=dtype)
+    ex = Executor()
+    ex.start()
+    backend = LocalBackend(d)
+    try:
+        _, out, _ = await cold_start(backend, ex, FetchScheduler(2), inputs=inputs,
+                                     options=LoadOptions(mapped=False, read_bytes=16384, dtype=dtype))
+    finally:
+        await backend.aclose()
+        ex.stop()
+    assert_equal_outputs(ref, out)
+
+
 def test_hf_from_pretrained_agrees(model_dirs):
     """Our eager reference itself matches transformers' own loader (checks key renames)."""
     import transformers
