@@ -23,6 +23,14 @@ from typing import Any
 BENCH_SEQ = 128
 
 
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
+
+
 def drop_page_cache(path: Path) -> None:
     """Evict every file under ``path`` from the page cache (works without root)."""
     os.sync()
@@ -35,6 +43,13 @@ def drop_page_cache(path: Path) -> None:
             os.close(fd)
 
 
+def _read_all(model_dir: Path) -> None:
+    for f in _weights(model_dir):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(16 << 20):
+                pass
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -44,7 +59,7 @@ def _weights(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-def worker(strategy: str, model_dir: Path) -> dict[str, Any]:
+def worker(strategy: str, model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     """One cold inference in this (fresh) process; imports are done before the clock starts."""
     import torch  # noqa: F401
 
@@ -55,15 +70,18 @@ def worker(strategy: str, model_dir: Path) -> dict[str, Any]:
     if strategy == "cicada":
         from . import engine, pipeline  # noqa: F401
     inputs = example_inputs(spec, seq=BENCH_SEQ)
+    if device != "cpu":
+        torch.zeros(1, device=device)  # CUDA context creation is not part of any strategy
     baseline = _rss_bytes()
     t0 = time.perf_counter()
-    _, parts = RUNNERS[strategy](model_dir, spec, inputs, None)
-    total = time.perf_counter() - t0
+    _, parts = RUNNERS[strategy](model_dir, spec, inputs, None, device)
+    # Request to outputs; a strategy that tears down an engine afterwards reports its own total.
+    total = parts.get("total_s", time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"total_s": total, "parts": parts, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline}
 
 
-def bound_worker(model_dir: Path) -> dict[str, Any]:
+def bound_worker(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     """The parts of the physical lower bound, measured in one process."""
     import torch
 
@@ -78,33 +96,69 @@ def bound_worker(model_dir: Path) -> dict[str, Any]:
         with skeleton_mode():
             spec.build()
         skeleton.append(time.perf_counter() - t0)
-    drop_page_cache(model_dir)
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    t0 = time.perf_counter()
-    for f in _weights(model_dir):
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(view):
-                pass
-    read_cold = time.perf_counter() - t0
+    read_cold, read_methods = _plain_read(model_dir)
     inputs = example_inputs(spec, seq=BENCH_SEQ)
     from .modeldir import output_dict
 
-    model = _loaded(meta_mmap, model_dir, spec, inputs)
+    model = _loaded(meta_mmap, model_dir, spec, inputs).to(device)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     fwd = []
     with torch.inference_mode():
         for _ in range(4):
             t0 = time.perf_counter()
-            output_dict(model(**inputs))
+            out = output_dict(model(**inputs))
+            {k: v.cpu() for k, v in out.items()}
             fwd.append(time.perf_counter() - t0)
     warm_forward = statistics.median(fwd[1:])
     sk = statistics.median(skeleton)
+    h2d = 0.0
+    if device != "cpu":
+        # Host-to-device time of all weight bytes from pinned memory, in 64 MiB pieces.
+        total = sum(f.stat().st_size for f in _weights(model_dir))
+        src = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(total, dtype=torch.uint8, device=device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for lo in range(0, total, src.numel()):
+            n = min(src.numel(), total - lo)
+            dst[lo : lo + n].copy_(src[:n], non_blocking=True)
+        torch.cuda.synchronize()
+        h2d = time.perf_counter() - t0
     return {
         "skeleton_s": sk,
         "read_cold_s": read_cold,
+        "read_methods_s": read_methods,
         "warm_forward_s": warm_forward,
-        "lower_bound_s": max(read_cold, warm_forward) + sk,
+        "h2d_s": h2d,
+        "lower_bound_s": max(read_cold, warm_forward, h2d) + sk,
     }
+
+
+def _plain_read(model_dir: Path) -> tuple[float, dict[str, float]]:
+    """A cold sequential read of the weight files, 16 MiB at a time into one reused buffer,
+    through the page cache and with O_DIRECT; the faster of the two is the disk's time."""
+    import mmap
+
+    out: dict[str, float] = {}
+    buf = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
+    view = memoryview(buf)
+    for method, flags in (("buffered", 0), ("direct", getattr(os, "O_DIRECT", 0))):
+        if method == "direct" and not flags:
+            continue
+        drop_page_cache(model_dir)
+        t0 = time.perf_counter()
+        for f in _weights(model_dir):
+            fd = os.open(f, os.O_RDONLY | flags)
+            try:
+                off = 0
+                while n := os.preadv(fd, [view], off):
+                    off += n
+                    if n < len(view):
+                        break
+            finally:
+                os.close(fd)
+        out[method] = time.perf_counter() - t0
+    return min(out.values()), out
 
 
 def _loaded(runner, model_dir, spec, inputs):  # type: ignore[no-untyped-def]
@@ -123,10 +177,10 @@ def _loaded(runner, model_dir, spec, inputs):  # type: ignore[no-untyped-def]
     return model.eval()
 
 
-def _spawn(args: list[str]) -> dict[str, Any]:
+def _spawn(args: list[str], device: str = "cpu") -> dict[str, Any]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "cicada_async.bench", *args],
+        [sys.executable, "-m", "cicada_async.bench", *args, *([device] if device != "cpu" else [])],
         capture_output=True, text=True, env=env, timeout=900,
     )
     if proc.returncode != 0:
@@ -141,7 +195,8 @@ def cold_start_bench(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "device": _device_name(getattr(args, "device", "cpu"))},
         "repeat": args.repeat,
         "models": {},
     }
@@ -155,7 +210,8 @@ def cold_start_bench(args: argparse.Namespace) -> int:
         d = args.dir / name
         weights = sum(f.stat().st_size for f in _weights(d))
         entry: dict[str, Any] = {"weights_bytes": weights, "strategies": {}}
-        bound = _spawn(["--bound", str(d)])
+        device = getattr(args, "device", "cpu")
+        bound = _spawn(["--bound", str(d)], device)
         entry.update(bound)
         runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for rep in range(args.repeat):
@@ -168,8 +224,8 @@ def cold_start_bench(args: argparse.Namespace) -> int:
                     if cold:
                         drop_page_cache(d)
                     else:
-                        _spawn(["--worker", "meta-mmap", str(d)])  # warms the cache
-                    r = _spawn(["--worker", s, str(d)])
+                        _read_all(d)  # warm: every weight page in the page cache
+                    r = _spawn(["--worker", s, str(d)], device)
                     runs.setdefault((variant, s), []).append(r)
                     print(f"  {name:12s} {variant} {s:10s} rep {rep + 1}: {r['total_s'] * 1e3:8.0f} ms", flush=True)
         for (variant, s), rs in runs.items():
@@ -217,11 +273,54 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def warm_forward_bench(args: argparse.Namespace) -> int:
+    """Warm forwards of a model loaded by the pipeline vs the same weights loaded the stock way,
+    alternating in one process: what the gates cost once the model is warm."""
+    import asyncio
+
+    import torch
+
+    from .engine import Engine
+    from .modeldir import output_dict
+    from .strategies import example_inputs, local_spec, meta_mmap, prepare_imports
+
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        d = args.dir / name
+        spec = local_spec(d)
+        prepare_imports(spec)
+        inputs = example_inputs(spec, seq=BENCH_SEQ)
+
+        async def load() -> torch.nn.Module:
+            async with Engine(warm_imports=False) as engine:
+                inst = engine.instance(name, str(d))
+                await inst.infer(inputs)
+                assert inst._model is not None
+                return inst._model
+
+        ours = asyncio.run(load())
+        stock = _loaded(meta_mmap, d, spec, inputs)
+        times: dict[str, list[float]] = {"cicada": [], "meta-mmap": []}
+        with torch.inference_mode():
+            for m in (ours, stock):  # first touches out of the way
+                output_dict(m(**inputs))
+            for _ in range(args.repeat):
+                for label, m in (("cicada", ours), ("meta-mmap", stock)):
+                    t0 = time.perf_counter()
+                    output_dict(m(**inputs))
+                    times[label].append(time.perf_counter() - t0)
+        a, b = statistics.median(times["cicada"]), statistics.median(times["meta-mmap"])
+        rows.append((name, a, b))
+        print(f"{name:12s} warm forward: cicada-loaded {a * 1e3:7.1f} ms, stock-loaded {b * 1e3:7.1f} ms, "
+              f"ratio {a / b:.3f} (median of {args.repeat}, alternating)", flush=True)
+    return 0
+
+
 def _main(argv: list[str]) -> int:
     if argv[0] == "--worker":
-        print(json.dumps(worker(argv[1], Path(argv[2]))))
+        print(json.dumps(worker(argv[1], Path(argv[2]), *argv[3:4])))
     elif argv[0] == "--bound":
-        print(json.dumps(bound_worker(Path(argv[1]))))
+        print(json.dumps(bound_worker(Path(argv[1]), *argv[2:3])))
     else:
         raise SystemExit("usage: python -m cicada_async.bench --worker STRATEGY DIR | --bound DIR")
     return 0

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", choices=["cicada", "eager", "meta-mmap", "hf"], default="cicada")
     p.add_argument("--timeline", type=Path, help="write the cold start's timeline (JSON)")
     p.add_argument("--plot", type=Path, help="draw the timeline as a Gantt chart (PNG)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     _add_model_opts(p)
 
     p = sub.add_parser("demo", help="make a demo model and cold-start it beside plain PyTorch")
@@ -53,10 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=Path("bench-results/cold-start.json"))
     b.add_argument("--dir", type=Path, default=Path("models"), help="where catalogue models are made")
     b.add_argument("--warm", action="store_true", help="also run with the page cache warm")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every strategy computes")
     b.add_argument("--storage", default="local",
                    help="comma list of local,http,s3; remote storage adds download-then-load")
     b.add_argument("--bandwidth-mbps", default="100,500",
                    help="bandwidth caps in MB/s for remote storage (a throttling proxy)")
+
+    w = bsub.add_parser("warm-forward", help="warm forward after a pipelined load vs a stock load")
+    w.add_argument("--models", default="gpt2,bert-base")
+    w.add_argument("--repeat", type=int, default=30)
+    w.add_argument("--dir", type=Path, default=Path("models"))
 
     p = sub.add_parser("pack", help="rewrite a checkpoint in execution order with a sha256 manifest")
     p.add_argument("src", type=Path)
@@ -109,6 +116,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         return _demo(args)
     if args.cmd == "bench":
+        if args.bench == "warm-forward":
+            from .bench import warm_forward_bench
+
+            return warm_forward_bench(args)
         if args.storage.strip() != "local":
             from .bench_remote import remote_cold_start_bench
 
@@ -117,39 +128,51 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return cold_start_bench(args)
     if args.cmd == "pack":
-        from .pack import pack
-
-        pack(args.src, args.dst)
-        print(f"packed {args.src} into {args.dst}")
-        return 0
+        return _pack(args)
     raise AssertionError(args.cmd)
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan
+
+    print(format_plan(_execution_plan(args.model, args.read_bytes)))
+    return 0
+
+
+def _execution_plan(model: str, read_bytes: int = 8 << 20):  # type: ignore[no-untyped-def]
     import asyncio
 
     from backends import open_backend
 
     from .executor import Executor
     from .pipeline import LoadOptions, prepare
-    from .plan import format_plan
     from .timeline import Timeline
 
-    async def go() -> str:
-        backend = open_backend(args.model)
+    async def go():  # type: ignore[no-untyped-def]
+        backend = open_backend(model)
         ex = Executor()
         ex.start()
         try:
             _, _, _, plan, _ = await prepare(
-                backend, ex, LoadOptions(read_bytes=args.read_bytes), Timeline(),
+                backend, ex, LoadOptions(read_bytes=read_bytes), Timeline(),
                 alignment=getattr(backend, "alignment", 1),
             )
-            return format_plan(plan)
+            return plan
         finally:
             await backend.aclose()
             await asyncio.to_thread(ex.stop)
 
-    print(asyncio.run(go()))
+    return asyncio.run(go())
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from .pack import pack
+
+    plan = _execution_plan(str(args.src))
+    order = [t for shard in plan.shards for t in shard.tensors]
+    manifest = pack(args.src, args.dst, order)
+    print(f"packed {args.src} into {args.dst} in execution order ({plan.order_source}); "
+          f"{len(manifest['files'])} file(s) with sha256 in cicada.manifest.json")
     return 0
 
 
@@ -176,9 +199,9 @@ def _run(args: argparse.Namespace) -> int:
     timelines: list = []
     t0 = time.perf_counter()
     if args.strategy == "cicada":
-        out, t = RUNNERS["cicada"](args.model, spec, inputs, dtype, timeline_out=timelines)
+        out, t = RUNNERS["cicada"](args.model, spec, inputs, dtype, args.device, timeline_out=timelines)
     else:
-        out, t = RUNNERS[args.strategy](Path(args.model), spec, inputs, dtype)
+        out, t = RUNNERS[args.strategy](Path(args.model), spec, inputs, dtype, args.device)
     total = time.perf_counter() - t0
     parts = "  ".join(f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in t.items() if isinstance(v, float) and k != "total_s")
     print(f"{args.strategy}: cold inference {total * 1e3:.0f} ms  ({parts})")

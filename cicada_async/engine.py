@@ -75,6 +75,7 @@ class Engine:
         self.executor = Executor()
         self.scheduler = FetchScheduler(read_concurrency)
         self.instances: dict[str, ModelInstance] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> "Engine":
         self.executor.start()
@@ -85,6 +86,8 @@ class Engine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         for inst in list(self.instances.values()):
             await inst.unload()
         # join() blocks: keep it off the event loop.
@@ -104,9 +107,21 @@ class Engine:
         self.executor.start()
         await asyncio.to_thread(old.stop, 1.0)
 
-    def instance(self, name: str, uri: str, options: ModelOptions | None = None) -> "ModelInstance":
+    def instance(
+        self, name: str, uri: str, options: ModelOptions | None = None, *, describe: bool = True
+    ) -> "ModelInstance":
         inst = ModelInstance(self, name, uri, options or ModelOptions())
         self.instances[name] = inst
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return inst
+        if not describe:
+            return inst
+        # Metadata (input names, dtypes) from the config files, without loading weights.
+        task = loop.create_task(inst.describe_quietly(), name=f"describe {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return inst
 
 
@@ -212,6 +227,13 @@ class ModelInstance:
             return self._io
         return list(self._inputs_meta), []
 
+    async def describe_quietly(self) -> None:
+        try:
+            async with asyncio.timeout(30):
+                await self.describe()
+        except Exception as e:  # noqa: BLE001 - metadata stays empty; the load will say why
+            log.info("could not read the config of %s yet: %s", self.name, e)
+
     async def describe(self) -> None:
         """Read the model's config files (not its weights) so metadata has its inputs."""
         backend = open_backend(self.uri, self.engine.storage.get(scheme_of(self.uri), {}))
@@ -290,6 +312,9 @@ def _import_model_libraries() -> None:
         import transformers  # noqa: F401
 
         transformers.PreTrainedModel  # noqa: B018 - the lazy module loads on first access
+        from .strategies import _import_conversion_mapping
+
+        _import_conversion_mapping()
     except ImportError:  # plain-PyTorch models need no transformers
         pass
 

@@ -94,6 +94,9 @@ class MappedLanding:
         self.device = torch.device("cpu")
         self._converted = _Converted(headers)
 
+    def file_bytes(self, key: str, header: FileHeader) -> memoryview:
+        return memoryview(self.maps[key])
+
     async def fill(self, r: int, read: ReadRange, backend: Any, version: str | None) -> None:
         await backend.populate(read.file, self.maps[read.file], read.start, read.nbytes, version=version)
 
@@ -132,6 +135,12 @@ class ArenaLanding(_BufferFill):
 
     def read_landed(self, r: int, read: ReadRange) -> None:
         return None  # the bytes are already where the tensors will be
+
+    def file_bytes(self, key: str, header: FileHeader) -> memoryview:
+        # Reads start at the tensor data; the header bytes are known from parsing it.
+        buf = self.arenas[key].buffer(0, header.size)
+        buf[: len(header.raw)] = header.raw
+        return buf
 
     def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
         raw = self.arenas[entry.file].bytes_tensor(entry.start, entry.end)

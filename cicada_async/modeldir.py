@@ -36,6 +36,7 @@ class ModelSpec:
     config: dict[str, Any]
     weight_files: list[str]
     example_inputs: dict[str, tuple[tuple[int, ...], torch.dtype]] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None  # cicada.manifest.json: per-file size and sha256
 
     def build(self) -> nn.Module:
         """Construct the model; under ``miniloader.skeleton_mode`` parameters land on meta."""
@@ -154,11 +155,12 @@ def _json(raw: bytes, key: str) -> dict[str, Any]:
 
 async def read_model_spec(backend: StorageBackend) -> ModelSpec:
     """Read the small files of a model directory (concurrently: each is a round trip remotely)."""
-    cicada_raw, config_raw, index_raw, single = await asyncio.gather(
+    cicada_raw, config_raw, index_raw, single, manifest_raw = await asyncio.gather(
         _read_small(backend, "cicada.json"),
         _read_small(backend, "config.json"),
         _read_small(backend, "model.safetensors.index.json"),
         _exists(backend, "model.safetensors"),
+        _read_small(backend, "cicada.manifest.json"),
     )
     if cicada_raw is not None:
         cfg = _json(cicada_raw, "cicada.json")
@@ -188,7 +190,15 @@ async def read_model_spec(backend: StorageBackend) -> ModelSpec:
         files = ["model.safetensors"]
     else:
         raise CheckpointError("no model.safetensors or model.safetensors.index.json (only safetensors are loaded)")
-    return ModelSpec(kind, arch, cfg, files, example_inputs_for(kind, cfg))
+    manifest = None
+    if manifest_raw is not None:
+        from .pack import load_manifest
+
+        manifest = load_manifest(manifest_raw)
+        missing = [f for f in files if f not in manifest["files"]]
+        if missing:
+            raise CheckpointError(f"cicada.manifest.json does not list {', '.join(missing)}")
+    return ModelSpec(kind, arch, cfg, files, example_inputs_for(kind, cfg), manifest)
 
 
 async def _exists(backend: StorageBackend, key: str) -> bool:

@@ -8,6 +8,7 @@ that module's own shards are applied, so layer k computes while later layers are
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import replace
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from .plan import (
 from .safetensors_header import header_length, parse_header
 from .timeline import Timeline
 
+log = logging.getLogger(__name__)
+
 HEADER_PROBE = 64 << 10  # one read usually gets the length prefix and the whole header
 
 
@@ -65,7 +68,8 @@ async def read_header(backend: StorageBackend, key: str) -> FileHeader:
         rest = bytearray(8 + n - len(probe))
         await backend.read_into(key, len(probe), memoryview(rest), version=info.version)
         probe += rest
-    return parse_header(bytes(probe[8 : 8 + n]), key=key, size=info.size, version=info.version)
+    h = parse_header(bytes(probe[8 : 8 + n]), key=key, size=info.size, version=info.version)
+    return replace(h, raw=bytes(probe[: 8 + n]))
 
 
 def build_skeleton(spec: ModelSpec, dtype: torch.dtype | None) -> nn.Module:
@@ -438,6 +442,9 @@ async def cold_start(
                         raise job.error from None
                     outputs = e  # this request's inputs were bad; the load goes on
             await fetch_task
+            if spec.manifest is not None:
+                with timeline.stage("verify"):
+                    await verify_files(landing, hdrs, spec.manifest)
             await executor.run(job.wait_all, priority=-1)
             releaser.cancel()
     except* CicadaError as eg:
@@ -458,6 +465,18 @@ async def cold_start(
     # error at its first gate instead of computing on a half-loaded model.
     await executor.run(job.remove_gates, priority=-1)
     return model, outputs, job
+
+
+async def verify_files(landing: Landing, hdrs: dict[str, FileHeader], manifest: dict[str, Any]) -> None:
+    """Check every weight file against the manifest's sha256 (``cicada pack`` writes it)."""
+    from .pack import verify
+
+    files = getattr(landing, "file_bytes", None)
+    if files is None:
+        log.warning("this landing (%s) cannot verify checksums; skipped", type(landing).__name__)
+        return
+    # hashlib releases the GIL on large buffers: files hash in parallel with compute.
+    await asyncio.gather(*(asyncio.to_thread(verify, k, files(k, h), manifest) for k, h in hdrs.items()))
 
 
 async def _fetch_or_fail(fetcher: Fetcher, job: Callable[[], LoadJob | None], timeline: Timeline) -> None:

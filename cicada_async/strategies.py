@@ -54,6 +54,19 @@ def prepare_imports(spec: ModelSpec) -> None:
         import transformers
 
         getattr(transformers, spec.architecture)
+        _import_conversion_mapping()
+
+
+def _import_conversion_mapping() -> None:
+    # transformers 5 renames legacy checkpoint keys through these modules (from_pretrained and
+    # our loader alike); importing them costs ~40 ms the first time.
+    # The first lookup also compiles ~1000 regular expressions for every architecture (~150 ms).
+    try:
+        import transformers.core_model_loading  # noqa: F401
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return
+    get_checkpoint_conversion_mapping("llama")
 
 
 def _state_dict(model_dir: Path, spec: ModelSpec, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,7 +96,8 @@ def _tied_names(model: nn.Module) -> set[str]:
     return tied
 
 
-def eager(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype: torch.dtype | None) -> Result:
+def eager(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype: torch.dtype | None,
+          device: str = "cpu") -> Result:
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     model = spec.build()
@@ -94,11 +108,13 @@ def eager(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dty
     _check(model, missing, unexpected)
     if dtype is not None:
         model.to(dtype)
+    model.to(device)
     t["load_s"] = time.perf_counter() - t1
-    return _forward(model, inputs, t)
+    return _forward(model, inputs, t, device)
 
 
-def meta_mmap(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype: torch.dtype | None) -> Result:
+def meta_mmap(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype: torch.dtype | None,
+              device: str = "cpu") -> Result:
     from .miniloader import skeleton_mode
 
     t: dict[str, float] = {}
@@ -125,8 +141,9 @@ def meta_mmap(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor],
     _check(model, [k for k in missing], unexpected)
     if dtype is not None:
         model.to(dtype)
+    model.to(device)
     t["load_s"] = time.perf_counter() - t1
-    return _forward(model, inputs, t)
+    return _forward(model, inputs, t, device)
 
 
 def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
@@ -138,7 +155,8 @@ def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def hf(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype: torch.dtype | None) -> Result:
+def hf(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype: torch.dtype | None,
+       device: str = "cpu") -> Result:
     if spec.kind != "transformers":
         raise ConfigError("strategy 'hf' needs a transformers model directory (config.json)")
     import transformers
@@ -147,21 +165,23 @@ def hf(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype:
     t0 = time.perf_counter()
     cls = getattr(transformers, spec.architecture)
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    model = cls.from_pretrained(str(model_dir), **kwargs).eval()
+    # What users do today: from_pretrained, then .to(device).
+    model = cls.from_pretrained(str(model_dir), **kwargs).eval().to(device)
     t["load_s"] = time.perf_counter() - t0
-    return _forward(model, inputs, t)
+    return _forward(model, inputs, t, device)
 
 
 def cicada(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype: torch.dtype | None,
-           timeline_out: list[Any] | None = None, **engine_kwargs: Any) -> Result:
+           device: str = "cpu", timeline_out: list[Any] | None = None, **engine_kwargs: Any) -> Result:
     from .engine import Engine, ModelOptions
 
     dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(dtype) if dtype else None
 
     async def go() -> Result:
+        t0 = time.perf_counter()  # the engine's start (its thread) counts; its teardown does not
         async with Engine(**engine_kwargs) as engine:
-            inst = engine.instance("model", str(model_dir), ModelOptions(dtype=dtype_name))
-            t0 = time.perf_counter()
+            inst = engine.instance("model", str(model_dir), ModelOptions(dtype=dtype_name, device=device),
+                                   describe=False)
             out = await inst.infer(inputs)
             total = time.perf_counter() - t0
             tl = inst.last_timeline
@@ -176,10 +196,11 @@ def cicada(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dt
     return asyncio.run(go())
 
 
-def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], t: dict[str, float]) -> Result:
+def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], t: dict[str, float], device: str = "cpu") -> Result:
     t2 = time.perf_counter()
     with torch.inference_mode():
-        out = output_dict(model(**inputs))
+        out = output_dict(model(**{k: v.to(device) for k, v in inputs.items()}))
+        out = {k: v.cpu() for k, v in out.items()}  # waits for the device, like a response would
     t["forward_s"] = time.perf_counter() - t2
     return out, t
 

@@ -31,6 +31,7 @@ class FileHeader:
     data_offset: int  # 8 + header length: where tensor data begins
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
+    raw: bytes = b""  # the file's first data_offset bytes (length prefix and JSON header)
 
 
 @dataclass(frozen=True)
