@@ -42,7 +42,8 @@ from .timeline import Timeline
 
 log = logging.getLogger(__name__)
 
-HEADER_PROBE = 64 << 10  # one read usually gets the length prefix and the whole header
+HEADER_PROBE = 64 << 10
+PREFETCH_READ_BYTES = 32 << 20  # one read usually gets the length prefix and the whole header
 
 
 @dataclass
@@ -373,7 +374,13 @@ async def cold_start(
             for j in shard_order(list(held)):
                 job.shard_landed(j)
 
-    prefetch = Plan((), (), tuple(file_order_reads(hdrs, read_bytes=options.read_bytes, alignment=alignment)),
+    # Before the plan exists, read in larger pieces (4 read sizes, at most 32 MiB): the
+    # skeleton build (and, in a fresh process, the transformers import) holds the GIL, and
+    # each read costs the loop a GIL hand-over of up to 5 ms. Staging slabs fix the size.
+    prefetch_bytes = options.read_bytes
+    if not hasattr(landing, "slab_bytes"):
+        prefetch_bytes = max(options.read_bytes, min(4 * options.read_bytes, PREFETCH_READ_BYTES))
+    prefetch = Plan((), (), tuple(file_order_reads(hdrs, read_bytes=prefetch_bytes, alignment=alignment)),
                     "file", ())
     fetcher = Fetcher(prefetch, backend, hdrs, landing, settings=fetch, scheduler=scheduler,
                       priority=priority, on_landed=landed, timeline=timeline)
