@@ -83,7 +83,33 @@ class _BufferFill:
         await backend.read_into(read.file, read.start, buf, version=version)
 
 
-class MappedLanding:
+class _HostLanding:
+    """CPU landings whose tensors view the landed bytes (or copy them when converting)."""
+
+    dtype: torch.dtype | None
+    device = torch.device("cpu")
+    _converted: _Converted
+
+    def _bytes(self, entry: TensorEntry) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_landed(self, r: int, read: ReadRange) -> None:
+        return None  # the bytes are already where the tensors will be
+
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+        raw = self._bytes(entry)
+        t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        self._converted.note(entry, t, raw)
+        return t
+
+    def shard_done(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class MappedLanding(_HostLanding):
     """Local files mapped into memory; a read asks the kernel to populate a range of the
     mapping, so bytes go from disk into page-cache pages that the tensors view directly."""
 
@@ -91,26 +117,16 @@ class MappedLanding:
         self.maps = {k: backend.map_file(k, h.size) for k, h in headers.items()}
         self.views = {k: torch.frombuffer(m, dtype=torch.uint8) for k, m in self.maps.items()}
         self.dtype = dtype
-        self.device = torch.device("cpu")
         self._converted = _Converted(headers)
+
+    def _bytes(self, entry: TensorEntry) -> torch.Tensor:
+        return self.views[entry.file][entry.start : entry.end]
 
     def file_bytes(self, key: str, header: FileHeader) -> memoryview:
         return memoryview(self.maps[key])
 
     async def fill(self, r: int, read: ReadRange, backend: Any, version: str | None) -> None:
         await backend.populate(read.file, self.maps[read.file], read.start, read.nbytes, version=version)
-
-    def read_landed(self, r: int, read: ReadRange) -> None:
-        return None
-
-    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
-        raw = self.views[entry.file][entry.start : entry.end]
-        t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
-        self._converted.note(entry, t, raw)
-        return t
-
-    def shard_done(self) -> None:
-        return None
 
     def read_released(self, r: int, read: ReadRange) -> None:
         for lo, hi in self._converted.within(read):
@@ -119,22 +135,20 @@ class MappedLanding:
             if hi > lo:  # unmapped pages stay in the page cache; RSS drops
                 self.maps[read.file].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
-    async def aclose(self) -> None:
-        return None
 
+class ArenaLanding(_HostLanding, _BufferFill):
+    """File-shaped anonymous arenas that the backend reads into."""
 
-class ArenaLanding(_BufferFill):
     def __init__(self, headers: dict[str, FileHeader], dtype: torch.dtype | None) -> None:
         self.arenas = {k: Arena(h.size) for k, h in headers.items()}
         self.dtype = dtype
-        self.device = torch.device("cpu")
         self._converted = _Converted(headers)
+
+    def _bytes(self, entry: TensorEntry) -> torch.Tensor:
+        return self.arenas[entry.file].bytes_tensor(entry.start, entry.end)
 
     async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
         return self.arenas[read.file].buffer(read.start, read.end)
-
-    def read_landed(self, r: int, read: ReadRange) -> None:
-        return None  # the bytes are already where the tensors will be
 
     def file_bytes(self, key: str, header: FileHeader) -> memoryview:
         # Reads start at the tensor data; the header bytes are known from parsing it.
@@ -142,21 +156,9 @@ class ArenaLanding(_BufferFill):
         buf[: len(header.raw)] = header.raw
         return buf
 
-    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
-        raw = self.arenas[entry.file].bytes_tensor(entry.start, entry.end)
-        t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
-        self._converted.note(entry, t, raw)
-        return t
-
-    def shard_done(self) -> None:
-        return None
-
     def read_released(self, r: int, read: ReadRange) -> None:
         for lo, hi in self._converted.within(read):
             self.arenas[read.file].release(lo, hi)
-
-    async def aclose(self) -> None:
-        return None
 
 
 class StagingLanding(_BufferFill):
