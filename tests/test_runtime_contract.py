@@ -1,6 +1,6 @@
 """The Knative runtime contract, on a real ``cicada serve`` process.
 
-What /work/shared/reference/knative.md says the container owes the platform: serve on
+What the shared reference knative.md says the container owes the platform: serve on
 0.0.0.0:$PORT, accept the K_* environment, answer liveness without waiting for any model, and
 on SIGTERM stop admitting, finish what was admitted and exit 0 inside the grace period.
 """
