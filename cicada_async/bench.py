@@ -86,7 +86,7 @@ def bound_worker(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     import torch
 
     from .miniloader import skeleton_mode
-    from .strategies import example_inputs, local_spec, meta_mmap, prepare_imports
+    from .strategies import example_inputs, local_spec, prepare_imports
 
     spec = local_spec(model_dir)
     prepare_imports(spec)
@@ -100,7 +100,7 @@ def bound_worker(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
     inputs = example_inputs(spec, seq=BENCH_SEQ)
     from .modeldir import output_dict
 
-    model = _loaded(meta_mmap, model_dir, spec, inputs).to(device)
+    model = _loaded(model_dir, spec, inputs).to(device)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     fwd = []
     with torch.inference_mode():
@@ -161,8 +161,8 @@ def _plain_read(model_dir: Path) -> tuple[float, dict[str, float]]:
     return min(out.values()), out
 
 
-def _loaded(runner, model_dir, spec, inputs):  # type: ignore[no-untyped-def]
-    # meta_mmap returns outputs only; rebuild the model the same way to time its forward.
+def _loaded(model_dir: Path, spec: Any, inputs: Any) -> Any:
+    """A model loaded the meta-mmap way (that strategy returns outputs only), to time forwards."""
     from .miniloader import skeleton_mode
     from .strategies import _state_dict, _tie_groups
 
@@ -282,7 +282,7 @@ def warm_forward_bench(args: argparse.Namespace) -> int:
 
     from .engine import Engine
     from .modeldir import output_dict
-    from .strategies import example_inputs, local_spec, meta_mmap, prepare_imports
+    from .strategies import example_inputs, local_spec, prepare_imports
 
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -299,7 +299,7 @@ def warm_forward_bench(args: argparse.Namespace) -> int:
                 return inst._model
 
         ours = asyncio.run(load())
-        stock = _loaded(meta_mmap, d, spec, inputs)
+        stock = _loaded(d, spec, inputs)
         times: dict[str, list[float]] = {"cicada": [], "meta-mmap": []}
         with torch.inference_mode():
             for m in (ours, stock):  # first touches out of the way

@@ -181,16 +181,26 @@ http {{
 """
 
 
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def spawn_nginx(nginx: str, root: Path, tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    """nginx serving ``root`` on 127.0.0.1:``port`` (ranges, If-Range), state under ``tmp``."""
+    conf = tmp / "nginx.conf"
+    # As root, nginx workers drop to "nobody", who cannot read 0700 temp dirs.
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf.write_text(_NGINX_CONF.format(user=user, tmp=tmp, port=port, root=root.resolve()))
+    return subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def start_http_origin(root: Path, tmp: Path, stack: ExitStack) -> tuple[str, str]:
     """(base URL, server name): nginx when installed, else aiohttp static in a child process."""
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    nginx = find_nginx()
     port = _free_port()
     if nginx:
-        conf = tmp / "nginx.conf"
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf.write_text(_NGINX_CONF.format(user=user, tmp=tmp, port=port, root=root.resolve()))
-        proc = subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = spawn_nginx(nginx, root, tmp, port)
         name = "nginx"
     else:
         print("warning: nginx not installed; the HTTP origin is an aiohttp static route", flush=True)

@@ -135,7 +135,6 @@ class Fetcher:
         self._released: set[int] = set()
         self._more = asyncio.Event()  # set when a replan adds reads for idle workers
         self._final = False
-        self.bytes_read = 0
         self._recount()
 
     @property
@@ -206,7 +205,6 @@ class Fetcher:
                 async with asyncio.timeout(self.settings.read_timeout_s):
                     await self.landing.fill(i, read, self.backend, self.headers[read.file].version)
                 self.timeline.add("fetch", f"read {i}", start, nbytes=read.nbytes)
-                self.bytes_read += read.nbytes
             finally:
                 self.scheduler.release()
             await self.budget.landed()

@@ -37,7 +37,6 @@ class Executor:
         self._seq = itertools.count()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.busy_since: float | None = None
 
     # lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,12 +122,9 @@ class Executor:
                 _, _, call, fut = heapq.heappop(self._jobs)
             if not fut.set_running_or_notify_cancel():
                 continue
-            self.busy_since = time.monotonic()
             try:
                 result = call()
             except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
                 fut.set_exception(e)
             else:
                 fut.set_result(result)
-            finally:
-                self.busy_since = None

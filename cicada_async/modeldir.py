@@ -88,9 +88,6 @@ class ModelSpec:
             out[name] = torch.zeros(shape, dtype=dtype, device=device)
         return out
 
-    def io_names(self) -> list[str]:
-        return list(self.example_inputs)
-
 
 def _import_factory(target: str) -> Callable[..., nn.Module]:
     module_name, _, attr = target.partition(":")

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from backends.local import DIRECT_ALIGN
 from protocols.errors import CheckpointError, CicadaError, InferenceError, LoadError
 from protocols.manifest import FileHeader, Plan, TensorEntry
 from protocols.storage import StorageBackend

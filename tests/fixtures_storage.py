@@ -207,48 +207,15 @@ def aiohttp_origin(served_root: Path) -> Iterator[str]:
         server.stop()
 
 
-_NGINX_CONF = """\
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-    default_type application/octet-stream;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        location / {{ }}
-    }}
-}}
-"""
-
-
 @pytest.fixture(scope="session")
 def nginx_origin(served_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    from cicada_async.bench_remote import find_nginx, spawn_nginx
+
+    nginx = find_nginx()
     if nginx is None:
         pytest.skip("nginx is not installed (Debian package nginx-light)")
-    tmp = tmp_path_factory.mktemp("nginx")
     port = free_port()
-    # As root, nginx workers drop to "nobody", who cannot read pytest's 0700 temp dirs.
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf = tmp / "nginx.conf"
-    conf.write_text(_NGINX_CONF.format(user=user, tmp=tmp, port=port, root=served_root))
-    proc = subprocess.Popen(
-        [nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn_nginx(nginx, served_root, tmp_path_factory.mktemp("nginx"), port)
     try:
         wait_for_port(port, proc)
         yield f"http://127.0.0.1:{port}"
