@@ -40,7 +40,7 @@ COPY protocols ./protocols
 RUN touch README.md \
  && pip install --no-cache-dir ".[hf]" \
  && rm -rf /opt/cicada/build /root/.cache \
- && python -c "import cicada_async.server, transformers"
+ && python -c "import cicada_async.service.server, transformers"
 
 # A numeric, non-root user: Kubernetes' runAsNonRoot can only verify a numeric UID.
 RUN groupadd --system --gid 10001 cicada \

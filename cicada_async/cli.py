@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
-        from .server import main as serve_main
+        from cicada_async.service.server import main as serve_main
 
         return _guard(lambda: serve_main(argv[1:]), "--traceback" in argv)
     args = build_parser().parse_args(argv)
@@ -104,7 +104,7 @@ def _guard(fn, show_tb: bool) -> int:  # type: ignore[no-untyped-def]
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "make-model":
-        from .zoo import make_model
+        from cicada_async.models.catalogue import make_model
 
         out = make_model(args.name, args.dst, seed=args.seed, dtype=args.dtype, max_shard_bytes=args.max_shard_bytes)
         print(f"wrote {args.name} to {out}")
@@ -117,14 +117,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _demo(args)
     if args.cmd == "bench":
         if args.bench == "warm-forward":
-            from .bench import warm_forward_bench
+            from cicada_async.bench.cold_start import warm_forward_bench
 
             return warm_forward_bench(args)
         if args.storage.strip() != "local":
-            from .bench_remote import remote_cold_start_bench
+            from cicada_async.bench.remote import remote_cold_start_bench
 
             return remote_cold_start_bench(args)
-        from .bench import cold_start_bench
+        from cicada_async.bench.cold_start import cold_start_bench
 
         return cold_start_bench(args)
     if args.cmd == "pack":
@@ -133,7 +133,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from .plan import format_plan
+    from cicada_async.engine.plan import format_plan
 
     print(format_plan(_execution_plan(args.model, args.read_bytes)))
     return 0
@@ -144,9 +144,10 @@ def _execution_plan(model: str, read_bytes: int = 8 << 20):  # type: ignore[no-u
 
     from backends import open_backend
 
-    from .executor import Executor
-    from .pipeline import LoadOptions, prepare
-    from .timeline import Timeline
+    from cicada_async.engine.executor import Executor
+    from cicada_async.engine.job import LoadOptions
+    from cicada_async.engine.pipeline import prepare
+    from cicada_async.engine.timeline import Timeline
 
     async def go():  # type: ignore[no-untyped-def]
         backend = open_backend(model)
@@ -166,7 +167,7 @@ def _execution_plan(model: str, read_bytes: int = 8 << 20):  # type: ignore[no-u
 
 
 def _pack(args: argparse.Namespace) -> int:
-    from .pack import pack
+    from cicada_async.engine.pack import pack
 
     plan = _execution_plan(str(args.src))
     order = [t for shard in plan.shards for t in shard.tensors]
@@ -180,7 +181,8 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from .strategies import RUNNERS, example_inputs, local_spec, prepare_imports
+    from cicada_async.bench.strategies import RUNNERS, example_inputs, local_spec
+    from cicada_async.engine.modeldir import prepare_imports
 
     if args.strategy != "cicada" and "://" in args.model and not args.model.startswith("file://"):
         raise CicadaError(f"strategy {args.strategy!r} reads local directories only")
@@ -225,13 +227,13 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import subprocess
 
-    from .zoo import make_model
+    from cicada_async.models.catalogue import make_model
 
     model_dir = args.dir / args.model
     if not (model_dir / "model.safetensors").exists() and not (model_dir / "model.safetensors.index.json").exists():
         print(f"making {args.model} with random weights in {model_dir} ...")
         make_model(args.model, model_dir)
-    from .bench import drop_page_cache
+    from cicada_async.bench.cold_start import drop_page_cache
 
     for strategy in ("eager", "cicada"):
         drop_page_cache(model_dir)

@@ -79,7 +79,7 @@ def main() -> int:
     args = ap.parse_args()
     import numpy as np
 
-    from cicada_async.zoo import make_model
+    from cicada_async.models.catalogue import make_model
 
     tmp = Path(tempfile.mkdtemp(prefix="cicada-overhead-"))
     path = make_model(args.model, tmp / args.model)

@@ -47,7 +47,7 @@ def wait_ready(url: str, timeout: float = 60) -> None:
 
 
 def scrape(url: str) -> dict[str, float]:
-    from cicada_async.metrics import parse_text
+    from cicada_async.service.metrics import parse_text
 
     with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
         return parse_text(r.read().decode())
@@ -81,7 +81,7 @@ def main() -> int:
     tmp = None
     repo = args.model_dir
     if repo is None:
-        from cicada_async.zoo import make_model
+        from cicada_async.models.catalogue import make_model
 
         tmp = Path(tempfile.mkdtemp(prefix="cicada-loadtest-"))
         make_model(args.model, tmp / args.model)

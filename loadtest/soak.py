@@ -1,7 +1,7 @@
 """A bounded soak of a real ``cicada serve`` process, sampling its RSS, threads and fds.
 
     python loadtest/soak.py --duration 600            # by hand: minutes
-    python loadtest/soak.py --duration 30 --out s.json  # CI (tests/test_hardening_soak.py)
+    python loadtest/soak.py --duration 30 --out s.json  # CI (tests/service/test_hardening_soak.py)
 
 Traffic, all at once for ``--duration`` seconds against three tiny models:
 * warm: ``--warm-workers`` clients sending back to back to a model that is never unloaded;
@@ -11,7 +11,7 @@ Traffic, all at once for ``--duration`` seconds against three tiny models:
 * abandon: requests whose client gives up after a few ms (must leave nothing behind).
 
 Every 200 is compared bit for bit with the first answer for the same model and input, cold or
-warm (exactness against plain PyTorch is tests/test_server_models.py's job). The server
+warm (exactness against plain PyTorch is tests/service/test_server_models.py's job). The server
 process is sampled every second with psutil; growth is measured from the end of the warm-up
 (first 25 %) to an idle sample after traffic stops and connections are closed.
 Bounds: RSS growth < 50 MB, threads and fds not above their warm-up values (+2 slack).
@@ -254,7 +254,7 @@ keep_alive_s = 1
 
 
 def make_models(root: Path) -> Path:
-    from cicada_async.zoo import make_model
+    from cicada_async.models.catalogue import make_model
 
     for name in ("tiny-gpt2", "tiny-mlp", "tiny-bert"):
         if not (root / name).exists():

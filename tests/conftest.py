@@ -8,4 +8,4 @@ import os
 # before anything imports torch; subprocesses inherit it.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-pytest_plugins = ["tests.fixtures_models", "tests.fixtures_storage"]
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.storage", "tests.fixtures.server"]

@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .helpers import inputs_for, reference
+from tests.fixtures.helpers import inputs_for, reference
 
 
 def cicada(*args: str) -> subprocess.CompletedProcess[str]:

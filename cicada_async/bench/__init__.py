@@ -1,0 +1,1 @@
+"""Benchmarks and the load strategies they compare."""

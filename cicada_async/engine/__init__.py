@@ -1,0 +1,1 @@
+"""The cold-start engine: skeleton, plan, fetch, landing, executor, pipeline, timeline."""

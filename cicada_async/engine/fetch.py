@@ -1,0 +1,224 @@
+"""WeightDecoupler, fetch side: read coroutines stream shards in plan order into their landing.
+
+Reads are admitted strictly in plan order against a byte budget (bytes landed but not yet
+applied), run with bounded concurrency, and take a slot from the shared FetchScheduler so
+that the most urgent load gets the bandwidth first. Each shard is handed to the executor as
+soon as its last read lands, in whatever order that happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocols.errors import CicadaError, StorageError, StorageTimeout
+from protocols.manifest import FileHeader, Plan
+from protocols.storage import StorageBackend
+
+from cicada_async.engine.landing import Landing
+from cicada_async.engine.timeline import Timeline
+
+
+class FetchScheduler:
+    """Read slots shared by every load in the process, granted most urgent first."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._free = slots
+        self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    async def acquire(self, priority: float) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted just as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
+class ByteBudget:
+    """Bytes admitted but not yet applied; admission waits while the budget is spent.
+
+    A shard is applied only when all its reads have landed, so when every admitted read has
+    landed and the budget is still spent, the shards holding it are waiting for reads not yet
+    admitted: the next read is admitted anyway. That bounds the overshoot by one window and
+    makes a deadlock impossible whatever the plan.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self.in_flight = 0
+        self._cv = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cv:
+            await self._cv.wait_for(
+                lambda: self.used + n <= self.limit or self.in_flight == 0
+            )
+            self.used += n
+            self.in_flight += 1
+            self.peak = max(self.peak, self.used)
+
+    async def landed(self) -> None:
+        async with self._cv:
+            self.in_flight -= 1
+            self._cv.notify_all()
+
+    async def release(self, n: int) -> None:
+        async with self._cv:
+            self.used -= n
+            self._cv.notify_all()
+
+
+@dataclass
+class FetchSettings:
+    concurrency: int = 4
+    queue_bytes: int = 256 << 20
+    read_timeout_s: float = 60.0
+
+
+class Fetcher:
+    """Runs the reads of a plan; calls ``on_landed(shard)`` on the event loop per shard.
+
+    The plan may be replaced while reads run (``replan``): fetching starts in file order
+    before the model's skeleton exists, and the dry run re-orders what is left. Admitted reads
+    are never changed, only which shards they serve.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        backend: StorageBackend,
+        headers: dict[str, FileHeader],
+        landing: Landing,
+        *,
+        settings: FetchSettings,
+        scheduler: FetchScheduler,
+        priority: Callable[[], float],
+        on_landed: Callable[[int], None],
+        timeline: Timeline,
+    ) -> None:
+        self.plan = plan
+        self.backend = backend
+        self.headers = headers
+        self.landing = landing
+        self.settings = settings
+        self.scheduler = scheduler
+        self.priority = priority
+        self.on_landed = on_landed
+        self.timeline = timeline
+        self.budget = ByteBudget(settings.queue_bytes)
+        self._order = asyncio.Lock()
+        self._next = 0
+        self._landed: set[int] = set()
+        self._applied: set[int] = set()
+        self._notified: set[int] = set()
+        self._released: set[int] = set()
+        self._more = asyncio.Event()  # set when a replan adds reads for idle workers
+        self._final = False
+        self._recount()
+
+    @property
+    def admitted(self) -> int:
+        """Reads admitted so far (a prefix of ``plan.reads``)."""
+        return self._next
+
+    def _recount(self) -> None:
+        self._pending_reads = [sum(r not in self._landed for r in s.reads) for s in self.plan.shards]
+        self._pending_shards = [sum(s not in self._applied for s in r.shards) for r in self.plan.reads]
+
+    async def replan(self, plan: Plan, *, final: bool = False) -> None:
+        """Adopt ``plan``, whose first ``admitted`` reads cover the same bytes as ours."""
+        old = [(r.file, r.start, r.end) for r in self.plan.reads[: self._next]]
+        if [(r.file, r.start, r.end) for r in plan.reads[: self._next]] != old:
+            raise ValueError("a new plan must keep every admitted read")
+        self.plan = plan
+        self._final = final
+        self._recount()
+        for r in sorted(self._landed):
+            await self._maybe_release(r)
+        for s in range(len(plan.shards)):
+            self._maybe_notify(s)
+        self._more.set()
+
+    def _maybe_notify(self, s: int) -> None:
+        if self._pending_reads[s] == 0 and s not in self._notified:
+            self._notified.add(s)
+            self.on_landed(s)
+
+    async def _maybe_release(self, r: int) -> None:
+        # Bytes of a read that serves no shard (yet) are already where they belong.
+        if r in self._landed and r not in self._released and self._pending_shards[r] == 0:
+            self._released.add(r)
+            self.landing.read_released(r, self.plan.reads[r])
+            await self.budget.release(self.plan.reads[r].nbytes)
+
+    async def run(self) -> None:
+        """Fetch everything; raises the first storage error (other reads are cancelled)."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(max(1, self.settings.concurrency)):
+                    tg.create_task(self._worker())
+        except* CicadaError as eg:
+            raise eg.exceptions[0] from None
+        except* TimeoutError:
+            raise StorageTimeout(
+                f"a weight read took longer than {self.settings.read_timeout_s:g} s"
+            ) from None
+        except* OSError as eg:
+            raise StorageError(f"weight read failed: {eg.exceptions[0]}") from None
+
+    async def _worker(self) -> None:
+        while True:
+            async with self._order:  # admission strictly in plan order
+                while self._next >= len(self.plan.reads):
+                    if self._final:
+                        return
+                    self._more.clear()
+                    await self._more.wait()  # a replan may add reads
+                i = self._next
+                self._next += 1
+                read = self.plan.reads[i]
+                await self.budget.acquire(read.nbytes)
+            await self.scheduler.acquire(self.priority())
+            try:
+                start = self.timeline.now()
+                async with asyncio.timeout(self.settings.read_timeout_s):
+                    await self.landing.fill(i, read, self.backend, self.headers[read.file].version)
+                self.timeline.add("fetch", f"read {i}", start, nbytes=read.nbytes)
+            finally:
+                self.scheduler.release()
+            await self.budget.landed()
+            self.landing.read_landed(i, read)
+            self._landed.add(i)
+            read = self.plan.reads[i]  # the current plan's view of which shards it serves
+            for s in read.shards:
+                self._pending_reads[s] -= 1
+                self._maybe_notify(s)
+            await self._maybe_release(i)
+
+    async def shard_applied(self, shard: int) -> None:
+        """Called (on the loop) once the executor applied ``shard``: frees its reads' budget."""
+        self._applied.add(shard)
+        for r in self.plan.shards[shard].reads:
+            self._pending_shards[r] -= 1
+            await self._maybe_release(r)

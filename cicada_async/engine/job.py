@@ -1,0 +1,190 @@
+"""One load's shared state: applying landed shards and the layer gates of the forward.
+
+The event loop reports landed shards; the executor thread applies them to the skeleton and
+runs the forward, whose pre-hooks block (applying whatever lands meanwhile) until a module's
+own shards are applied, so layer k computes while later layers are on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from protocols.errors import LoadError
+from protocols.manifest import Plan, TensorEntry
+
+from cicada_async.engine.executor import Executor
+from cicada_async.engine.landing import Landing
+from cicada_async.engine.modeldir import ModelSpec
+from cicada_async.engine.plan import DEFAULT_READ_BYTES
+from cicada_async.engine.skeleton import SkeletonIndex, materialize
+from cicada_async.engine.timeline import Timeline
+
+
+@dataclass
+class LoadOptions:
+    dtype: torch.dtype | None = None
+    device: torch.device = torch.device("cpu")
+    read_bytes: int = DEFAULT_READ_BYTES
+    load_timeout_s: float = 600.0
+    # Use the staging path (pinned slabs, device-side assembly) even on the CPU: for tests of
+    # the CUDA path on machines without a GPU.
+    staging: bool = False
+    # Local files: map them and let the kernel read into the page cache that tensors view
+    # (no copy, no zeroing). False reads into anonymous arenas with O_DIRECT instead.
+    mapped: bool = True
+
+
+class LoadJob:
+    """State shared by the fetch (loop thread) and the applies and forward (executor thread)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: nn.Module,
+        index: SkeletonIndex,
+        plan: Plan,
+        tensors: dict[str, TensorEntry],
+        landing: Landing,
+        options: LoadOptions,
+        executor: Executor,
+        timeline: Timeline,
+        loop: asyncio.AbstractEventLoop,
+        on_applied: Callable[[int], Any],
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.index = index
+        self.plan = plan
+        self.tensors = tensors
+        self.landing = landing
+        self.events: dict[int, Any] = {}
+        self.options = options
+        self.executor = executor
+        self.timeline = timeline
+        self.loop = loop
+        self.on_applied = on_applied
+        self.applied = [False] * len(plan.shards)
+        self.remaining = len(plan.shards)
+        self.error: BaseException | None = None
+        self.deadline = time.monotonic() + options.load_timeout_s
+        self._hooks: list[Any] = []
+        self.set_plan(plan)
+
+    def set_plan(self, plan: Plan) -> None:
+        """Adopt a re-planned (same shards, new order) plan before the gates go in."""
+        self.plan = plan
+        shard_of = {t: s.index for s in plan.shards for t in s.tensors}
+        self.module_shards: dict[str, list[int]] = {
+            m: sorted({shard_of[t] for t in names}) for m, names in self.index.module_slots.items()
+        }
+        self.uncalled_shards = sorted(
+            {i for m in plan.uncalled for i in self.module_shards.get(m, [])}
+            | {s.index for s in plan.shards if s.module == ""}
+        )
+
+    # loop thread -----------------------------------------------------------------------------
+    def shard_landed(self, i: int) -> None:
+        self.executor.post_apply(lambda: self._apply(i))
+
+    def fail(self, exc: BaseException) -> None:
+        self.executor.post_apply(lambda: self._fail(exc))
+
+    # executor thread ---------------------------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def _apply(self, i: int) -> None:
+        if self.error is not None or self.applied[i]:
+            return
+        shard = self.plan.shards[i]
+        start = self.timeline.now()
+        try:
+            for name in shard.tensors:
+                value = self.landing.make_tensor(self.tensors[name], self.plan, i)
+                materialize(self.index.slots[name], value)
+            ev = self.landing.shard_done()
+            if ev is not None:
+                self.events[i] = ev
+        except Exception as e:  # noqa: BLE001 - any apply failure fails the whole load
+            self.error = LoadError(f"applying weights of {shard.module or 'the model'}: {e}")
+            return
+        self.timeline.add("apply", shard.module, start, nbytes=shard.nbytes)
+        self.applied[i] = True
+        self.remaining -= 1
+        self.loop.call_soon_threadsafe(self.on_applied, i)
+
+    def wait_for(self, shards: list[int], what: str) -> None:
+        if all(self.applied[i] for i in shards) and self.error is None:
+            self._device_wait(shards)
+            return
+        start = self.timeline.now()
+        self.executor.wait_until(
+            lambda: self.error is not None or all(self.applied[i] for i in shards), self.deadline
+        )
+        self.timeline.add("wait", what, start)
+        if self.error is not None:
+            raise self.error
+        self._device_wait(shards)
+
+    def _device_wait(self, shards: list[int]) -> None:
+        # On CUDA the shard's copies may still be queued: compute waits on the device for its
+        # own copies only, without blocking the host.
+        if self.events:
+            stream = torch.cuda.current_stream(self.options.device)
+            for i in shards:
+                ev = self.events.pop(i, None)
+                if ev is not None:
+                    stream.wait_event(ev)
+
+    def wait_all(self) -> None:
+        self.executor.wait_until(lambda: self.error is not None or self.remaining == 0, self.deadline)
+        if self.error is not None:
+            raise self.error
+
+    def install_gates(self) -> None:
+        modules = dict(self.model.named_modules())
+        starts: dict[str, float] = {}
+
+        def gate(name: str, shards: list[int]) -> Callable[..., None]:
+            def pre(_m: nn.Module, _a: Any) -> None:
+                self.wait_for(shards, name)
+                starts[name] = self.timeline.now()
+
+            return pre
+
+        def done(name: str) -> Callable[..., None]:
+            def post(_m: nn.Module, _a: Any, _o: Any) -> None:
+                if name in starts:
+                    self.timeline.add("compute", name, starts.pop(name))
+
+            return post
+
+        for name, shards in self.module_shards.items():
+            mod = modules[name]
+            self._hooks.append(mod.register_forward_pre_hook(gate(name, shards)))
+            self._hooks.append(mod.register_forward_hook(done(name)))
+        if self.uncalled_shards:
+            # Weights of modules the dry run never called may be read by other code: the root
+            # waits for them (they are fetched early enough only if the plan puts them early).
+            self._hooks.append(
+                self.model.register_forward_pre_hook(gate("<uncalled>", self.uncalled_shards))
+            )
+
+    def check(self) -> None:
+        """Raise the load's error, if it failed (executor thread)."""
+        self.executor.run_applies()
+        if self.error is not None:
+            raise self.error
+
+    def remove_gates(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

@@ -1,0 +1,290 @@
+"""Where fetched bytes land and how they become tensors: one strategy per target device.
+
+- ``ArenaLanding`` (CPU): file-shaped arenas; a tensor is a view of the bytes it landed in.
+- ``StagingLanding`` (CUDA): a bounded pool of pinned host slabs, reused; each shard's bytes
+  are copied host-to-device on a dedicated stream, and an event per shard lets compute wait
+  for its own copies only. The whole model is never staged in host memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from protocols.errors import StorageError
+from protocols.manifest import FileHeader, Plan, ReadRange, TensorEntry
+from protocols.storage import StorageBackend
+
+from cicada_async.engine.arena import PAGE, Arena
+from cicada_async.engine.skeleton import tensor_from_bytes
+from cicada_async.engine.plan import MAX_GAP_BYTES
+
+
+class Landing(Protocol):
+    async def fill(self, r: int, read: ReadRange, backend: StorageBackend, version: str | None) -> None:
+        """Fetch read ``r``'s bytes from ``backend`` to where they land."""
+        ...
+
+    def read_landed(self, r: int, read: ReadRange) -> None:
+        """Loop thread: read ``r`` has filled its buffer."""
+        ...
+
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+        """Executor thread: the tensor for ``entry`` once all its reads have landed."""
+        ...
+
+    def shard_done(self) -> torch.cuda.Event | None:
+        """Executor thread, after a shard's tensors: what compute must wait for, if anything."""
+        ...
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        """Loop thread: every shard read ``r`` serves is applied; its memory may be reused."""
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+class _Converted:
+    """Byte ranges of tensors that were copied (converted) rather than viewed.
+
+    Only those ranges may be given back once applied: every tensor belongs to one shard, so
+    after its conversion nobody needs its source bytes, while bytes that a tensor views, or
+    that a shard not yet applied needs, lie outside them.
+    """
+
+    def __init__(self, headers: dict[str, FileHeader]) -> None:
+        self.spans: dict[str, list[tuple[int, int]]] = {k: [] for k in headers}
+
+    def note(self, entry: TensorEntry, t: torch.Tensor, raw: torch.Tensor) -> None:
+        if t.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
+            self.spans[entry.file].append((entry.start, entry.end))
+
+    def within(self, read: ReadRange) -> list[tuple[int, int]]:
+        return [
+            (max(a, read.start), min(b, read.end))
+            for a, b in self.spans[read.file]
+            if a < read.end and b > read.start
+        ]
+
+
+class _BufferFill:
+    """Landings that hand the backend a buffer to fill."""
+
+    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+        raise NotImplementedError
+
+    async def fill(self, r: int, read: ReadRange, backend: StorageBackend, version: str | None) -> None:
+        buf = await self.buffer_for(r, read)
+        await backend.read_into(read.file, read.start, buf, version=version)
+
+
+class _HostLanding:
+    """CPU landings whose tensors view the landed bytes (or copy them when converting)."""
+
+    dtype: torch.dtype | None
+    device = torch.device("cpu")
+    _converted: _Converted
+
+    def _bytes(self, entry: TensorEntry) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_landed(self, r: int, read: ReadRange) -> None:
+        return None  # the bytes are already where the tensors will be
+
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+        raw = self._bytes(entry)
+        t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        self._converted.note(entry, t, raw)
+        return t
+
+    def shard_done(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class MappedLanding(_HostLanding):
+    """Local files mapped into memory; a read asks the kernel to populate a range of the
+    mapping, so bytes go from disk into page-cache pages that the tensors view directly."""
+
+    def __init__(self, headers: dict[str, FileHeader], backend: Any, dtype: torch.dtype | None) -> None:
+        self.maps = {k: backend.map_file(k, h.size) for k, h in headers.items()}
+        self.views = {k: torch.frombuffer(m, dtype=torch.uint8) for k, m in self.maps.items()}
+        self.dtype = dtype
+        self._converted = _Converted(headers)
+
+    def _bytes(self, entry: TensorEntry) -> torch.Tensor:
+        return self.views[entry.file][entry.start : entry.end]
+
+    def file_bytes(self, key: str, header: FileHeader) -> memoryview:
+        return memoryview(self.maps[key])
+
+    async def fill(self, r: int, read: ReadRange, backend: Any, version: str | None) -> None:
+        await backend.populate(read.file, self.maps[read.file], read.start, read.nbytes, version=version)
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        for lo, hi in self._converted.within(read):
+            lo = -(-lo // PAGE) * PAGE
+            hi -= hi % PAGE
+            if hi > lo:  # unmapped pages stay in the page cache; RSS drops
+                self.maps[read.file].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+class ArenaLanding(_HostLanding, _BufferFill):
+    """File-shaped anonymous arenas that the backend reads into."""
+
+    def __init__(self, headers: dict[str, FileHeader], dtype: torch.dtype | None) -> None:
+        self.arenas = {k: Arena(h.size) for k, h in headers.items()}
+        self.dtype = dtype
+        self._converted = _Converted(headers)
+
+    def _bytes(self, entry: TensorEntry) -> torch.Tensor:
+        return self.arenas[entry.file].bytes_tensor(entry.start, entry.end)
+
+    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+        return self.arenas[read.file].buffer(read.start, read.end)
+
+    def file_bytes(self, key: str, header: FileHeader) -> memoryview:
+        # Reads start at the tensor data; the header bytes are known from parsing it.
+        buf = self.arenas[key].buffer(0, header.size)
+        buf[: len(header.raw)] = header.raw
+        return buf
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        for lo, hi in self._converted.within(read):
+            self.arenas[read.file].release(lo, hi)
+
+
+class StagingLanding(_BufferFill):
+    """Reads land in a bounded pool of reused host slabs and are copied to the device at once.
+
+    Each landed read is copied into a file-shaped buffer on the device on a dedicated stream
+    (posted to the executor thread, the GPU thread), and its slab goes back to the pool as soon
+    as that copy has run. A shard's tensors are views of the device buffer; the event recorded
+    after them is what the module's compute waits for (on the device, not on the host).
+    """
+
+    def __init__(
+        self,
+        headers: dict[str, FileHeader],
+        device: torch.device,
+        dtype: torch.dtype | None,
+        *,
+        slab_bytes: int,
+        pool_bytes: int,
+        post: Callable[[Callable[[], None]], None],
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.cuda = device.type == "cuda"
+        self.post = post
+        self.slab_bytes = slab_bytes
+        count = max(2, pool_bytes // max(slab_bytes, 1))
+        # Pinned memory makes host-to-device copies asynchronous and faster; pinning is costly,
+        # so the slabs are allocated once per load and reused.
+        self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
+        for _ in range(count):
+            self._free.put_nowait(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self.cuda))
+        self.slabs: dict[int, torch.Tensor] = {}
+        self.device_files = {
+            k: torch.empty(h.size, dtype=torch.uint8, device=device) for k, h in headers.items()
+        }
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+        self._poller: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+        if read.nbytes > self.slab_bytes:
+            raise ValueError(f"read of {read.nbytes} bytes exceeds the {self.slab_bytes}-byte slab")
+        slab = await self._free.get()
+        self.slabs[r] = slab
+        return memoryview(slab.numpy()).cast("B")[: read.nbytes]
+
+    def read_landed(self, r: int, read: ReadRange) -> None:
+        slab = self.slabs.pop(r)
+        self.post(lambda: self._copy(read, slab))
+
+    def _copy(self, read: ReadRange, slab: torch.Tensor) -> None:  # executor thread
+        dst = self.device_files[read.file][read.start : read.end]
+        if self.stream is None:
+            dst.copy_(slab[: read.nbytes])
+            self._loop.call_soon_threadsafe(self._free.put_nowait, slab)
+            return
+        with torch.cuda.stream(self.stream):
+            dst.copy_(slab[: read.nbytes], non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+        self._loop.call_soon_threadsafe(self._recycle_after, ev, slab)
+
+    def _recycle_after(self, ev: torch.cuda.Event, slab: torch.Tensor) -> None:
+        self._pending.append((ev, slab))
+        if self._poller is None or self._poller.done():
+            self._poller = self._loop.create_task(self._recycle())
+
+    async def _recycle(self) -> None:
+        while self._pending:
+            still = []
+            for ev, slab in self._pending:
+                if ev.query():
+                    self._free.put_nowait(slab)
+                else:
+                    still.append((ev, slab))
+            self._pending = still
+            if still:
+                await asyncio.sleep(0.0005)
+
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+        raw = self.device_files[entry.file][entry.start : entry.end]
+        if self.stream is None:
+            return tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        with torch.cuda.stream(self.stream):
+            t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        return t
+
+    def shard_done(self) -> torch.cuda.Event | None:
+        if self.stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.stream)
+        return ev
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        return None  # slabs were recycled after their copy
+
+    async def aclose(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+def landing_for(
+    headers: dict[str, FileHeader],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    *,
+    read_bytes: int,
+    alignment: int,
+    pool_bytes: int,
+    post: Callable[[Callable[[], None]], None],
+    staging: bool = False,
+    mapped_backend: Any = None,
+) -> Landing:
+    """Arenas for the CPU; pinned staging slabs for CUDA (or on request, to test that path)."""
+    if device.type == "cpu" and not staging:
+        if mapped_backend is not None:
+            try:
+                return MappedLanding(headers, mapped_backend, dtype)
+            except StorageError:
+                pass  # no populate support: read into arenas instead
+        return ArenaLanding(headers, dtype)
+    # A read is at most 1.25 read sizes (no runt pieces) plus alignment at both ends.
+    slab = read_bytes + read_bytes // 4 + 2 * alignment + MAX_GAP_BYTES
+    return StagingLanding(headers, device, dtype, slab_bytes=slab, pool_bytes=pool_bytes, post=post)

@@ -1,0 +1,82 @@
+"""``cicada.manifest.json``: per-file sizes and SHA-256 digests, parsed and checked.
+
+Ranged reads carry no whole-object checksum (S3 ETags are not digests), so a packed model
+carries its own; the engine verifies every file against it before the load counts as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from protocols.errors import CheckpointError, IntegrityError
+from protocols.manifest import FileHeader
+
+if TYPE_CHECKING:
+    from cicada_async.engine.landing import Landing
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "cicada.manifest.json"
+
+
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def load_manifest(data: bytes) -> dict[str, Any]:
+    """Parse and check a ``cicada.manifest.json``; CheckpointError when it is malformed."""
+    from backends._remote import check_key  # the same key rules as the storage backends
+    from protocols.errors import StorageError
+
+    try:
+        manifest = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{MANIFEST_NAME} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{MANIFEST_NAME} has no 'files' table")
+    for key, entry in manifest["files"].items():
+        try:
+            check_key(key)
+        except StorageError as e:
+            raise CheckpointError(f"{MANIFEST_NAME}: {e}") from None
+        size, digest = (entry or {}).get("size"), (entry or {}).get("sha256")
+        if not (isinstance(size, int) and size >= 0 and not isinstance(size, bool)):
+            raise CheckpointError(f"{MANIFEST_NAME}: {key!r} has no valid size")
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= set("0123456789abcdef")):
+            raise CheckpointError(f"{MANIFEST_NAME}: {key!r} has no valid sha256")
+    order = manifest.setdefault("order", [])
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+        raise CheckpointError(f"{MANIFEST_NAME}: 'order' is not a list of tensor names")
+    return manifest
+
+
+def verify(file_key: str, buffer: memoryview | bytes | bytearray, manifest: dict[str, Any]) -> None:
+    """IntegrityError unless ``buffer`` is exactly the file the manifest describes."""
+    entry = manifest["files"].get(file_key)
+    if entry is None:
+        raise IntegrityError(f"{file_key} is not in {MANIFEST_NAME}")
+    view = memoryview(buffer).cast("B")
+    if len(view) != entry["size"]:
+        raise IntegrityError(f"{file_key}: {len(view)} bytes, the manifest says {entry['size']}")
+    digest = hashlib.sha256(view).hexdigest()
+    if digest != entry["sha256"]:
+        raise IntegrityError(f"{file_key}: SHA-256 {digest} does not match the manifest")
+
+
+async def verify_files(landing: Landing, hdrs: dict[str, FileHeader], manifest: dict[str, Any]) -> None:
+    """Check every weight file against the manifest's sha256 (``cicada pack`` writes it)."""
+    files = getattr(landing, "file_bytes", None)
+    if files is None:
+        log.warning("this landing (%s) cannot verify checksums; skipped", type(landing).__name__)
+        return
+    # hashlib releases the GIL on large buffers: files hash in parallel with compute.
+    await asyncio.gather(*(asyncio.to_thread(verify, k, files(k, h), manifest) for k, h in hdrs.items()))

@@ -1,0 +1,335 @@
+"""One cold start, stage by stage: spec, headers, fetch, skeleton, plan, dry run, forward, verify.
+
+``ColdStart.run`` reads top to bottom in the order the work starts. The event loop runs the
+fetch; the executor thread builds the skeleton, plans, applies landed shards and computes.
+Fetching starts as soon as the safetensors headers are known, in file order, while the
+skeleton is built; the plan then re-orders the reads not yet admitted, first by registration
+order and then by the execution order the dry forward finds (or at once, from a cached plan).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from protocols.errors import CheckpointError, CicadaError, InferenceError, LoadError
+from protocols.manifest import FileHeader, Plan, TensorEntry
+from protocols.storage import StorageBackend
+
+from cicada_async.engine.executor import Executor
+from cicada_async.engine.fetch import Fetcher, FetchScheduler, FetchSettings
+from cicada_async.engine.forward import run_forward
+from cicada_async.engine.headers import read_header
+from cicada_async.engine.job import LoadJob, LoadOptions
+from cicada_async.engine.landing import Landing, landing_for
+from cicada_async.engine.manifest import verify_files
+from cicada_async.engine.modeldir import ModelSpec, read_model_spec
+from cicada_async.engine.plan import (
+    build_plan,
+    execution_order,
+    file_order_reads,
+    make_plan,
+    planned_modules,
+    shard_groups,
+)
+from cicada_async.engine.skeleton import SkeletonIndex, build_skeleton, index_skeleton
+from cicada_async.engine.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+PREFETCH_READ_BYTES = 32 << 20
+
+Outputs = dict[str, torch.Tensor] | BaseException | None
+
+
+@dataclass
+class LoadRequest:
+    """What one cold start is asked to do, beyond where the weights are."""
+
+    options: LoadOptions = field(default_factory=LoadOptions)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    inputs: dict[str, torch.Tensor] | None = None
+    """With inputs, the gated forward computes while the model loads."""
+    priority: Callable[[], float] = lambda: 0.0
+    """Read priority, asked again for every read (lower is more urgent)."""
+    cached_plan: Plan | None = None
+    """A known execution order: no dry forward."""
+    on_prepared: Callable[[LoadJob], None] | None = None
+    """Called once the gates are in: from then on other forwards may join the load."""
+    shard_order: Callable[[list[int]], list[int]] | None = None
+    """For tests: hold every landed shard, then apply them in this permuted order."""
+
+
+async def cold_start(
+    backend: StorageBackend,
+    executor: Executor,
+    scheduler: FetchScheduler,
+    request: LoadRequest | None = None,
+    *,
+    timeline: Timeline | None = None,
+) -> tuple[nn.Module, Outputs, LoadJob]:
+    """Load a model through the pipeline; see ``ColdStart.run``."""
+    return await ColdStart(backend, executor, scheduler, request or LoadRequest(), timeline or Timeline()).run()
+
+
+class ColdStart:
+    def __init__(self, backend: StorageBackend, executor: Executor, scheduler: FetchScheduler,
+                 request: LoadRequest, timeline: Timeline) -> None:
+        self.backend = backend
+        self.executor = executor
+        self.scheduler = scheduler
+        self.request = request
+        self.options = request.options
+        self.timeline = timeline
+        self.alignment = max(getattr(backend, "alignment", 1), 1)
+        self.job: LoadJob | None = None
+        self._applied: asyncio.Queue[int] = asyncio.Queue()
+        self._held: list[int] = []
+
+    async def run(self) -> tuple[nn.Module, Outputs, LoadJob]:
+        """Returns the loaded model, the gated forward's outputs and the job.
+
+        The outputs are None without inputs, and the exception when only that forward failed
+        (bad inputs: the load itself is fine). On a load failure nothing half-loaded is kept
+        and the load's own error is raised.
+        """
+        spec = await self.read_spec()
+        skeleton = asyncio.ensure_future(self.executor.run(lambda: self.build_skeleton(spec), priority=-1))
+        try:
+            hdrs = await self.read_headers(spec)
+            landing = self.open_landing(hdrs)
+        except BaseException:
+            skeleton.cancel()
+            raise
+        fetcher = self.start_fetch(hdrs, landing)
+        outputs: Outputs = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                fetching = tg.create_task(self._fetch_or_fail(fetcher))
+                releaser = tg.create_task(self._release_budget(fetcher))
+                model = await skeleton
+                job = await self.plan(spec, model, hdrs, landing, fetcher)
+                if self.request.cached_plan is None:
+                    await self.dry_run(job, fetcher)
+                job.install_gates()
+                if self.request.on_prepared is not None:
+                    self.request.on_prepared(job)
+                if self.request.inputs is not None:
+                    outputs = await self.gated_forward(job, self.request.inputs)
+                await fetching
+                await self.verify(spec, landing, hdrs)
+                await self.executor.run(job.wait_all, priority=-1)
+                releaser.cancel()
+        except* CicadaError as eg:
+            if self.job is not None:
+                self.job.fail(eg.exceptions[0])
+            raise eg.exceptions[0] from None
+        except* BaseException as eg:
+            err = eg.exceptions[0]
+            if self.job is not None:
+                self.job.fail(err if isinstance(err, Exception) else LoadError("load cancelled"))
+            raise
+        finally:
+            if not skeleton.done():
+                skeleton.cancel()
+            await landing.aclose()
+        # Gates come off on the executor thread, between forwards, and only after a successful
+        # load: after a failure they stay, so a forward that joined the load meets the load's
+        # error at its first gate instead of computing on a half-loaded model.
+        await self.executor.run(job.remove_gates, priority=-1)
+        return model, outputs, job
+
+    # stages, in the order they start ---------------------------------------------------------
+    async def read_spec(self) -> ModelSpec:
+        with self.timeline.stage("spec"):
+            return await read_model_spec(self.backend)
+
+    def build_skeleton(self, spec: ModelSpec) -> nn.Module:  # executor thread
+        with self.timeline.stage("skeleton"):
+            return build_skeleton(spec, self.options.dtype)
+
+    async def read_headers(self, spec: ModelSpec) -> dict[str, FileHeader]:
+        with self.timeline.stage("headers"):
+            return await read_headers(self.backend, spec)
+
+    def open_landing(self, hdrs: dict[str, FileHeader]) -> Landing:
+        o = self.options
+        return landing_for(
+            hdrs, o.device, o.dtype, read_bytes=o.read_bytes, alignment=self.alignment,
+            pool_bytes=self.request.fetch.queue_bytes, post=self.executor.post_apply, staging=o.staging,
+            mapped_backend=self.backend if o.mapped and hasattr(self.backend, "map_file") else None,
+        )
+
+    def start_fetch(self, hdrs: dict[str, FileHeader], landing: Landing) -> Fetcher:
+        """Reads in file order until the plan exists; the plan re-orders what is not admitted."""
+        # Before the plan exists, read in larger pieces (4 read sizes, at most 32 MiB): the
+        # skeleton build (and, in a fresh process, the transformers import) holds the GIL, and
+        # each read costs the loop a GIL hand-over of up to 5 ms. Staging slabs fix the size.
+        read_bytes = self.options.read_bytes
+        if not hasattr(landing, "slab_bytes"):
+            read_bytes = max(read_bytes, min(4 * read_bytes, PREFETCH_READ_BYTES))
+        reads = tuple(file_order_reads(hdrs, read_bytes=read_bytes, alignment=self.alignment))
+        return Fetcher(Plan((), (), reads, "file", ()), self.backend, hdrs, landing,
+                       settings=self.request.fetch, scheduler=self.scheduler,
+                       priority=self.request.priority, on_landed=self._landed, timeline=self.timeline)
+
+    async def plan(self, spec: ModelSpec, model: nn.Module, hdrs: dict[str, FileHeader],
+                   landing: Landing, fetcher: Fetcher) -> LoadJob:
+        """Index the skeleton, group tensors into per-module shards and re-order the fetch."""
+        tensors = all_tensors(hdrs)
+        cached = self.request.cached_plan
+
+        def planning() -> tuple[SkeletonIndex, list[tuple[str, list[str]]], list[str]]:
+            with self.timeline.stage("plan"):
+                index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
+                modules = list(cached.modules) if cached is not None else planned_modules(model, index)
+                return index, shard_groups(model, index, tensors, modules), modules
+
+        index, self._groups, modules = await self.executor.run(planning, priority=-1)
+        self._tensors = tensors
+        self._file_sizes = {k: h.size for k, h in hdrs.items()}
+        if cached is not None:
+            plan = self._plan_for(fetcher, modules, cached.order_source, list(cached.uncalled))
+        else:
+            plan = self._plan_for(fetcher, modules, "registration", [])
+        self.job = LoadJob(spec, model, index, plan, tensors, landing, self.options, self.executor,
+                           self.timeline, asyncio.get_running_loop(), self._applied.put_nowait)
+        await fetcher.replan(plan, final=cached is not None)
+        return self.job
+
+    async def dry_run(self, job: LoadJob, fetcher: Fetcher) -> None:
+        """Find the execution order on the executor while the first reads are on the wire."""
+        modules = list(job.plan.modules)
+
+        def order() -> tuple[list[str], str, list[str]]:
+            with self.timeline.stage("dry-run"):
+                return execution_order(job.model, job.spec, modules)
+
+        exec_modules, source, uncalled = await self.executor.run(order, priority=-1)
+        if self._groups and self._groups[-1][0] == "":
+            uncalled = [*uncalled, ""]
+        plan = self._plan_for(fetcher, exec_modules, source, uncalled)
+        job.set_plan(plan)
+        await fetcher.replan(plan, final=True)
+
+    async def gated_forward(self, job: LoadJob, inputs: dict[str, torch.Tensor]) -> Outputs:
+        def gated() -> dict[str, torch.Tensor]:
+            with self.timeline.stage("forward"):
+                return run_forward(job.model, inputs, self.options.device)
+
+        try:
+            return await self.executor.run(gated, priority=self.request.priority())
+        except InferenceError as e:
+            if job.error is not None:
+                raise job.error from None
+            return e  # this request's inputs were bad; the load goes on
+
+    async def verify(self, spec: ModelSpec, landing: Landing, hdrs: dict[str, FileHeader]) -> None:
+        if spec.manifest is not None:
+            with self.timeline.stage("verify"):
+                await verify_files(landing, hdrs, spec.manifest)
+
+    # plumbing --------------------------------------------------------------------------------
+    def _plan_for(self, fetcher: Fetcher, modules: list[str], source: str, uncalled: list[str]) -> Plan:
+        groups = self._groups
+        pos = {m: i for i, m in enumerate(modules)}
+        order = sorted(range(len(groups)), key=lambda i: (pos.get(groups[i][0], len(pos)), i))
+        return make_plan(
+            groups, fetcher.plan.reads[: fetcher.admitted], self._tensors, self._file_sizes,
+            read_bytes=self.options.read_bytes, alignment=self.alignment, modules=modules,
+            source=source, uncalled=uncalled, shard_order=order,
+        )
+
+    def _landed(self, i: int) -> None:
+        job = self.job
+        assert job is not None  # shards exist only once the job does
+        permute = self.request.shard_order
+        if permute is None:
+            job.shard_landed(i)
+            return
+        self._held.append(i)
+        if len(self._held) == len(job.plan.shards):
+            for j in permute(list(self._held)):
+                job.shard_landed(j)
+
+    async def _release_budget(self, fetcher: Fetcher) -> None:
+        while True:
+            await fetcher.shard_applied(await self._applied.get())
+
+    async def _fetch_or_fail(self, fetcher: Fetcher) -> None:
+        try:
+            with self.timeline.stage("fetch"):
+                await fetcher.run()
+        except BaseException as e:
+            # Wake a forward blocked in a gate: it must fail with this error, not hang.
+            if self.job is not None:
+                self.job.fail(e if isinstance(e, Exception) else LoadError("load cancelled"))
+            raise
+
+
+async def read_headers(backend: StorageBackend, spec: ModelSpec) -> dict[str, FileHeader]:
+    hs = await asyncio.gather(*(read_header(backend, k) for k in spec.weight_files))
+    return {h.key: h for h in hs}
+
+
+def all_tensors(hdrs: dict[str, FileHeader]) -> dict[str, TensorEntry]:
+    tensors: dict[str, TensorEntry] = {}
+    for h in hdrs.values():
+        for name, e in h.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {e.file}")
+            tensors[name] = e
+    return tensors
+
+
+async def prepare(
+    backend: StorageBackend,
+    executor: Executor,
+    options: LoadOptions,
+    timeline: Timeline,
+    *,
+    alignment: int,
+    cached_plan: Plan | None = None,
+    dry_run: bool = True,
+) -> tuple[ModelSpec, nn.Module, SkeletonIndex, Plan, dict[str, FileHeader]]:
+    """Spec, skeleton, index and plan without fetching (``cicada plan``).
+
+    With ``dry_run=False`` the plan follows registration order (or ``cached_plan``'s order).
+    """
+    with timeline.stage("spec"):
+        spec = await read_model_spec(backend)
+
+    async def headers() -> dict[str, FileHeader]:
+        with timeline.stage("headers"):
+            return await read_headers(backend, spec)
+
+    def skeleton() -> nn.Module:
+        with timeline.stage("skeleton"):
+            return build_skeleton(spec, options.dtype)
+
+    hdrs, model = await asyncio.gather(headers(), executor.run(skeleton, priority=-1))
+    tensors = all_tensors(hdrs)
+
+    def planning() -> tuple[SkeletonIndex, Plan]:
+        with timeline.stage("plan"):
+            index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
+            order = list(cached_plan.modules) if cached_plan is not None else None
+            if order is None and not dry_run:
+                order = [n for n, _ in model.named_modules() if index.module_slots.get(n)]
+            plan = build_plan(
+                model, spec, index, tensors, {k: h.size for k, h in hdrs.items()},
+                read_bytes=options.read_bytes, alignment=alignment, order=order,
+            )
+            if cached_plan is not None:
+                plan = replace(plan, order_source=cached_plan.order_source, uncalled=cached_plan.uncalled)
+            elif not dry_run:
+                plan = replace(plan, order_source="registration", uncalled=())
+            return index, plan
+
+    index, plan = await executor.run(planning, priority=-1)
+    return spec, model, index, plan, hdrs

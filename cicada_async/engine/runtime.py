@@ -1,0 +1,344 @@
+"""Engine and model instances: the serverless lifecycle of models on one executor thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from backends import open_backend, scheme_of
+from protocols.errors import CicadaError, ConfigError, LoadError
+from protocols.manifest import Plan
+
+from cicada_async.engine.fetch import FetchScheduler, FetchSettings
+from cicada_async.engine.executor import Executor
+from cicada_async.engine.forward import run_forward
+from cicada_async.engine.job import LoadJob, LoadOptions
+from cicada_async.engine.pipeline import LoadRequest, cold_start
+from cicada_async.engine.plan import DEFAULT_READ_BYTES
+from cicada_async.engine.timeline import Timeline
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_V2_TYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16",
+             torch.int64: "INT64", torch.int32: "INT32", torch.bool: "BOOL", torch.uint8: "UINT8"}
+
+
+@dataclass
+class ModelOptions:
+    """How one model is served."""
+
+    dtype: str | None = None
+    """"float32", "bfloat16" or "float16"; None serves the checkpoint's dtype."""
+    device: str = "cpu"
+    """"cpu" or "cuda[:N]"."""
+
+    def load_options(self, read_bytes: int, load_timeout_s: float) -> LoadOptions:
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device {self.device!r} is not a torch device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but CUDA is not available")
+        return LoadOptions(
+            dtype=_DTYPES[self.dtype] if self.dtype else None, device=device,
+            read_bytes=read_bytes, load_timeout_s=load_timeout_s,
+        )
+
+
+class Engine:
+    """Owns the executor thread, the fetch scheduler and storage settings."""
+
+    def __init__(
+        self,
+        *,
+        storage: Mapping[str, Mapping[str, Any]] | None = None,
+        read_concurrency: int = 4,
+        read_bytes: int = DEFAULT_READ_BYTES,
+        queue_bytes: int = 256 << 20,
+        read_timeout_s: float = 60.0,
+        load_timeout_s: float = 600.0,
+        warm_imports: bool = True,
+    ) -> None:
+        self.warm_imports = warm_imports
+        self.storage = {k: dict(v) for k, v in (storage or {}).items()}
+        self.fetch = FetchSettings(read_concurrency, queue_bytes, read_timeout_s)
+        self.read_bytes = read_bytes
+        self.load_timeout_s = load_timeout_s
+        self.executor = Executor()
+        self.scheduler = FetchScheduler(read_concurrency)
+        self.instances: dict[str, ModelInstance] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> "Engine":
+        self.executor.start()
+        if self.warm_imports:
+            # transformers takes seconds to import; do it on the idle executor thread now, so a
+            # process started by a scale-from-zero pays it while waiting for the first request.
+            self.executor.submit(_import_model_libraries, priority=10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for inst in list(self.instances.values()):
+            await inst.unload()
+        # join() blocks: keep it off the event loop.
+        await asyncio.to_thread(self.executor.stop)
+
+    @property
+    def healthy(self) -> bool:
+        """False once the executor thread has died or been stopped: report not ready."""
+        return self.executor.alive
+
+    async def restart_executor(self) -> None:
+        """Replace a dead executor thread. Loaded models are dropped: their state is unknown."""
+        for inst in list(self.instances.values()):
+            inst._forget()
+        old = self.executor
+        self.executor = Executor()
+        self.executor.start()
+        await asyncio.to_thread(old.stop, 1.0)
+
+    def instance(
+        self, name: str, uri: str, options: ModelOptions | None = None, *, describe: bool = True
+    ) -> "ModelInstance":
+        inst = ModelInstance(self, name, uri, options or ModelOptions())
+        self.instances[name] = inst
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return inst
+        if not describe:
+            return inst
+        # Metadata (input names, dtypes) from the config files, without loading weights.
+        task = loop.create_task(inst.describe_quietly(), name=f"describe {name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return inst
+
+
+class ModelInstance:
+    """One servable model: unloaded -> loading -> ready, back to unloaded on unload or failure."""
+
+    def __init__(self, engine: Engine, name: str, uri: str, options: ModelOptions) -> None:
+        self.engine = engine
+        self.name = name
+        self.uri = uri
+        self.options = options
+        self.state = "unloaded"
+        self.nbytes: int | None = None
+        self.last_error: str | None = None
+        self.last_timeline: Timeline | None = None
+        self.last_used = time.monotonic()
+        self.cold_starts = 0
+        self._model: nn.Module | None = None
+        self._load: asyncio.Task[None] | None = None
+        self._job: asyncio.Future[LoadJob] | None = None
+        self._plan: Plan | None = None  # reused by later loads of the same weights
+        self._fetch_priority = 0.0
+        self._io: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+        self._first_outputs: asyncio.Future[dict[str, torch.Tensor] | None] | None = None
+        self._load_error: BaseException | None = None
+        self._inputs_meta: list[dict[str, Any]] = []
+        options.load_options(read_bytes=1, load_timeout_s=1)  # validate early
+
+    # public API --------------------------------------------------------------------------------
+    async def infer(self, inputs: dict[str, torch.Tensor], *, priority: int = 0) -> dict[str, torch.Tensor]:
+        self.last_used = time.monotonic()
+        try:
+            if self.state == "ready" and self._model is not None:
+                return await self.engine.executor.run(
+                    run_forward, self._model, inputs, torch.device(self.options.device), priority=priority
+                )
+            if self._load is None:
+                # This request's inputs ride along with the load: it computes while loading.
+                self._start_load(priority, inputs)
+                assert self._first_outputs is not None
+                out = await asyncio.shield(self._first_outputs)
+                if out is not None:
+                    return out
+            assert self._job is not None
+            job = await asyncio.shield(self._job)
+            device = torch.device(self.options.device)
+
+            def joined() -> dict[str, torch.Tensor]:
+                job.check()  # a failed load's model must not compute
+                return run_forward(job.model, inputs, device)
+
+            return await self.engine.executor.run(joined, priority=priority)
+        finally:
+            self.last_used = time.monotonic()
+
+    async def load(self, *, priority: int = 0) -> None:
+        if self.state == "ready":
+            return
+        if self._load is None:
+            self._start_load(priority, None)
+        assert self._job is not None
+        # The job future carries the load's error when it fails before or while planning;
+        # after planning, the load task's own outcome does.
+        await asyncio.shield(self._job)
+        load = self._load
+        if load is not None:
+            await asyncio.shield(load)
+        if self.state != "ready":
+            raise self._load_error or LoadError(f"loading {self.name} failed")
+
+    async def unload(self) -> None:
+        load = self._load
+        if load is not None and not load.done():
+            load.cancel()
+            try:
+                await load
+            except (asyncio.CancelledError, CicadaError):
+                pass
+        model, self._model = self._model, None
+        self._load = None
+        self._job = None
+        self.state = "unloaded"
+        if model is not None and self.engine.executor.alive:
+            # Drop the last reference on the executor thread, after any forward in flight.
+            await self.engine.executor.run(lambda: None)
+        del model
+
+    def _forget(self) -> None:
+        """Drop everything without the executor's help (it is dead)."""
+        if self._load is not None and not self._load.done():
+            self._load.cancel()
+        self._model = None
+        self._load = None
+        self._job = None
+        self.state = "unloaded"
+
+    def set_fetch_priority(self, priority: int) -> None:
+        self._fetch_priority = float(priority)
+
+    def io_spec(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Input and output metadata ([{name, datatype, shape}]); outputs known after a load."""
+        if self._io is not None:
+            return self._io
+        return list(self._inputs_meta), []
+
+    async def describe_quietly(self) -> None:
+        try:
+            async with asyncio.timeout(30):
+                await self.describe()
+        except Exception as e:  # noqa: BLE001 - metadata stays empty; the load will say why
+            log.info("could not read the config of %s yet: %s", self.name, e)
+
+    async def describe(self) -> None:
+        """Read the model's config files (not its weights) so metadata has its inputs."""
+        backend = open_backend(self.uri, self.engine.storage.get(scheme_of(self.uri), {}))
+        try:
+            from cicada_async.engine.modeldir import read_model_spec
+
+            spec = await read_model_spec(backend)
+        finally:
+            await backend.aclose()
+        self._inputs_meta = _inputs_meta(spec)
+
+    # internals ---------------------------------------------------------------------------------
+    def _start_load(self, priority: int, inputs: dict[str, torch.Tensor] | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.state = "loading"
+        self._fetch_priority = float(priority)
+        self._job = loop.create_future()
+        self._first_outputs = loop.create_future()
+        self._load = loop.create_task(self._run_load(inputs, priority), name=f"load {self.name}")
+
+    async def _run_load(self, inputs: dict[str, torch.Tensor] | None, priority: int) -> None:
+        assert self._job is not None and self._first_outputs is not None
+        job_fut, out_fut = self._job, self._first_outputs
+        engine = self.engine
+        timeline = Timeline()
+        started = time.monotonic()
+        try:
+            options = self.options.load_options(engine.read_bytes, engine.load_timeout_s)
+            backend = open_backend(self.uri, engine.storage.get(scheme_of(self.uri), {}))
+            try:
+                request = LoadRequest(
+                    options=options, fetch=engine.fetch, inputs=inputs,
+                    priority=lambda: self._fetch_priority, cached_plan=self._plan,
+                    on_prepared=lambda j: _set(job_fut, j),
+                )
+                model, outputs, job = await cold_start(
+                    backend, engine.executor, engine.scheduler, request, timeline=timeline
+                )
+            finally:
+                await backend.aclose()
+        except BaseException as e:
+            err = e if isinstance(e, CicadaError) else LoadError(f"loading {self.name} failed: {e}")
+            if isinstance(e, asyncio.CancelledError):
+                err = LoadError(f"loading {self.name} was cancelled")
+            self.state = "unloaded"
+            self.last_error = str(err)
+            self._load = None
+            self._job = None
+            for fut in (job_fut, out_fut):
+                if not fut.done():
+                    fut.set_exception(err)
+                    fut.exception()  # retrieved: no "never retrieved" warning when unused
+            self._load_error = err
+            log.warning('{"event": "load_failed", "model": "%s", "error": "%s"}', self.name, str(err).replace('"', "'"))
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            return  # the error reaches callers through the futures, not the task
+        self._model = model
+        self._plan = job.plan
+        self.nbytes = job.plan.nbytes
+        self.last_timeline = timeline
+        self.last_error = None
+        self.cold_starts += 1
+        self._io = _io_spec(job, outputs if isinstance(outputs, dict) else None)
+        self.state = "ready"
+        self._load_error = None
+        if isinstance(outputs, BaseException):
+            # Only the first request's forward failed (bad inputs): it gets that error.
+            out_fut.set_exception(outputs)
+            out_fut.exception()
+        else:
+            _set(out_fut, outputs)
+        log.info("cold start %s: %.3f s", self.name, time.monotonic() - started)
+
+
+def _import_model_libraries() -> None:
+    try:
+        import transformers  # noqa: F401
+
+        transformers.PreTrainedModel  # noqa: B018 - the lazy module loads on first access
+        from cicada_async.engine.modeldir import import_conversion_mapping
+
+        import_conversion_mapping()
+    except ImportError:  # plain-PyTorch models need no transformers
+        pass
+
+
+def _set(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _inputs_meta(spec: Any) -> list[dict[str, Any]]:
+    return [
+        {"name": n, "datatype": _V2_TYPES.get(dt, "FP32"), "shape": list(shape)}
+        for n, (shape, dt) in spec.example_inputs.items()
+    ]
+
+
+def _io_spec(job: LoadJob, outputs: dict[str, torch.Tensor] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    inputs = _inputs_meta(job.spec)
+    outs = [
+        {"name": n, "datatype": _V2_TYPES.get(t.dtype, "FP32"), "shape": [-1] * t.dim()}
+        for n, t in (outputs or {}).items()
+    ]
+    return inputs, outs

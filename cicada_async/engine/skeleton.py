@@ -1,0 +1,227 @@
+"""MiniLoader: build a layer skeleton without parameter init, then materialize it from bytes.
+
+Parameters are created on the ``meta`` device (the checkpoint overwrites them anyway) while
+buffers stay real, because non-persistent buffers (rotary ``inv_freq``, position ids) are not
+in checkpoints and must keep the values ``__init__`` computed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from protocols.errors import WeightMismatch
+from protocols.manifest import TensorEntry
+
+if TYPE_CHECKING:
+    from cicada_async.engine.modeldir import ModelSpec
+
+# safetensors dtype code -> torch dtype
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+_patch_lock = threading.Lock()  # the patches below are process-wide; build one model at a time
+
+
+def _skip_on_meta(fn: Callable[..., object]) -> Callable[..., object]:
+    def init(tensor: torch.Tensor, *args: object, **kwargs: object) -> object:
+        if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+            return tensor
+        return fn(tensor, *args, **kwargs)
+
+    init.__wrapped__ = fn  # type: ignore[attr-defined]
+    return init
+
+
+@contextlib.contextmanager
+def skeleton_mode() -> Iterator[None]:
+    """Inside, new parameters land on ``meta`` and init functions skip meta tensors."""
+
+    orig_register = nn.Module.register_parameter
+
+    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        orig_register(self, name, param)
+        if param is not None and not param.is_meta:
+            p = self._parameters[name]
+            assert p is not None
+            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    # Init functions on meta tensors still cost ~3 ms each as Python dispatch: skip them.
+    targets: list[tuple[object, str]] = []
+    for mod in (nn.init, sys.modules.get("transformers.initialization")):
+        if mod is None:
+            continue
+        targets += [(mod, n) for n in dir(mod) if n.endswith("_") and not n.startswith("_")]
+    targets += [(torch.Tensor, n) for n in ("normal_", "uniform_", "zero_", "fill_")]
+
+    with _patch_lock:
+        saved = [(obj, n, getattr(obj, n)) for obj, n in targets if callable(getattr(obj, n))]
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        for obj, n, fn in saved:
+            setattr(obj, n, _skip_on_meta(fn))
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = orig_register  # type: ignore[method-assign]
+            for obj, n, fn in saved:
+                setattr(obj, n, fn)
+
+
+@dataclass
+class Slot:
+    """One checkpoint-backed tensor of the model: a parameter (maybe tied) or a buffer."""
+
+    names: list[str]  # every qualified name that refers to it (tied parameters share a slot)
+    owners: list[tuple[nn.Module, str]]  # (module, attribute) pairs holding it
+    shape: tuple[int, ...]
+    is_param: bool
+    source: str | None = None  # the checkpoint name it is read from
+    requires_grad: bool = False
+
+
+@dataclass
+class SkeletonIndex:
+    """Which checkpoint tensor fills which slot, validated against the checkpoint's tensors."""
+
+    slots: dict[str, Slot]  # by source (checkpoint) name
+    module_slots: dict[str, list[str]] = field(default_factory=dict)  # module -> source names
+
+
+def index_skeleton(
+    model: nn.Module,
+    tensors: dict[str, TensorEntry],
+    rename: Callable[[str], str] | None = None,
+) -> SkeletonIndex:
+    """Match the skeleton's parameters and persistent buffers to checkpoint tensors.
+
+    ``rename`` maps a checkpoint name to the model's name for it (transformers renames legacy
+    checkpoint keys such as ``encoder.layer.0`` to ``layers.0``).
+
+    Raises one WeightMismatch naming every missing, unexpected and mis-shaped tensor.
+    """
+    by_id: dict[int, Slot] = {}
+    order: list[Slot] = []
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for mname, module in modules.items():
+        prefix = f"{mname}." if mname else ""
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
+            slot = by_id.get(id(p))
+            if slot is None:
+                slot = Slot([], [], tuple(p.shape), True, requires_grad=p.requires_grad)
+                by_id[id(p)] = slot
+                order.append(slot)
+            if f"{prefix}{pname}" not in slot.names:
+                slot.names.append(f"{prefix}{pname}")
+                slot.owners.append((module, pname))
+        for bname, b in module._buffers.items():
+            if b is None or bname in module._non_persistent_buffers_set:
+                continue
+            slot = by_id.get(id(b))
+            if slot is None:
+                slot = Slot([], [], tuple(b.shape), False)
+                by_id[id(b)] = slot
+                order.append(slot)
+            if f"{prefix}{bname}" not in slot.names:
+                slot.names.append(f"{prefix}{bname}")
+                slot.owners.append((module, bname))
+
+    by_model_name = {rename(n): n for n in tensors} if rename else {n: n for n in tensors}
+    missing: list[str] = []
+    shapes: list[str] = []
+    used: set[str] = set()
+    slots: dict[str, Slot] = {}
+    for slot in order:
+        # transformers drops tied duplicates when saving: any one of the names will do.
+        found = [by_model_name[n] for n in slot.names if n in by_model_name]
+        if not found:
+            missing.append(slot.names[0])
+            continue
+        slot.source = found[0]
+        used.update(found)
+        entry = tensors[slot.source]
+        if entry.shape != slot.shape:
+            shapes.append(f"{slot.source} (checkpoint {list(entry.shape)}, model {list(slot.shape)})")
+        slots[slot.source] = slot
+    unexpected = sorted(set(tensors) - used)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        if shapes:
+            parts.append(f"wrong shape {_few(shapes)}")
+        raise WeightMismatch("checkpoint does not match the model: " + "; ".join(parts))
+
+    module_slots: dict[str, list[str]] = {}
+    names_of = {id(m): n for n, m in modules.items()}
+    for source, slot in slots.items():
+        for module, _ in slot.owners:
+            lst = module_slots.setdefault(names_of[id(module)], [])
+            if source not in lst:
+                lst.append(source)
+    return SkeletonIndex(slots=slots, module_slots=module_slots)
+
+
+def _few(names: list[str], n: int = 8) -> str:
+    shown = ", ".join(names[:n])
+    return f"{shown} (+{len(names) - n} more)" if len(names) > n else shown
+
+
+def tensor_from_bytes(
+    raw: torch.Tensor, entry: TensorEntry, *, dtype: torch.dtype | None, device: torch.device
+) -> torch.Tensor:
+    """The tensor for ``entry`` from its raw uint8 bytes; a view when nothing needs converting."""
+    src_dtype = TORCH_DTYPES[entry.dtype]
+    if raw.data_ptr() % src_dtype.itemsize == 0:
+        t = raw.view(src_dtype).view(entry.shape)
+    else:  # misaligned in the file: one copy into aligned memory
+        t = raw.clone().view(src_dtype).view(entry.shape)
+    want = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
+    if want != src_dtype or t.device != device:
+        t = t.to(device=device, dtype=want, non_blocking=device.type == "cuda")
+    return t
+
+
+def materialize(slot: Slot, value: torch.Tensor) -> None:
+    """Put ``value`` into every place that refers to ``slot`` (keeps ties as one tensor)."""
+    if slot.is_param:
+        module, attr = slot.owners[0]
+        old = module._parameters[attr]
+        new = nn.Parameter(value, requires_grad=slot.requires_grad and value.is_floating_point())
+        if old is not None and old.is_meta:
+            # swap_tensors keeps the Parameter object itself, so every alias (tied weights,
+            # references held by the model's code) sees the real tensor at once.
+            torch.utils.swap_tensors(old, new)
+            for m, a in slot.owners[1:]:
+                if m._parameters[a] is not old:
+                    m._parameters[a] = old
+        else:
+            for m, a in slot.owners:
+                m._parameters[a] = new
+    else:
+        for m, a in slot.owners:
+            m._buffers[a] = value
+
+
+def build_skeleton(spec: ModelSpec, dtype: torch.dtype | None) -> nn.Module:
+    """The model with parameters on meta and real buffers, in eval mode."""
+    with skeleton_mode(), torch.device("cpu"):
+        model = spec.build()
+    if dtype is not None:
+        model.to(dtype)  # on meta this is bookkeeping; real float buffers follow as they would in eager
+    return model.eval()

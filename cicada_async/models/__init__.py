@@ -1,0 +1,1 @@
+"""The make-model catalogue: real architectures with random weights."""

@@ -1,0 +1,212 @@
+"""The infer endpoint: admission before the body, bounded body reads, input checks, encoding."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from cicada_async.service import auth
+from cicada_async.service.appkeys import (
+    BUDGET_KEY, CONFIG_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, TOKENS_KEY,
+)
+from cicada_async.service.config import ModelConfig
+from cicada_async.service.responses import error_response
+from cicada_async.service.routes import engine_healthy, model_name
+from protocols import v2
+from protocols.errors import BadRequest, CicadaError, Overloaded, ShuttingDown
+
+# Decoding/encoding big bodies (numpy parsing of long JSON lists) would stall the loop.
+OFFLOAD_BYTES = 256 * 1024
+
+
+class BodyBudget:
+    """Bytes of infer bodies the server holds at once (reading, queued or running).
+
+    Reservations are made before bytes are read, so a flood of large bodies is refused
+    without being buffered. Loop-only state: no lock needed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.refused = 0
+
+    def try_reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            self.refused += 1
+            return False
+        self.used += n
+        return True
+
+    def release(self, n: int) -> None:
+        self.used -= n
+
+
+async def read_body(request: web.Request, limit: int, budget: BodyBudget | None = None,
+                    reserved: list[int] | None = None) -> bytes:
+    """The whole body, refusing more than ``limit`` bytes whether or not Content-Length is set.
+
+    With ``budget``, bytes beyond what was reserved up front (from Content-Length) are reserved
+    as they arrive and added to ``reserved[0]``; the caller releases them.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
+                                            text=f"request body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    # Chunked bodies have no Content-Length: count as they stream (client_max_size is only
+    # enforced by read(), whose limit is app-wide).
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size,
+                                                text=f"request body exceeds {limit} bytes")
+        if budget is not None and reserved is not None and size > reserved[0]:
+            grow = size - reserved[0]
+            if not budget.try_reserve(grow):
+                raise Overloaded("too many request bytes in flight; retry later")
+            reserved[0] += grow
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _header_length(request: web.Request) -> int | None:
+    raw = request.headers.get(v2.HEADER_LENGTH)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"{v2.HEADER_LENGTH} must be an integer") from None
+
+
+def check_inputs(cfg: ModelConfig, instance: Any, inputs: dict[str, Any]) -> None:
+    """Refuse inputs that contradict the published metadata before they reach the engine.
+
+    A bad first request would otherwise fail the cold start that every queued request shares.
+    Names are checked only against metadata from the config (the engine's derived metadata
+    lists the example inputs, not every optional keyword a forward accepts).
+    """
+    if cfg.inputs:
+        specs = {s.name: s.as_dict() for s in cfg.inputs}
+        unknown = sorted(set(inputs) - set(specs))
+        if unknown:
+            raise BadRequest(f"unknown input(s) {', '.join(map(repr, unknown))} (model inputs: {', '.join(specs)})")
+    else:
+        try:
+            specs = {s["name"]: s for s in instance.io_spec()[0]}
+        except CicadaError:
+            return
+    for name, t in inputs.items():
+        spec = specs.get(name)
+        if spec is None:
+            continue
+        datatype = v2.TORCH_TO_V2.get(t.dtype)
+        if datatype != spec["datatype"]:
+            raise BadRequest(f"input {name!r} must be {spec['datatype']}, got {datatype}")
+        shape = list(spec["shape"])
+        # Rank only: derived metadata may pin example sizes that the model does not require.
+        if len(shape) != t.dim():
+            raise BadRequest(f"input {name!r} has shape {list(t.shape)}, model expects {shape}")
+
+
+def precheck(request: web.Request) -> None:
+    """Everything decidable from the request line and headers, before any body byte is read."""
+    app = request.app
+    entry = app[REPO_KEY].get(model_name(request))
+    if app[STATE_KEY].get("draining"):
+        raise ShuttingDown("server is shutting down")
+    if not engine_healthy(app):
+        raise Overloaded("the engine is restarting; retry later", app[CONFIG_KEY].server.retry_after_s)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # Compressed tensors save little and a small gzip can expand a thousandfold: refused
+        # outright rather than decompressed under a cap (docs/service.md, "Limits").
+        raise web.HTTPUnsupportedMediaType(
+            text=f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed",
+            headers={"Accept-Encoding": "identity"})
+    limit = app[CONFIG_KEY].server.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
+                                            text=f"request body exceeds {limit} bytes")
+    if app[SCHED_KEY].hopeless(entry):
+        app[METRICS_KEY].shed.inc(model=entry.name, reason="queue_full")
+        raise Overloaded(f"queue for model {entry.name!r} is full; retry later", app[CONFIG_KEY].server.retry_after_s)
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: answer the refusal instead of inviting a body we would drop.
+
+    aiohttp runs this before middlewares (so auth is checked here too, lest an unauthenticated
+    caller learn which models exist); a returned response is final.
+    """
+    denied = auth.refusal(request, request.app[CONFIG_KEY].server.auth, request.app[TOKENS_KEY])
+    if denied is not None:
+        denied.force_close()
+        return denied
+    try:
+        precheck(request)
+    except (CicadaError, web.HTTPException) as e:
+        if isinstance(e, web.HTTPException) and e.status < 400:
+            raise
+        resp = error_response(e)
+        resp.force_close()  # the body the client holds back is never read
+        return resp
+    expect = request.headers.get("Expect", "")
+    if request.version == (1, 1) and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's default handler: the body has not started
+        return None
+    raise web.HTTPExpectationFailed(text=f"unknown Expect: {expect}")
+
+
+async def infer(request: web.Request) -> web.Response:
+    app = request.app
+    m = app[METRICS_KEY]
+    cfg = app[CONFIG_KEY].server
+    t0 = time.monotonic()
+    precheck(request)
+    name = model_name(request)
+    entry = app[REPO_KEY].get(name)
+    budget = app[BUDGET_KEY]
+    # Reserve what Content-Length announces before reading a byte; chunked bodies reserve as
+    # they stream. Released when the answer is ready (the inputs are garbage by then).
+    reserved = [request.content_length or 0]
+    if not budget.try_reserve(reserved[0]):
+        m.shed.inc(model=name, reason="body_budget")
+        raise Overloaded("too many request bytes in flight; retry later", cfg.retry_after_s)
+    ok = False
+    try:
+        try:
+            async with asyncio.timeout(cfg.body_timeout_s):
+                body = await read_body(request, cfg.max_request_bytes, budget, reserved)
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"request body not received within {cfg.body_timeout_s} s") from None
+        hl = _header_length(request)
+        if len(body) > OFFLOAD_BYTES:
+            req = await asyncio.to_thread(v2.decode_request, body, hl)
+        else:
+            req = v2.decode_request(body, hl)
+        del body  # the tensors alias a private copy; let the raw body go before waiting
+        check_inputs(entry.config, entry.instance, req.inputs)
+        outputs, stats = await app[SCHED_KEY].submit(entry, req.inputs, priority=req.priority, timeout_s=req.timeout_s)
+        nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
+        encode = lambda: v2.encode_response(name, outputs, request_id=req.id, requested=req.outputs,  # noqa: E731
+                                            binary_default=req.binary_output)
+        out, out_hl = await asyncio.to_thread(encode) if nbytes > OFFLOAD_BYTES else encode()
+        ok = True
+        m.exec_count.inc(model=name, version="1")
+        m.count.inc(model=name, version="1")
+        m.queue_us.inc(int(stats.queue_s * 1e6), model=name, version="1")
+        m.compute_us.inc(int(stats.compute_s * 1e6), model=name, version="1")
+    finally:
+        budget.release(reserved[0])
+        (m.success if ok else m.failure).inc(model=name, version="1")
+        m.request_us.inc(int((time.monotonic() - t0) * 1e6), model=name, version="1")
+    if out_hl is None:
+        return web.Response(body=out, content_type="application/json")
+    return web.Response(body=out, content_type="application/octet-stream",
+                        headers={v2.HEADER_LENGTH: str(out_hl)})

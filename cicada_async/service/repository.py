@@ -1,0 +1,234 @@
+"""Model lifecycle: name -> engine instance, explicit load/unload, keep-alive and memory budget.
+
+The repository decides *when* weights are resident; the scheduler decides which request runs.
+Both live on the event loop; the engine does the work on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cicada_async.service.config import Config, ModelConfig, scan_repository
+from cicada_async.service.metrics import STATES, Metrics
+from protocols.errors import CicadaError, ModelNotFound
+
+log = logging.getLogger("cicada.repository")
+
+# V2 repository-extension state names.
+_INDEX_STATE = {"unloaded": "UNAVAILABLE", "loading": "LOADING", "ready": "READY", "failed": "UNAVAILABLE"}
+
+
+def _engine_options(cfg: ModelConfig) -> Any:
+    from cicada_async.engine.runtime import ModelOptions  # deferred: the engine imports torch and friends
+
+    return ModelOptions(dtype=cfg.dtype, device=cfg.device)
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    """One model the server knows, with the bookkeeping lifecycle decisions need."""
+
+    config: ModelConfig
+    instance: Any  # cicada_async.engine.runtime.ModelInstance
+    last_used: float = field(default_factory=time.monotonic)
+    busy: int = 0  # requests inside the engine (warm forwards and cold starts)
+    loading: asyncio.Task[Any] | None = None  # a load we started (API load or cold-start request)
+    unloading: bool = False
+    fetch_priority: int | None = None  # last value passed to set_fetch_priority
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def state(self) -> str:
+        return str(self.instance.state)
+
+    @property
+    def failed(self) -> bool:
+        """The last load failed and nothing is retrying it."""
+        return self.loading is None and self.state != "ready" and (
+            self.state == "failed" or bool(self.instance.last_error))
+
+    @property
+    def resident_bytes(self) -> int:
+        if self.state in ("ready", "loading") or self.loading is not None:
+            return int(self.instance.nbytes or 0)
+        return 0
+
+
+class Repository:
+    """Models by name; owns the keep-alive/budget maintenance loop."""
+
+    def __init__(self, engine: Any, config: Config, metrics: Metrics,
+                 options: Callable[[ModelConfig], Any] | None = None) -> None:
+        self.engine = engine
+        self._options = options or _engine_options
+        self.config = config
+        self.metrics = metrics
+        self.models: dict[str, ModelEntry] = {}
+        # Set by the scheduler: queued request count per model, and a wake-up for the dispatcher
+        # when a model changes state.
+        self.queued: Callable[[str], int] = lambda name: 0
+        self.on_change: Callable[[], None] = lambda: None
+        self._unloads: set[asyncio.Task[Any]] = set()
+        for cfg in config.models.values():
+            self._add(cfg)
+        metrics.add_collector(self._collect)
+
+    # -- lookup -------------------------------------------------------------------------------
+    def _add(self, cfg: ModelConfig) -> ModelEntry:
+        inst = self.engine.instance(cfg.name, cfg.uri, self._options(cfg))
+        entry = self.models[cfg.name] = ModelEntry(cfg, inst)
+        return entry
+
+    def get(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"unknown model {name!r}")
+        return entry
+
+    def rescan(self) -> list[str]:
+        """Pick up new subfolders of the model repository directory (index endpoint)."""
+        root = self.config.model_repository
+        if root is None:
+            return []
+        added = []
+        for name, cfg in scan_repository(root).items():
+            if name not in self.models:
+                self._add(cfg)
+                added.append(name)
+        return added
+
+    def index(self) -> list[dict[str, Any]]:
+        out = []
+        for e in self.models.values():
+            state = "UNLOADING" if e.unloading else _INDEX_STATE.get(e.state, "UNAVAILABLE")
+            if e.loading is not None and state != "READY":
+                state = "LOADING"
+            out.append({"name": e.name, "version": "1", "state": state, "reason": e.instance.last_error or ""})
+        return out
+
+    # -- loads ----------------------------------------------------------------------------------
+    def track_load(self, entry: ModelEntry, task: asyncio.Task[Any]) -> None:
+        """Register a load in progress (cold-start request or API) so nothing starts a second."""
+        entry.loading = task
+        entry.fetch_priority = None
+        t0 = time.monotonic()
+        was_ready = entry.state == "ready"
+
+        def done(t: asyncio.Task[Any]) -> None:
+            entry.loading = None
+            entry.last_used = time.monotonic()
+            ok = entry.state == "ready"
+            if not was_ready:
+                self._log_cold_start(entry, ok, time.monotonic() - t0)
+            self.on_change()
+
+        task.add_done_callback(done)
+
+    def _log_cold_start(self, entry: ModelEntry, ok: bool, wall_s: float) -> None:
+        timeline = getattr(entry.instance, "last_timeline", None)
+        summary: dict[str, Any] | None = None
+        if timeline is not None:
+            try:
+                summary = dict(timeline.summary())
+            except Exception:  # a broken summary must not take the load's result with it
+                log.exception("timeline summary failed for %s", entry.name)
+        self.metrics.record_cold_start(entry.name, ok, summary)
+        log.info(
+            "cold start",
+            extra={"event": "cold_start", "model": entry.name, "ok": ok, "wall_s": round(wall_s, 6),
+                   "error": None if ok else entry.instance.last_error, "timeline": summary},
+        )
+
+    async def load(self, name: str) -> None:
+        """Repository API load: returns once the model is ready (joins a load in progress)."""
+        entry = self.get(name)
+        while entry.unloading:
+            await asyncio.sleep(0.01)
+        if entry.loading is None:
+            if entry.state == "ready":
+                return
+            await self.make_room(entry)
+            if entry.loading is None:  # make_room awaited: someone may have started one
+                task = asyncio.ensure_future(entry.instance.load(priority=entry.config.default_priority))
+                self.track_load(entry, task)
+        assert entry.loading is not None
+        # Shield: a client hanging up must not cancel a load other requests are waiting for.
+        await asyncio.shield(entry.loading)
+
+    async def unload(self, name: str, reason: str = "api") -> None:
+        """Drop a model's weights; waits for a load in progress and for the forward in flight."""
+        entry = self.get(name)
+        while entry.loading is not None:
+            try:
+                await asyncio.shield(entry.loading)
+            except CicadaError:
+                pass
+        if entry.unloading or entry.state == "unloaded":
+            return
+        entry.unloading = True
+        try:
+            await entry.instance.unload()
+            self.metrics.evictions.inc(model=name, reason=reason)
+            log.info("unloaded", extra={"event": "unload", "model": name, "reason": reason})
+        finally:
+            entry.unloading = False
+            self.on_change()
+
+    # -- keep-alive and memory budget ------------------------------------------------------------
+    def idle(self, entry: ModelEntry) -> bool:
+        return (entry.state == "ready" and entry.busy == 0 and entry.loading is None
+                and not entry.unloading and self.queued(entry.name) == 0)
+
+    def resident_bytes(self) -> int:
+        return sum(e.resident_bytes for e in self.models.values())
+
+    async def make_room(self, incoming: ModelEntry | None = None) -> None:
+        """Evict idle models, least recently used first, until the budget holds.
+
+        The size of a model never loaded before is unknown until its load has planned, so the
+        check runs again when loads finish and on every maintenance tick.
+        """
+        budget = self.config.server.memory_budget_bytes
+        if budget is None:
+            return
+        need = 0 if incoming is None or incoming.resident_bytes else int(incoming.instance.nbytes or 0)
+        while self.resident_bytes() + need > budget:
+            victims = sorted((e for e in self.models.values() if e is not incoming and self.idle(e)),
+                             key=lambda e: e.last_used)
+            if not victims:
+                log.warning("memory budget exceeded and nothing idle to evict",
+                            extra={"event": "budget", "resident": self.resident_bytes() + need, "budget": budget})
+                return
+            await self.unload(victims[0].name, reason="memory_budget")
+
+    async def maintain(self) -> None:
+        """Background loop: unload models idle past keep_alive_s, enforce the budget."""
+        interval = self.config.server.keep_alive_check_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except CicadaError as e:
+                log.warning("maintenance failed: %s", e)
+
+    async def sweep(self) -> None:
+        now = time.monotonic()
+        for e in list(self.models.values()):
+            ka = e.config.keep_alive_s
+            if ka and self.idle(e) and now - e.last_used >= ka:
+                await self.unload(e.name, reason="keep_alive")
+        await self.make_room()
+
+    def _collect(self) -> None:
+        for e in self.models.values():
+            for s in STATES:
+                self.metrics.state.set(1 if e.state == s else 0, model=e.name, state=s)
+        self.metrics.resident.set(self.resident_bytes())

@@ -1,0 +1,204 @@
+"""Pipelined loads give exactly the outputs of the plain PyTorch load, for every family."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from backends.local import LocalBackend
+from cicada_async.engine.fetch import FetchScheduler
+from cicada_async.engine.runtime import Engine
+from cicada_async.engine.executor import Executor
+from cicada_async.engine.pipeline import LoadRequest, cold_start
+
+from tests.fixtures.helpers import assert_equal_outputs, cicada_infer, inputs_for, reference
+
+FAMILIES = ["tiny-gpt2", "tiny-bert", "tiny-resnet", "tiny-vit", "tiny-llama", "tiny-llama-untied",
+            "tiny-convnet", "tiny-mlp", "tiny-gpt2-sharded"]
+
+
+def _pixels_in(inputs: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """A vision model served in bf16 takes bf16 pixels (token ids stay integers)."""
+    if dtype is None:
+        return inputs
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+async def test_cicada_equals_eager(model_dirs, name):
+    d = model_dirs[name]
+    inputs = inputs_for(d)
+    ref = reference(d, inputs)
+    out = await cicada_infer(d, inputs)
+    assert_equal_outputs(ref, out)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "tiny-resnet", "tiny-llama", "tiny-gpt2-sharded"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+async def test_arena_path_equals_eager(model_dirs, name, dtype):
+    """Local files read with O_DIRECT into anonymous arenas (mapped=False) give the same."""
+    from cicada_async.engine.job import LoadOptions
+
+    d = model_dirs[name]
+    inputs = _pixels_in(inputs_for(d), dtype)
+    ref = reference(d, inputs, dtype=dtype)
+    ex = Executor()
+    ex.start()
+    backend = LocalBackend(d)
+    try:
+        _, out, _ = await cold_start(backend, ex, FetchScheduler(2), LoadRequest(
+            inputs=inputs, options=LoadOptions(mapped=False, read_bytes=16384, dtype=dtype)))
+    finally:
+        await backend.aclose()
+        ex.stop()
+    assert_equal_outputs(ref, out)
+
+
+def test_hf_from_pretrained_agrees(model_dirs):
+    """Our eager reference itself matches transformers' own loader (checks key renames)."""
+    import transformers
+
+    d = model_dirs["tiny-vit"]
+    inputs = inputs_for(d)
+    model = transformers.ViTModel.from_pretrained(str(d)).eval()
+    with torch.inference_mode():
+        hf_out = model(**inputs).last_hidden_state
+    assert torch.equal(hf_out, reference(d, inputs)["last_hidden_state"])
+
+
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-resnet"])
+async def test_any_landing_order(model_dirs, name, order):
+    d = model_dirs[name]
+    inputs = inputs_for(d)
+    ref = reference(d, inputs)
+    rng = random.Random(7)
+
+    def permute(shards: list[int]) -> list[int]:
+        if order == "reversed":
+            return sorted(shards, reverse=True)
+        rng.shuffle(shards)
+        return shards
+
+    ex = Executor()
+    ex.start()
+    backend = LocalBackend(d)
+    try:
+        # Small reads so there are many of them, landing in the permuted order.
+        from cicada_async.engine.job import LoadOptions
+
+        model, out, job = await cold_start(backend, ex, FetchScheduler(2), LoadRequest(
+            inputs=inputs, shard_order=permute, options=LoadOptions(read_bytes=4096)))
+        applied = [s.name for s in job.timeline.spans if s.kind == "apply"]
+        assert len(applied) == len(job.plan.shards)
+    finally:
+        await backend.aclose()
+        ex.stop()
+    assert_equal_outputs(ref, out)
+
+
+async def test_warm_forward_matches_and_gates_removed(model_dirs):
+    d = model_dirs["tiny-gpt2"]
+    inputs = inputs_for(d)
+    ref = reference(d, inputs)
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d))
+        cold = await inst.infer(inputs)
+        assert inst.state == "ready"
+        warm = await inst.infer(inputs)
+        model = inst._model
+        assert model is not None
+        hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+        assert hooks == 0
+    assert_equal_outputs(ref, cold)
+    assert_equal_outputs(ref, warm)
+
+
+async def test_tied_weights_stay_one_tensor(model_dirs):
+    async with Engine() as engine:
+        inst = engine.instance("m", str(model_dirs["tiny-llama"]))
+        await inst.load()
+        m = inst._model
+        assert m.lm_head.weight is m.model.embed_tokens.weight
+        assert not m.lm_head.weight.is_meta
+        inst2 = engine.instance("u", str(model_dirs["tiny-llama-untied"]))
+        await inst2.load()
+        m2 = inst2._model
+        assert m2.lm_head.weight is not m2.model.embed_tokens.weight
+
+
+async def test_nonpersistent_buffers_kept(model_dirs):
+    """Rotary inv_freq is not in the checkpoint; the skeleton keeps __init__'s values."""
+    async with Engine() as engine:
+        inst = engine.instance("m", str(model_dirs["tiny-llama"]))
+        await inst.load()
+        inv = inst._model.model.rotary_emb.inv_freq
+        assert not inv.is_meta and torch.isfinite(inv).all() and inv.abs().sum() > 0
+
+
+async def test_dtype_conversion_matches_eager_then_cast(model_dirs):
+    d = model_dirs["tiny-gpt2"]
+    inputs = inputs_for(d)
+    ref = reference(d, inputs, dtype=torch.bfloat16)
+    out = await cicada_infer(d, inputs, dtype="bfloat16")
+    assert out["logits"].dtype == torch.bfloat16
+    assert_equal_outputs(ref, out)
+
+
+async def test_params_are_views_without_copy(model_dirs):
+    """fp32 checkpoint served as fp32 on CPU: parameters view the landed bytes."""
+    async with Engine() as engine:
+        inst = engine.instance("m", str(model_dirs["tiny-bert"]))
+        await inst.load()
+        ptrs = {p.untyped_storage().data_ptr() for p in inst._model.parameters()}
+        assert len(ptrs) == 1  # one arena per file
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-resnet", "tiny-llama-untied"])
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+async def test_staging_path_equals_eager(model_dirs, name, dtype):
+    """The CUDA path's staging (reused slabs, assembly on the target) run on the CPU."""
+    from cicada_async.engine.fetch import FetchSettings
+    from cicada_async.engine.job import LoadOptions
+
+    d = model_dirs[name]
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    inputs = _pixels_in(inputs_for(d), torch_dtype)
+    ref = reference(d, inputs, dtype=torch_dtype)
+    ex = Executor()
+    ex.start()
+    backend = LocalBackend(d)
+    try:
+        # A pool of a few small slabs: slabs must be recycled for the load to finish.
+        _, out, _ = await cold_start(backend, ex, FetchScheduler(2), LoadRequest(
+            inputs=inputs, options=LoadOptions(read_bytes=8192, staging=True, dtype=torch_dtype),
+            fetch=FetchSettings(queue_bytes=64 << 10)))
+    finally:
+        await backend.aclose()
+        ex.stop()
+    assert_equal_outputs(ref, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-resnet", "tiny-bert"])
+async def test_cuda_equals_eager_on_cuda(model_dirs, name):
+    d = model_dirs[name]
+    inputs = inputs_for(d)
+    ref = reference_on(d, inputs, "cuda")
+    out = await cicada_infer(d, inputs, device="cuda")
+    assert_equal_outputs(ref, out)
+
+
+def reference_on(d, inputs, device):  # type: ignore[no-untyped-def]
+    from cicada_async.engine.forward import output_dict
+    from cicada_async.bench.strategies import _state_dict, local_spec
+
+    spec = local_spec(d)
+    model = spec.build()
+    model.load_state_dict(_state_dict(d, spec, model), strict=False)
+    model.to(device)
+    with torch.inference_mode():
+        out = output_dict(model(**{k: v.to(device) for k, v in inputs.items()}))
+    return {k: v.cpu() for k, v in out.items()}

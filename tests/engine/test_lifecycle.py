@@ -1,0 +1,40 @@
+"""Engine lifecycle: executor death is noticed and repaired; unload and reload."""
+
+from __future__ import annotations
+
+import threading
+
+from cicada_async.engine.runtime import Engine
+
+from tests.fixtures.helpers import assert_equal_outputs, extra_threads, inputs_for, reference
+
+
+async def test_dead_executor_is_noticed_and_restarted(model_dirs):
+    d = model_dirs["tiny-mlp"]
+    inputs = inputs_for(d)
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d))
+        await inst.infer(inputs)
+        engine.executor.stop()  # what a crashed thread looks like from outside
+        assert not engine.healthy
+        await engine.restart_executor()
+        assert engine.healthy and inst.state == "unloaded"
+        out = await inst.infer(inputs)
+    assert_equal_outputs(reference(d, inputs), out)
+
+
+async def test_unload_then_reload_reuses_plan(model_dirs):
+    d = model_dirs["tiny-gpt2"]
+    inputs = inputs_for(d)
+    before = set(threading.enumerate())
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d))
+        first = await inst.infer(inputs)
+        plan = inst._plan
+        await inst.unload()
+        assert inst.state == "unloaded" and inst._model is None
+        second = await inst.infer(inputs)
+        assert inst.cold_starts == 2 and inst._plan is not None
+        assert inst._plan.modules == plan.modules
+    assert_equal_outputs(first, second)
+    assert extra_threads(before) == []
