@@ -128,11 +128,40 @@ def _params(raw: Any, where: str) -> dict[str, Any]:
     return raw
 
 
+# JSON spellings of non-finite floats (JavaScript's and Python's names): JSON numbers cannot
+# carry them, and orjson would silently write null, which reads back as neither NaN nor Inf.
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _check_leaves(data: list[Any], datatype: str, where: str) -> None:
+    """Refuse leaves numpy would coerce: 1.5, "2" or true as an integer, 1 as a BOOL."""
+    types: set[type] = set()
+    strings: set[str] = set()
+    stack = [data]
+    while stack:  # iterative: no recursion on deep input
+        kinds = set(map(type, item := stack.pop()))
+        if list in kinds or str in kinds:
+            stack.extend(x for x in item if type(x) is list)
+            strings.update(x for x in item if type(x) is str)
+            kinds.discard(list)
+        types |= kinds
+    fp = datatype in ("FP32", "FP64")
+    allowed = {bool} if datatype == "BOOL" else {int, float, str} if fp else {int}
+    what = "JSON booleans" if datatype == "BOOL" else "JSON integers" if not fp else "numbers"
+    if types - allowed or strings - NONFINITE.keys():
+        names = {bool: "boolean", int: "integer", float: "float", str: "string", type(None): "null", dict: "object"}
+        got = ", ".join(sorted(names.get(t, t.__name__) for t in types - allowed)) or \
+            f"string {sorted(strings - NONFINITE.keys())[0][:32]!r}"
+        hint = ' (or "NaN", "Infinity", "-Infinity")' if fp else ""
+        raise BadRequest(f"{where}: data does not fit {datatype}: leaves must be {what}{hint}, got {got}")
+
+
 def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> torch.Tensor:
     if datatype in BINARY_ONLY:
         raise BadRequest(f"{where}: {datatype} has no JSON form; send it as binary data")
     if not isinstance(data, list):
         raise BadRequest(f"{where}: data must be a list")
+    _check_leaves(data, datatype, where)
     try:
         arr = np.asarray(data, dtype=_NUMPY[datatype])
     except (ValueError, TypeError, OverflowError) as e:
@@ -219,8 +248,8 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise BadRequest(f"outputs[{i}] must be an object with a string 'name'")
             oparams = _params(item.get("parameters"), f"output {item['name']!r}")
-            binary = oparams.get("binary_data")
-            outputs.append(RequestedOutput(item["name"], None if binary is None else bool(binary)))
+            binary = _flag(oparams, "binary_data", f"output {item['name']!r}")
+            outputs.append(RequestedOutput(item["name"], binary))
     rid = doc.get("id")
     if rid is not None and not isinstance(rid, str):
         raise BadRequest("'id' must be a string")
@@ -229,8 +258,16 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         id=rid,
         parameters=params,
         outputs=outputs,
-        binary_output=bool(params.get("binary_data_output", False)),
+        binary_output=bool(_flag(params, "binary_data_output", "request")),
     )
+
+
+def _flag(params: dict[str, Any], key: str, where: str) -> bool | None:
+    """A boolean parameter, or None when absent: the string "false" must not read as true."""
+    value = params.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{where}: parameters.{key} must be true or false, got {value!r}")
+    return value
 
 
 def select_outputs(
@@ -246,6 +283,14 @@ def select_outputs(
                 raise BadRequest(f"unknown output {r.name!r} (model outputs: {', '.join(outputs)})")
             chosen.append((r.name, outputs[r.name], binary_default if r.binary is None else r.binary))
     return chosen
+
+
+def _json_data(flat: np.ndarray) -> Any:
+    """A flat array as JSON data; non-finite floats as the strings of ``NONFINITE``, not null."""
+    if flat.dtype.kind != "f" or np.isfinite(flat).all():
+        return flat  # orjson writes a numpy array straight to JSON, far faster than tolist()
+    spell = {math.inf: "Infinity", -math.inf: "-Infinity"}
+    return [x if math.isfinite(x) else ("NaN" if math.isnan(x) else spell[x]) for x in flat.tolist()]
 
 
 def encode_response(
@@ -278,8 +323,7 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
-            # orjson writes a numpy array straight to JSON, far faster than tolist().
-            entry["data"] = t.reshape(-1).numpy()
+            entry["data"] = _json_data(t.reshape(-1).numpy())
         entries.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "outputs": entries}
     if model_version is not None:
@@ -313,7 +357,7 @@ def encode_request(
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
-            entry["data"] = t.reshape(-1).numpy()
+            entry["data"] = _json_data(t.reshape(-1).numpy())
         entries.append(entry)
     doc: dict[str, Any] = {"inputs": entries}
     if parameters:

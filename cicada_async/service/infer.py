@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from cicada_async.service.config import ModelConfig
 from cicada_async.service.responses import error_response
 from cicada_async.service.routes import engine_healthy, model_name
 from protocols import v2
-from protocols.errors import BadRequest, CicadaError, Overloaded, ShuttingDown
+from protocols.errors import BadRequest, CicadaError, InferenceError, Overloaded, ShuttingDown
 
 # Decoding/encoding big bodies (numpy parsing of long JSON lists) would stall the loop.
 OFFLOAD_BYTES = 256 * 1024
@@ -113,6 +114,35 @@ def check_inputs(cfg: ModelConfig, instance: Any, inputs: dict[str, Any]) -> Non
             raise BadRequest(f"input {name!r} has shape {list(t.shape)}, model expects {shape}")
 
 
+def check_outputs(cfg: ModelConfig, requested: list[v2.RequestedOutput] | None) -> None:
+    """Refuse an unknown output name before computing, when the config lists the outputs.
+
+    Without configured outputs, ``v2.select_outputs`` names it after the forward (the
+    engine knows a model's outputs only once it ran).
+    """
+    if cfg.outputs and requested:
+        known = [s.name for s in cfg.outputs]
+        unknown = sorted({r.name for r in requested} - set(known))
+        if unknown:
+            raise BadRequest(f"unknown output(s) {', '.join(map(repr, unknown))} (model outputs: {', '.join(known)})")
+
+
+_KWARG = re.compile(r"unexpected keyword argument '([^']+)'")
+
+
+def unknown_input(e: InferenceError, inputs: dict[str, Any]) -> BadRequest | None:
+    """A forward that refused a keyword was sent an input it does not take: the caller's 400.
+
+    Derived metadata cannot list every optional keyword of a transformers forward, so the
+    forward's own signature check is the authority; its TypeError (a 500 naming a class)
+    becomes a 400 naming the input.
+    """
+    m = _KWARG.search(str(e)) if isinstance(e.__cause__, TypeError) else None
+    if m is None or m.group(1) not in inputs:
+        return None
+    return BadRequest(f"unknown input {m.group(1)!r}: the model's forward does not take it")
+
+
 def precheck(request: web.Request) -> None:
     """Everything decidable from the request line and headers, before any body byte is read."""
     app = request.app
@@ -192,7 +222,12 @@ async def infer(request: web.Request) -> web.Response:
             req = v2.decode_request(body, hl)
         del body  # the tensors alias a private copy; let the raw body go before waiting
         check_inputs(entry.config, entry.instance, req.inputs)
-        outputs, stats = await app[SCHED_KEY].submit(entry, req.inputs, priority=req.priority, timeout_s=req.timeout_s)
+        check_outputs(entry.config, req.outputs)
+        try:
+            outputs, stats = await app[SCHED_KEY].submit(entry, req.inputs, priority=req.priority,
+                                                         timeout_s=req.timeout_s)
+        except InferenceError as e:
+            raise unknown_input(e, req.inputs) or e
         nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
         encode = lambda: v2.encode_response(name, outputs, request_id=req.id, requested=req.outputs,  # noqa: E731
                                             binary_default=req.binary_output)
