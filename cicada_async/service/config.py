@@ -91,6 +91,30 @@ class ServerConfig:
     body_timeout_s: float = 60.0
     """Longest time allowed to receive one infer body (408 after it): a slow sender cannot hold
     a handler and its buffer forever."""
+    min_body_rate_bps: float = 8192.0
+    """Slow-body floor: after ``body_rate_grace_s``, an infer body must keep arriving at this
+    many bytes per second on average (408 otherwise). 0 turns the floor off."""
+    body_rate_grace_s: float = 5.0
+    """Seconds a body may take before the rate floor applies (a slow start is no attack)."""
+    header_timeout_s: float = 10.0
+    """Time from a connection's opening, or the first byte of a later request on it, to the
+    end of its headers; a connection that sends no complete request line and headers in that
+    time is closed (408 when it had sent something). Applies before auth."""
+    idle_timeout_s: float = 75.0
+    """Keep-alive: a connection idle this long between requests is closed. Keep it above the
+    proxy's idle timeout in front, so the proxy closes first and never reuses a dying one."""
+    max_open_connections: int = 4096
+    """Open client connections at once; new ones beyond it take a health-probe slot or are
+    closed at accept. Kept below the process's fd limit (the server checks at start)."""
+    max_connections_per_peer: int = 1024
+    """Open connections from one peer address. Behind a single proxy every connection has the
+    proxy's address: set it to max_open_connections there."""
+    health_reserved_connections: int = 16
+    """Connections kept beyond the caps for health probes only: on them /v2/health/live and
+    /ready are answered and anything else is 503 + Connection: close."""
+    accept_error_log_interval_s: float = 10.0
+    """A failing accept() (fds exhausted) logs one line per interval with a count, not a
+    traceback per attempt."""
     auth: AuthConfig = field(default_factory=AuthConfig)
     """The [server.auth] table."""
 
@@ -180,8 +204,11 @@ def _server(table: dict[str, Any]) -> ServerConfig:
             _typed(value, (int,), where, minimum=1)
         elif key == "torch_threads":
             _typed(value, (int,), where, minimum=0)
-        elif key in ("max_request_bytes", "max_queue_total", "max_connections", "max_body_bytes_in_flight"):
+        elif key in ("max_request_bytes", "max_queue_total", "max_connections", "max_body_bytes_in_flight",
+                     "max_open_connections", "max_connections_per_peer"):
             _typed(value, (int,), where, minimum=1)
+        elif key == "health_reserved_connections":
+            _typed(value, (int,), where, minimum=0)
         elif key == "auth":
             value = _auth(_typed(value, (dict,), "[server.auth]"))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -58,9 +59,10 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget | None 
                                             text=f"request body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
+    cfg = request.app[CONFIG_KEY].server
     # Chunked bodies have no Content-Length: count as they stream (client_max_size is only
     # enforced by read(), whose limit is app-wide).
-    async for chunk in request.content.iter_chunked(1 << 16):
+    async for chunk in _paced(request, cfg.min_body_rate_bps, cfg.body_rate_grace_s):
         size += len(chunk)
         if size > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size,
@@ -72,6 +74,28 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget | None 
             reserved[0] += grow
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _paced(request: web.Request, rate_bps: float, grace_s: float) -> AsyncIterator[bytes]:
+    """Body chunks, refusing a body slower than ``rate_bps`` on average after ``grace_s``.
+
+    The deadline for the next byte moves with what has arrived (grace + bytes / rate), so a
+    slowloris body trickling a byte a second is cut off, while a fast one never waits on it.
+    """
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    got = 0
+    while True:
+        try:
+            async with asyncio.timeout_at(start + grace_s + got / rate_bps if rate_bps > 0 else None):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"request body arrived slower than {rate_bps:.0f} bytes/s (min_body_rate_bps)") from None
+        if not chunk:
+            return
+        got += len(chunk)
+        yield chunk
 
 
 def _header_length(request: web.Request) -> int | None:

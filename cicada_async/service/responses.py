@@ -19,6 +19,8 @@ from protocols.errors import (
 )
 
 log = logging.getLogger("cicada.server")
+# Refusals that leave the body unread, after which the connection is closed (Connection: close).
+CLOSE_AFTER = frozenset({408, 413, 415})
 
 
 def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -62,7 +64,12 @@ async def errors_middleware(request: web.Request, handler: Callable[[web.Request
     except (CicadaError, web.HTTPException) as e:
         if isinstance(e, web.HTTPException) and e.status < 400:
             raise
-        return error_response(e)
+        resp = error_response(e)
+        if resp.status in CLOSE_AFTER and not request.content.is_eof():
+            # The unread body is not drained (it may be compressed, huge or trickling): the
+            # connection ends here, and the client must know it before reusing it.
+            resp.force_close()
+        return resp
     except Exception as e:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(e)

@@ -26,6 +26,7 @@ from cicada_async.service.appkeys import (
 )
 from cicada_async.service.config import Config, ModelConfig, load_config, scan_repository
 from cicada_async.service.infer import BodyBudget, expect_continue, infer
+from cicada_async.service.lifecycle import drain_middleware, serve
 from cicada_async.service.logs import setup_logging
 from cicada_async.service.metrics import Metrics
 from cicada_async.service.repository import Repository
@@ -82,7 +83,8 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
     """The aiohttp application; ``engine_factory`` and ``options`` let tests swap the engine."""
     # Auth runs first: an unauthenticated request touches no handler and no body byte.
     auth_mw = auth.middleware(config.server.auth)
-    app = web.Application(middlewares=[auth_mw, errors_middleware])
+    # The drain middleware is outermost: at the shutdown deadline it answers for any handler.
+    app = web.Application(middlewares=[drain_middleware, auth_mw, errors_middleware])
     app[TOKENS_KEY] = auth_mw.tokens  # type: ignore[attr-defined]
     metrics_ = Metrics()
     app[CONFIG_KEY] = config
@@ -118,7 +120,7 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
                 await sched.aclose()
 
     async def on_shutdown(app: web.Application) -> None:
-        # The socket is closed already; admitted requests keep running until shutdown_timeout.
+        # For runners other than lifecycle.serve (tests): serve() has set these already.
         app[STATE_KEY]["draining"] = True
         if SCHED_KEY in app:
             app[SCHED_KEY].begin_drain()
@@ -196,7 +198,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"cicada serve: {e}", file=sys.stderr)
         return 2
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, secrets=config.server.auth.inference_tokens + config.server.auth.admin_tokens)
     threads = config.server.torch_threads
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 0
@@ -207,15 +209,8 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(threads)
     log.info("starting", extra={"event": "start", "host": config.server.host, "port": config.server.port,
                                 "models": sorted(config.models), "torch_threads": threads})
-    web.run_app(
-        build_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        shutdown_timeout=config.server.shutdown_timeout_s,
-        backlog=config.server.max_connections,
-        access_log=logging.getLogger("aiohttp.access") if args.access_log else None,
-        print=None,
-    )
+    access_log = logging.getLogger("aiohttp.access") if args.access_log else None
+    asyncio.run(serve(build_app(config), config, access_log))
     return 0
 
 
