@@ -69,13 +69,22 @@ class ConnectionGuard:
         self.probe_slots = 0
         self.per_peer: Counter[str] = Counter()
         self.refused = 0
+        # Probe-slot connections that have not sent a complete request yet, oldest first.
+        self.idle_probes: dict[GuardedHandler, None] = {}
 
     def admit(self, peer: str) -> str | None:
-        """'full' (a normal slot), 'probe' (health only) or None (close at once)."""
+        """'full' (a normal slot), 'probe' (health only) or None (close at once).
+
+        When every probe slot is taken, the oldest one still waiting for its request is
+        evicted for the newcomer: a real probe sends its request at once and is answered in
+        milliseconds, so connections parked in the reserve cannot starve it.
+        """
         if self.open < self.cfg.max_open_connections and self.per_peer[peer] < self.cfg.max_connections_per_peer:
             self.open += 1
             self.per_peer[peer] += 1
             return "full"
+        if self.probe_slots >= self.cfg.health_reserved_connections and self.idle_probes:
+            next(iter(self.idle_probes)).evict()
         if self.probe_slots < self.cfg.health_reserved_connections:
             self.probe_slots += 1
             return "probe"
@@ -114,13 +123,24 @@ class GuardedHandler(RequestHandler):
             return
         if self._slot == "probe":
             self._request_handler = self._probe_only(self._request_handler)
+            self._guard.idle_probes[self] = None
         super().connection_made(transport)
         self._arm_header_timer()
 
-    def connection_lost(self, exc: BaseException | None) -> None:
+    def _release(self) -> None:
+        self._guard.idle_probes.pop(self, None)
         if self._slot is not None:
             self._guard.release(self._peer, self._slot)
             self._slot = None
+
+    def evict(self) -> None:
+        """Give this probe slot to a newer connection (released now, not at connection_lost)."""
+        self._release()
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._release()
         self._disarm_header_timer()
         super().connection_lost(exc)
 
@@ -133,6 +153,7 @@ class GuardedHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != before:  # headers complete (or refused): the handler takes over
             self._disarm_header_timer()
+            self._guard.idle_probes.pop(self, None)  # a probe with its request: not evictable
 
     # -- header timeout ----------------------------------------------------------------------
     def _arm_header_timer(self) -> None:
