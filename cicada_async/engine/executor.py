@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,10 @@ from typing import Any, TypeVar
 from protocols.errors import CicadaError, LoadError
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+OnError = Callable[[BaseException], None]
 
 
 class ExecutorDead(CicadaError):
@@ -33,7 +38,7 @@ class Executor:
         self._name = name
         self._cv = threading.Condition()
         self._jobs: list[tuple[Any, int, Callable[[], Any], concurrent.futures.Future[Any]]] = []
-        self._applies: collections.deque[Callable[[], None]] = collections.deque()
+        self._applies: collections.deque[tuple[Callable[[], None], OnError | None]] = collections.deque()
         self._seq = itertools.count()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -78,10 +83,14 @@ class Executor:
     async def run(self, fn: Callable[..., T], *args: Any, priority: Any = 0) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args, priority=priority))
 
-    def post_apply(self, fn: Callable[[], None]) -> None:
-        """Queue ``fn`` (thread-safe); it runs on the executor thread as soon as it is free."""
+    def post_apply(self, fn: Callable[[], None], on_error: OnError | None = None) -> None:
+        """Queue ``fn`` (thread-safe); it runs on the executor thread as soon as it is free.
+
+        An exception from ``fn`` goes to ``on_error`` (on the executor thread), never further:
+        it must not kill the thread, nor surface in whatever job happened to be applying.
+        """
         with self._cv:
-            self._applies.append(fn)
+            self._applies.append((fn, on_error))
             self._cv.notify_all()
 
     # on the executor thread ----------------------------------------------------------------
@@ -90,8 +99,11 @@ class Executor:
             with self._cv:
                 if not self._applies:
                     return
-                fn = self._applies.popleft()
-            fn()
+                fn, on_error = self._applies.popleft()
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - contained: handed to its owner
+                _report(e, on_error)
 
     def wait_until(self, done: Callable[[], bool], deadline: float | None = None) -> None:
         """Block the executor thread until ``done()``, applying landed shards meanwhile."""
@@ -128,3 +140,13 @@ class Executor:
                 fut.set_exception(e)
             else:
                 fut.set_result(result)
+
+
+def _report(e: BaseException, on_error: OnError | None) -> None:
+    if on_error is not None:
+        try:
+            on_error(e)
+            return
+        except Exception:  # noqa: BLE001 - a failing handler must not kill the thread either
+            log.exception("error handler of posted work failed")
+    log.error("posted work failed: %s: %s", type(e).__name__, e, exc_info=e)

@@ -91,7 +91,7 @@ class LoadJob:
 
     # loop thread -----------------------------------------------------------------------------
     def shard_landed(self, i: int) -> None:
-        self.executor.post_apply(lambda: self._apply(i))
+        self.executor.post_apply(lambda: self._apply(i), on_error=self.posted_failed)
 
     def fail(self, exc: BaseException) -> None:
         self.executor.post_apply(lambda: self._fail(exc))
@@ -100,6 +100,11 @@ class LoadJob:
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
+
+    def posted_failed(self, exc: BaseException) -> None:
+        """Work posted for this load raised (an apply, a staging copy): the load fails with it."""
+        self._fail(exc if isinstance(exc, LoadError) else
+                   LoadError(f"loading weights failed: {type(exc).__name__}: {exc}"))
 
     def _apply(self, i: int) -> None:
         if self.error is not None or self.applied[i]:

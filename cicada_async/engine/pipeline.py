@@ -90,6 +90,7 @@ class ColdStart:
         self.job: LoadJob | None = None
         self._applied: asyncio.Queue[int] = asyncio.Queue()
         self._held: list[int] = []
+        self._early_error: BaseException | None = None  # posted work that failed before the job
 
     async def run(self) -> tuple[nn.Module, Outputs, LoadJob]:
         """Returns the loaded model, the gated forward's outputs and the job.
@@ -130,9 +131,12 @@ class ColdStart:
                 self.job.fail(eg.exceptions[0])
             raise eg.exceptions[0] from None
         except* BaseException as eg:
-            err = eg.exceptions[0]
+            err = first_leaf(eg)
             if self.job is not None:
                 self.job.fail(err if isinstance(err, Exception) else LoadError("load cancelled"))
+            if isinstance(err, Exception):
+                # The real cause, not "unhandled errors in a TaskGroup".
+                raise LoadError(f"{type(err).__name__}: {err}") from err
             raise
         finally:
             if not skeleton.done():
@@ -161,7 +165,7 @@ class ColdStart:
         o = self.options
         return landing_for(
             hdrs, o.device, o.dtype, read_bytes=o.read_bytes, alignment=self.alignment,
-            pool_bytes=self.request.fetch.queue_bytes, post=self.executor.post_apply, staging=o.staging,
+            pool_bytes=self.request.fetch.queue_bytes, post=self._post, staging=o.staging,
             mapped_backend=self.backend if o.mapped and hasattr(self.backend, "map_file") else None,
         )
 
@@ -199,6 +203,8 @@ class ColdStart:
             plan = self._plan_for(fetcher, modules, "registration", [])
         self.job = LoadJob(spec, model, index, plan, tensors, landing, self.options, self.executor,
                            self.timeline, asyncio.get_running_loop(), self._applied.put_nowait)
+        if self._early_error is not None:
+            self.job.posted_failed(self._early_error)
         await fetcher.replan(plan, final=cached is not None)
         return self.job
 
@@ -218,16 +224,29 @@ class ColdStart:
         await fetcher.replan(plan, final=True)
 
     async def gated_forward(self, job: LoadJob, inputs: dict[str, torch.Tensor]) -> Outputs:
-        def gated() -> dict[str, torch.Tensor]:
+        def forward() -> dict[str, torch.Tensor]:
             with self.timeline.stage("forward"):
                 return run_forward(job.model, inputs, self.options.device)
 
         try:
-            return await self.executor.run(gated, priority=self.request.priority())
-        except InferenceError as e:
+            out = await self.executor.run(forward, priority=self.request.priority())
+            if not any(t.is_meta for t in out.values()):
+                return out
+        except InferenceError:
             if job.error is not None:
                 raise job.error from None
+        # The forward failed, or computed on meta: either the inputs are bad, or the model read
+        # a parameter before its layer ran (``self.device`` in a forward) and met a meta
+        # placeholder. With every weight applied, a plain forward tells which.
+        await self.executor.run(job.wait_all, priority=-1)
+        try:
+            out = await self.executor.run(forward, priority=self.request.priority())
+        except InferenceError as e:
             return e  # this request's inputs were bad; the load goes on
+        if any(t.is_meta for t in out.values()):
+            raise LoadError("the forward returns meta tensors even with every weight loaded")
+        log.info("the gated forward read weights before their layer; answered after the load")
+        return out
 
     async def verify(self, spec: ModelSpec, landing: Landing, hdrs: dict[str, FileHeader]) -> None:
         if spec.manifest is not None:
@@ -235,6 +254,16 @@ class ColdStart:
                 await verify_files(landing, hdrs, spec.manifest)
 
     # plumbing --------------------------------------------------------------------------------
+    def _post(self, fn: Callable[[], None]) -> None:
+        """Landing work for the executor (staging copies); its failure fails this load."""
+        self.executor.post_apply(fn, on_error=self._posted_failed)
+
+    def _posted_failed(self, exc: BaseException) -> None:  # executor thread
+        if self.job is not None:
+            self.job.posted_failed(exc)
+        elif self._early_error is None:
+            self._early_error = exc
+
     def _plan_for(self, fetcher: Fetcher, modules: list[str], source: str, uncalled: list[str]) -> Plan:
         groups = self._groups
         pos = {m: i for i, m in enumerate(modules)}
@@ -333,3 +362,10 @@ async def prepare(
 
     index, plan = await executor.run(planning, priority=-1)
     return spec, model, index, plan, hdrs
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first non-group exception inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 from protocols.manifest import Plan, ReadRange, Shard, TensorEntry
 
+from cicada_async.engine.patches import ScopedPatch
 from cicada_async.engine.skeleton import SkeletonIndex
 from cicada_async.engine.modeldir import ModelSpec
 
@@ -21,12 +24,49 @@ DEFAULT_READ_BYTES = 8 << 20
 MAX_GAP_BYTES = 256 << 10
 
 
+class DryRunAbandoned(Exception):
+    """The dry forward kept asking data-dependent questions, or ran too long: no order from it."""
+
+
+# A forward that loops on a tensor's value (``while not done:``) would never end on meta, where
+# every answer is made up: the dry run gives up after this many answers or seconds.
+DRY_RUN_MAX_ANSWERS = 10_000
+DRY_RUN_MAX_S = 10.0
+_budget = threading.local()
+
+
+def _spend() -> None:
+    _budget.answers += 1
+    if _budget.answers > DRY_RUN_MAX_ANSWERS:
+        raise DryRunAbandoned(f"more than {DRY_RUN_MAX_ANSWERS} data-dependent checks on meta tensors")
+    if time.monotonic() > _budget.deadline:
+        raise DryRunAbandoned(f"the dry forward ran past {DRY_RUN_MAX_S} s")
+
+
+def _meta_answers(attr: str) -> Callable[..., object]:
+    # Data-dependent checks (mask shortcuts, ``if x.any()``) cannot be answered on meta; any
+    # answer will do, since only the order of module calls is recorded.
+    answer: object = False if attr == "__bool__" else (0 if attr == "item" else [])
+
+    def f(orig: Callable[..., object], tensor: torch.Tensor, *a: object, **k: object) -> object:
+        if not tensor.is_meta:
+            return orig(tensor, *a, **k)
+        _spend()
+        return answer
+
+    return f
+
+
+_DRY_RUN = ScopedPatch("dry-run", lambda: [(torch.Tensor, n) for n in ("item", "__bool__", "tolist")], _meta_answers)
+
+
 def execution_order(
     model: nn.Module, spec: ModelSpec, planned: list[str]
 ) -> tuple[list[str], str, list[str]]:
     """Planned module names in the order a dry forward on ``meta`` first calls them.
 
-    Falls back to registration order when the forward cannot run on meta tensors.
+    Falls back to registration order when the forward cannot run on meta tensors, or does not
+    finish within the dry run's budget.
     """
     modules = dict(model.named_modules())
     seen: dict[str, None] = {}
@@ -37,33 +77,20 @@ def execution_order(
             continue
 
         def hook(_m: nn.Module, _a: object, name: str = name) -> None:
+            _spend()
             seen.setdefault(name, None)
 
         handles.append(mod.register_forward_pre_hook(hook))
     # Buffers are real; the dry run needs every tensor on meta, so swap them for the call.
     saved = [(m, dict(m._buffers)) for m in model.modules() if m._buffers]
-    # Data-dependent checks (mask shortcuts, ``if x.any()``) cannot be answered on meta; any
-    # answer will do, since only the order of module calls is recorded.
-    patched = {n: getattr(torch.Tensor, n) for n in ("item", "__bool__", "tolist")}
-
-    def _meta_safe(n: str):  # type: ignore[no-untyped-def]
-        orig = patched[n]
-
-        def f(self: torch.Tensor, *a: object, **k: object) -> object:
-            if self.is_meta:
-                return False if n == "__bool__" else (0 if n == "item" else [])
-            return orig(self, *a, **k)
-
-        return f
-
+    _budget.answers = 0
+    _budget.deadline = time.monotonic() + DRY_RUN_MAX_S
     try:
-        for n in patched:
-            setattr(torch.Tensor, n, _meta_safe(n))
         for m, bufs in saved:
             for k, b in bufs.items():
                 if b is not None:
                     m._buffers[k] = b.to("meta")
-        with torch.no_grad():
+        with _DRY_RUN.active(), torch.no_grad():
             model(**spec.dummy_inputs(device="meta"))
         source = "dry-forward"
     except Exception as e:  # any failure of a meta forward just means: no order from it
@@ -71,8 +98,6 @@ def execution_order(
         seen.clear()
         source = "registration"
     finally:
-        for n, f in patched.items():
-            setattr(torch.Tensor, n, f)
         for h in handles:
             h.remove()
         for m, bufs in saved:

@@ -20,7 +20,7 @@ from cicada_async.engine.fetch import FetchScheduler, FetchSettings
 from cicada_async.engine.executor import Executor
 from cicada_async.engine.forward import run_forward
 from cicada_async.engine.job import LoadJob, LoadOptions
-from cicada_async.engine.pipeline import LoadRequest, cold_start
+from cicada_async.engine.pipeline import LoadRequest, cold_start, first_leaf
 from cicada_async.engine.plan import DEFAULT_READ_BYTES
 from cicada_async.engine.timeline import Timeline
 
@@ -277,7 +277,9 @@ class ModelInstance:
             finally:
                 await backend.aclose()
         except BaseException as e:
-            err = e if isinstance(e, CicadaError) else LoadError(f"loading {self.name} failed: {e}")
+            cause = first_leaf(e)
+            err = cause if isinstance(cause, CicadaError) else \
+                LoadError(f"loading {self.name} failed: {type(cause).__name__}: {cause}")
             if isinstance(e, asyncio.CancelledError):
                 err = LoadError(f"loading {self.name} was cancelled")
             self.state = "unloaded"

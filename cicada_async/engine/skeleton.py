@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,8 @@ from torch import nn
 
 from protocols.errors import WeightMismatch
 from protocols.manifest import TensorEntry
+
+from cicada_async.engine.patches import ScopedPatch
 
 if TYPE_CHECKING:
     from cicada_async.engine.modeldir import ModelSpec
@@ -32,51 +33,46 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 
-_patch_lock = threading.Lock()  # the patches below are process-wide; build one model at a time
+def _skeleton_targets() -> list[tuple[object, str]]:
+    targets: list[tuple[object, str]] = [(nn.Module, "register_parameter")]
+    # Init functions on meta tensors still cost ~3 ms each as Python dispatch: skip them.
+    for mod in (nn.init, sys.modules.get("transformers.initialization")):
+        if mod is not None:
+            targets += [(mod, n) for n in dir(mod) if n.endswith("_") and not n.startswith("_")]
+    targets += [(torch.Tensor, n) for n in ("normal_", "uniform_", "zero_", "fill_")]
+    return targets
 
 
-def _skip_on_meta(fn: Callable[..., object]) -> Callable[..., object]:
-    def init(tensor: torch.Tensor, *args: object, **kwargs: object) -> object:
+def _skeleton_replacement(attr: str) -> Callable[..., object]:
+    if attr == "register_parameter":
+        def register_parameter(orig: Callable[..., None], module: nn.Module, name: str,
+                               param: nn.Parameter | None) -> None:
+            orig(module, name, param)
+            if param is not None and not param.is_meta:
+                p = module._parameters[name]
+                assert p is not None
+                module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+        return register_parameter
+
+    def init(orig: Callable[..., object], tensor: object, *args: object, **kwargs: object) -> object:
         if isinstance(tensor, torch.Tensor) and tensor.is_meta:
             return tensor
-        return fn(tensor, *args, **kwargs)
+        return orig(tensor, *args, **kwargs)
 
-    init.__wrapped__ = fn  # type: ignore[attr-defined]
     return init
 
 
-@contextlib.contextmanager
-def skeleton_mode() -> Iterator[None]:
-    """Inside, new parameters land on ``meta`` and init functions skip meta tensors."""
+_SKELETON = ScopedPatch("skeleton", _skeleton_targets, _skeleton_replacement)
 
-    orig_register = nn.Module.register_parameter
 
-    def register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        orig_register(self, name, param)
-        if param is not None and not param.is_meta:
-            p = self._parameters[name]
-            assert p is not None
-            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+def skeleton_mode() -> contextlib.AbstractContextManager[None]:
+    """Inside, new parameters land on ``meta`` and init functions skip meta tensors.
 
-    # Init functions on meta tensors still cost ~3 ms each as Python dispatch: skip them.
-    targets: list[tuple[object, str]] = []
-    for mod in (nn.init, sys.modules.get("transformers.initialization")):
-        if mod is None:
-            continue
-        targets += [(mod, n) for n in dir(mod) if n.endswith("_") and not n.startswith("_")]
-    targets += [(torch.Tensor, n) for n in ("normal_", "uniform_", "zero_", "fill_")]
-
-    with _patch_lock:
-        saved = [(obj, n, getattr(obj, n)) for obj, n in targets if callable(getattr(obj, n))]
-        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
-        for obj, n, fn in saved:
-            setattr(obj, n, _skip_on_meta(fn))
-        try:
-            yield
-        finally:
-            nn.Module.register_parameter = orig_register  # type: ignore[method-assign]
-            for obj, n, fn in saved:
-                setattr(obj, n, fn)
+    Only on the calling thread: a model built or initialized on another thread meanwhile gets
+    real parameters and real init.
+    """
+    return _SKELETON.active()
 
 
 @dataclass
@@ -168,7 +164,11 @@ def index_skeleton(
         raise WeightMismatch("checkpoint does not match the model: " + "; ".join(parts))
 
     module_slots: dict[str, list[str]] = {}
-    names_of = {id(m): n for n, m in modules.items()}
+    # A module registered under several names is gated under its first one, the name
+    # ``named_modules()`` (deduplicated) gives it; the plan and the gates use that name.
+    names_of: dict[int, str] = {}
+    for n, m in modules.items():
+        names_of.setdefault(id(m), n)
     for source, slot in slots.items():
         for module, _ in slot.owners:
             lst = module_slots.setdefault(names_of[id(module)], [])

@@ -1,0 +1,85 @@
+"""Work posted to the executor fails only its owner: the thread lives, the load fails with its cause."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from backends.memory import Faults, MemoryBackend
+from cicada_async.engine.executor import Executor
+from cicada_async.engine.fetch import FetchScheduler
+from cicada_async.engine.job import LoadJob, LoadOptions
+from cicada_async.engine.pipeline import LoadRequest, cold_start
+from protocols.errors import LoadError
+from tests.fixtures.helpers import inputs_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _boom() -> None:
+    raise ZeroDivisionError("boom in posted work")
+
+
+def test_raising_post_goes_to_its_handler_and_the_thread_lives() -> None:
+    ex = Executor()
+    ex.start()
+    try:
+        errors: list[BaseException] = []
+        ex.post_apply(_boom, on_error=errors.append)
+        ex.post_apply(_boom)  # no handler: logged, still contained
+        assert ex.submit(lambda: 42).result(timeout=5) == 42
+        assert ex.alive
+        assert [type(e) for e in errors] == [ZeroDivisionError]
+    finally:
+        ex.stop()
+
+
+def test_raising_post_does_not_surface_in_the_waiting_job() -> None:
+    """A job inside wait_until (a gate) applies others' posts; their errors are not its errors."""
+    ex = Executor()
+    ex.start()
+    try:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def gated() -> str:
+            ready.set()
+            ex.wait_until(lambda: done[0], time.monotonic() + 10)
+            return "computed"
+
+        done = [False]
+        fut = ex.submit(gated)
+        assert ready.wait(5)
+        ex.post_apply(_boom, on_error=errors.append)
+        ex.post_apply(lambda: done.__setitem__(0, True))
+        assert fut.result(timeout=5) == "computed"
+        assert len(errors) == 1
+    finally:
+        ex.stop()
+
+
+async def test_failed_posted_work_fails_the_load_at_once(model_dirs: dict[str, Path]) -> None:
+    """A failure in work posted for a load (as a staging copy would) fails that load quickly with
+    its cause, is not taken for bad inputs, and leaves the executor serving."""
+    d = model_dirs["tiny-gpt2"]
+    backend = MemoryBackend.from_dir(d, Faults(delay_s=0.05))  # slow reads: the load is in flight
+    ex = Executor()
+    ex.start()
+
+    def sabotage(job: LoadJob) -> None:
+        ex.post_apply(_boom, on_error=job.posted_failed)
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(LoadError, match="ZeroDivisionError: boom in posted work"):
+            await cold_start(backend, ex, FetchScheduler(2), LoadRequest(
+                inputs=inputs_for(d), on_prepared=sabotage,
+                options=LoadOptions(read_bytes=16 << 10, load_timeout_s=600)))
+        assert time.monotonic() - t0 < 20  # not parked until load_timeout_s
+        assert await ex.run(lambda: "alive") == "alive"
+    finally:
+        await backend.aclose()
+        ex.stop()
