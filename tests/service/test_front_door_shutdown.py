@@ -24,14 +24,15 @@ LIMIT_S = 3.0
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_mid_cold_start_is_bounded(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("never", [False, True], ids=["trickling origin", "origin never answers"])
+def test_sigterm_mid_cold_start_is_bounded(model_dirs: dict[str, Path], tmp_path: Path, never: bool) -> None:
     mlp = model_dirs["tiny-mlp"]
-    origin = TrickleOrigin(mlp.parent).start()
+    origin = TrickleOrigin(mlp.parent, never=never).start()
     cfg = f"""
 [server]
 shutdown_timeout_s = {LIMIT_S}
 [storage.http]
-read_timeout_s = 2.0
+read_timeout_s = 30.0
 [models.slow]
 uri = "http://127.0.0.1:{origin.port}/{mlp.name}/"
 [models.mlp]
@@ -68,7 +69,7 @@ uri = "{mlp}"
         origin.stop()
     status, headers, body = rider["answer"]  # type: ignore[misc]
     answered = rider["at"] - killed  # type: ignore[operator]
-    print(f"SIGTERM mid cold start: rider {status} after {answered:.2f} s, exit {rc} after {exited:.2f} s")
+    print(f"SIGTERM mid cold start ({'never' if never else 'trickle'}): rider {status} after {answered:.2f} s, exit {rc} after {exited:.2f} s")
     assert status == 503 and headers["content-type"] == "application/json", body
     assert "retry" in orjson.loads(body)["error"]
     assert answered <= LIMIT_S + 0.2, answered

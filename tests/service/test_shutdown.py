@@ -1,8 +1,9 @@
 """Graceful shutdown of a REAL ``python -m cicada_async serve`` process on a real SIGTERM.
 
-While requests are in flight and queued: every admitted request gets its 200, new connections
-are refused (or 503 on a kept-alive connection), the process exits 0, and the bearer token it
-was given through the environment appears nowhere in its logs.
+While requests are in flight and queued: every admitted request gets its 200, requests sent
+after the signal get 503 (the listener stays open while draining; a refused connection is
+tolerated too), the process exits 0, and the bearer token it was given through the environment
+appears nowhere in its logs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An HTTP origin that trickles weight files (512 B per 0.25 s) and serves the rest at once.
+"""An HTTP origin that trickles weight files (512 B per 0.25 s), or never answers for them.
 
 HEAD, Range and ETag as the HTTP backend needs them; runs on its own loop in a thread. A cold
 start from it takes minutes, which is what shutdown-during-load tests need.
@@ -17,8 +17,9 @@ CHUNK, PAUSE_S = 512, 0.25
 
 
 class TrickleOrigin:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, never: bool = False) -> None:
         self.root = root
+        self.never = never  # weight files: headers never sent, not a byte
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -41,6 +42,8 @@ class TrickleOrigin:
         body = data[a:b + 1]
         if not rest.endswith(".safetensors"):
             return web.Response(status=status, body=body, headers=headers)
+        if self.never:
+            await asyncio.Event().wait()
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(body)
         await resp.prepare(request)
