@@ -102,10 +102,10 @@ def _header_length(request: web.Request) -> int | None:
     raw = request.headers.get(v2.HEADER_LENGTH)
     if raw is None:
         return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise BadRequest(f"{v2.HEADER_LENGTH} must be an integer") from None
+    # ASCII digits only: int() would also take "+157", " 157 ", "15_7" and non-ASCII digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise BadRequest(f"{v2.HEADER_LENGTH} must be an integer (ASCII digits)")
+    return int(raw)
 
 
 def check_inputs(cfg: ModelConfig, instance: Any, inputs: dict[str, Any]) -> None:

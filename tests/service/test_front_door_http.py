@@ -119,3 +119,13 @@ def test_pooled_connection_survives_a_415(server: ServerProcess) -> None:
         return statuses
 
     assert asyncio.run(go()) == [415, 200, 415, 200]
+
+
+@pytest.mark.parametrize("value", ["+16", " 16x", "1_6", "\u0661\u0666", "-5"])
+def test_header_length_is_ascii_digits_only(server: ServerProcess, value: str) -> None:
+    body = orjson.dumps({"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 1],
+                                     "parameters": {"binary_data_size": 8}}]})
+    raw = (INFER + AUTH + f"Inference-Header-Content-Length: {value}\r\n".encode()
+           + f"Content-Length: {len(body) + 8}\r\nConnection: close\r\n\r\n".encode() + body + bytes(8))
+    status, headers, out = parse(exchange(server.port, raw))
+    assert status == 400 and headers["content-type"] == "application/json", out

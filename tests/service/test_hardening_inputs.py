@@ -52,7 +52,7 @@ def _cases() -> list[tuple[str, bytes, dict[str, str], int, str]]:
         ("no inputs", b'{"inputs": []}', {}, 400, "non-empty 'inputs'"),
         ("header length larger than body", good_binary, {v2.HEADER_LENGTH: str(len(good_binary) + 1)}, 400,
          "does not fit"),
-        ("header length negative", good_binary, {v2.HEADER_LENGTH: "-5"}, 400, "does not fit"),
+        ("header length negative", good_binary, {v2.HEADER_LENGTH: "-5"}, 400, "must be an integer"),
         ("header length zero", good_binary, {v2.HEADER_LENGTH: "0"}, 400, "does not fit"),
         ("header length not a number", good_binary, {v2.HEADER_LENGTH: "12abc"}, 400, "must be an integer"),
         ("header length huge", good_binary, {v2.HEADER_LENGTH: str(2**80)}, 400, "does not fit"),
