@@ -21,6 +21,7 @@ from torch import nn
 
 from cicada_async.engine.forward import output_dict
 from cicada_async.engine.modeldir import ModelSpec, read_model_spec
+from cicada_async.engine.skeleton import cast_for_serving
 from protocols.errors import ConfigError, WeightMismatch
 
 STRATEGIES = ("cicada", "eager", "meta-mmap", "hf")
@@ -86,7 +87,7 @@ def eager(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dty
     missing, unexpected = model.load_state_dict(sd, strict=False)
     _check(model, missing, unexpected)
     if dtype is not None:
-        model.to(dtype)
+        cast_for_serving(model, dtype)  # as from_pretrained(dtype=...) does
     model.to(device)
     t["load_s"] = time.perf_counter() - t1
     return _forward(model, inputs, t, device)
@@ -119,7 +120,7 @@ def meta_mmap(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor],
             m._parameters[n] = p
     _check(model, [k for k in missing], unexpected)
     if dtype is not None:
-        model.to(dtype)
+        cast_for_serving(model, dtype)  # as from_pretrained(dtype=...) does
     model.to(device)
     t["load_s"] = time.perf_counter() - t1
     return _forward(model, inputs, t, device)

@@ -113,8 +113,12 @@ class LoadJob:
         start = self.timeline.now()
         try:
             for name in shard.tensors:
-                value = self.landing.make_tensor(self.tensors[name], self.plan, i)
-                materialize(self.index.slots[name], value)
+                slot = self.index.slots[name]
+                # With a serving dtype, each tensor converts to its skeleton slot's dtype (fp32
+                # for keep-in-fp32 modules); without one, the checkpoint's dtype is served.
+                dtype = slot.dtype if self.options.dtype is not None else None
+                value = self.landing.make_tensor(self.tensors[name], self.plan, i, dtype)
+                materialize(slot, value)
             ev = self.landing.shard_done()
             if ev is not None:
                 self.events[i] = ev

@@ -33,8 +33,10 @@ class Landing(Protocol):
         """Loop thread: read ``r`` has filled its buffer."""
         ...
 
-    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
-        """Executor thread: the tensor for ``entry`` once all its reads have landed."""
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Executor thread: the tensor for ``entry`` (converted to ``dtype``, else the landing's
+        dtype) once all its reads have landed."""
         ...
 
     def shard_done(self) -> torch.cuda.Event | None:
@@ -96,9 +98,10 @@ class _HostLanding:
     def read_landed(self, r: int, read: ReadRange) -> None:
         return None  # the bytes are already where the tensors will be
 
-    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
         raw = self._bytes(entry)
-        t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+        t = tensor_from_bytes(raw, entry, dtype=dtype or self.dtype, device=self.device)
         self._converted.note(entry, t, raw)
         return t
 
@@ -240,12 +243,13 @@ class StagingLanding(_BufferFill):
             if still:
                 await asyncio.sleep(0.0005)
 
-    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int) -> torch.Tensor:
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
         raw = self.device_files[entry.file][entry.start : entry.end]
         if self.stream is None:
-            return tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+            return tensor_from_bytes(raw, entry, dtype=dtype or self.dtype, device=self.device)
         with torch.cuda.stream(self.stream):
-            t = tensor_from_bytes(raw, entry, dtype=self.dtype, device=self.device)
+            t = tensor_from_bytes(raw, entry, dtype=dtype or self.dtype, device=self.device)
         return t
 
     def shard_done(self) -> torch.cuda.Event | None:

@@ -8,6 +8,7 @@ in checkpoints and must keep the values ``__init__`` computed.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ def _skeleton_replacement(attr: str) -> Callable[..., object]:
     return init
 
 
+# Floating dtypes a requested serving dtype converts (F8 and integers never are).
+CONVERTIBLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
 _SKELETON = ScopedPatch("skeleton", _skeleton_targets, _skeleton_replacement)
 
 
@@ -85,6 +89,7 @@ class Slot:
     is_param: bool
     source: str | None = None  # the checkpoint name it is read from
     requires_grad: bool = False
+    dtype: torch.dtype | None = None  # the skeleton's dtype for it: what a conversion aims at
 
 
 @dataclass
@@ -117,7 +122,7 @@ def index_skeleton(
                 continue
             slot = by_id.get(id(p))
             if slot is None:
-                slot = Slot([], [], tuple(p.shape), True, requires_grad=p.requires_grad)
+                slot = Slot([], [], tuple(p.shape), True, requires_grad=p.requires_grad, dtype=p.dtype)
                 by_id[id(p)] = slot
                 order.append(slot)
             if f"{prefix}{pname}" not in slot.names:
@@ -128,7 +133,7 @@ def index_skeleton(
                 continue
             slot = by_id.get(id(b))
             if slot is None:
-                slot = Slot([], [], tuple(b.shape), False)
+                slot = Slot([], [], tuple(b.shape), False, dtype=b.dtype)
                 by_id[id(b)] = slot
                 order.append(slot)
             if f"{prefix}{bname}" not in slot.names:
@@ -191,7 +196,8 @@ def tensor_from_bytes(
         t = raw.view(src_dtype).view(entry.shape)
     else:  # misaligned in the file: one copy into aligned memory
         t = raw.clone().view(src_dtype).view(entry.shape)
-    want = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
+    # Only plain floats convert, as in transformers: integers and F8 keep their dtype.
+    want = dtype if (dtype is not None and src_dtype in CONVERTIBLE) else src_dtype
     if want != src_dtype or t.device != device:
         t = t.to(device=device, dtype=want, non_blocking=device.type == "cuda")
     return t
@@ -223,5 +229,36 @@ def build_skeleton(spec: ModelSpec, dtype: torch.dtype | None) -> nn.Module:
     with skeleton_mode(), torch.device("cpu"):
         model = spec.build()
     if dtype is not None:
-        model.to(dtype)  # on meta this is bookkeeping; real float buffers follow as they would in eager
+        cast_for_serving(model, dtype)
     return model.eval()
+
+
+def cast_for_serving(model: nn.Module, dtype: torch.dtype) -> None:
+    """Give parameters and persistent buffers the dtype transformers' ``from_pretrained`` would.
+
+    Plain floats become ``dtype``, except tensors under ``_keep_in_fp32_modules`` (fp16 only)
+    or ``_keep_in_fp32_modules_strict`` (fp16 and bf16), which stay fp32. Integers and F8 keep
+    their dtype, and so do non-persistent buffers: the checkpoint never fills them, and
+    ``__init__`` chose their dtype (rotary ``inv_freq`` is fp32 on purpose).
+    """
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    keep_re = re.compile("|".join(k.replace("*", ".*") for k in sorted(keep))) if keep else None
+    done: dict[int, torch.Tensor] = {}  # by id: tied tensors stay one tensor
+    for mname, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{mname}." if mname else ""
+        for name, p in list(module._parameters.items()):
+            if p is None or p.dtype not in CONVERTIBLE:
+                continue
+            if id(p) not in done:
+                want = torch.float32 if keep_re and keep_re.search(prefix + name) else dtype
+                done[id(p)] = p if p.dtype == want else nn.Parameter(p.to(want), requires_grad=p.requires_grad)
+            module._parameters[name] = done[id(p)]  # type: ignore[assignment]
+        for name, b in list(module._buffers.items()):
+            if b is None or b.dtype not in CONVERTIBLE or name in module._non_persistent_buffers_set:
+                continue
+            if id(b) not in done:
+                want = torch.float32 if keep_re and keep_re.search(prefix + name) else dtype
+                done[id(b)] = b.to(want)
+            module._buffers[name] = done[id(b)]
