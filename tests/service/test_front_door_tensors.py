@@ -21,7 +21,8 @@ INFER = "/v2/models/mlp/infer"
 
 @pytest.fixture(scope="module")
 def server(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    cfg = f'[server]\nshutdown_timeout_s = 2\n\n[models.mlp]\nuri = "{model_dirs["tiny-mlp"]}"\n'
+    cfg = (f'[server]\nshutdown_timeout_s = 2\n\n[models.mlp]\nuri = "{model_dirs["tiny-mlp"]}"\n'
+           f'[models.conv]\nuri = "{model_dirs["tiny-convnet"]}"\n')
     with serve(cfg, tmp_path_factory.mktemp("tensors")) as s:
         status, _, body = request(s.port, "POST", INFER, infer_body([1, 2, 3]))
         assert status == 200, body  # cold start done once for the module
@@ -89,16 +90,34 @@ def test_unknown_output_is_400_naming_it(server: ServerProcess) -> None:
     assert "'nope'" in orjson.loads(body)["error"]
 
 
-def test_fp_input_refuses_strings_and_booleans(model_dirs: dict[str, Path]) -> None:
-    # FP32 is checked in the codec the server runs (no FP32-input model in the catalogue
-    # takes a tiny JSON body, so this runs the codec directly; the INT64 cases run end to end).
-    from protocols import v2
-    from protocols.errors import BadRequest
+CONV = "/v2/models/conv/infer"
+PIXELS = 3 * 16 * 16
 
-    for data in (["2"], [True], [None]):
-        with pytest.raises(BadRequest, match="does not fit FP32: leaves must be numbers"):
-            v2.decode_request(infer_body(data, "FP32", [1], "x"))
-    assert v2.decode_request(infer_body([1, 2.5], "FP32", [2], "x")).inputs["x"].tolist() == [1.0, 2.5]
+
+@pytest.mark.parametrize("leaf, fragment", [("2", "string '2'"), (True, "boolean"), (None, "null")])
+def test_fp_input_refuses_strings_and_booleans(server: ServerProcess, leaf: object, fragment: str) -> None:
+    data = [0.5] * (PIXELS - 1) + [leaf]
+    status, _, body = request(server.port, "POST", CONV, infer_body(data, "FP32", [1, 3, 16, 16], "x"))
+    assert status == 400, body
+    msg = orjson.loads(body)["error"]
+    assert "'x'" in msg and "FP32" in msg and fragment in msg, msg
+
+
+def test_fp_input_takes_ints_and_floats(server: ServerProcess) -> None:
+    data = [1, 0.5] * (PIXELS // 2)
+    status, _, body = request(server.port, "POST", CONV, infer_body(data, "FP32", [1, 3, 16, 16], "x"))
+    assert status == 200, body
+
+
+def test_non_finite_outputs_are_strings_end_to_end(server: ServerProcess) -> None:
+    """A forward that yields NaN/Inf answers them as "NaN"/"Infinity"/"-Infinity", never null."""
+    data = ["Infinity", "-Infinity"] * (PIXELS // 2)
+    status, headers, body = request(server.port, "POST", CONV, infer_body(data, "FP32", [1, 3, 16, 16], "x"))
+    assert status == 200 and headers["content-type"] == "application/json", body
+    leaves = orjson.loads(body)["outputs"][0]["data"]
+    assert None not in leaves
+    assert set(leaves) & {"NaN", "Infinity", "-Infinity"}, leaves[:10]
+    assert all(isinstance(x, float) or x in ("NaN", "Infinity", "-Infinity") for x in leaves)
 
 
 def test_non_finite_outputs_have_one_json_form() -> None:
