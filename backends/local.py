@@ -191,6 +191,10 @@ class LocalBackend:
             raise ObjectChanged(f"{self.root / key} changed size since its header was read")
         return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
+    def watch(self, key: str) -> FileWatch:
+        """A handle that tells whether the file mapped for ``key`` was changed in place."""
+        return FileWatch(self._path(key), self._fd(key, False))
+
     async def populate(
         self, key: str, mapping: mmap.mmap, offset: int, length: int, *, version: str | None = None
     ) -> None:
@@ -210,3 +214,36 @@ class LocalBackend:
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
+
+
+class FileWatch:
+    """Notices an in-place change (rewrite, truncation) of a mapped weight file.
+
+    A private mapping shares the page cache's pages until written, so an in-place rewrite
+    changes what the tensors hold, and a truncation makes the next touch past the end a
+    SIGBUS. A file replaced by rename is safe: the held descriptor pins the old inode, whose
+    identity this never sees change.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = os.dup(fd)  # the backend's descriptors close after the load
+        self._identity = self._now()
+
+    def _now(self) -> tuple[int, int]:
+        st = os.fstat(self._fd)
+        return st.st_size, st.st_mtime_ns
+
+    def changed(self) -> bool:
+        try:
+            return self._now() != self._identity
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()

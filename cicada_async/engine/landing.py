@@ -119,6 +119,8 @@ class MappedLanding(_HostLanding):
     def __init__(self, headers: dict[str, FileHeader], backend: Any, dtype: torch.dtype | None) -> None:
         self.maps = {k: backend.map_file(k, h.size) for k, h in headers.items()}
         self.views = {k: torch.frombuffer(m, dtype=torch.uint8) for k, m in self.maps.items()}
+        # Tensors view these files for as long as the model lives: the model checks them.
+        self.watches = [backend.watch(k) for k in headers]
         self.dtype = dtype
         self._converted = _Converted(headers)
 

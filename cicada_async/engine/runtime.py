@@ -150,12 +150,15 @@ class ModelInstance:
         self._first_outputs: asyncio.Future[dict[str, torch.Tensor] | None] | None = None
         self._load_error: BaseException | None = None
         self._inputs_meta: list[dict[str, Any]] = []
+        self._watches: list[Any] = []  # mapped weight files the ready model's tensors view
         options.load_options(read_bytes=1, load_timeout_s=1)  # validate early
 
     # public API --------------------------------------------------------------------------------
     async def infer(self, inputs: dict[str, torch.Tensor], *, priority: int = 0) -> dict[str, torch.Tensor]:
         self.last_used = time.monotonic()
         try:
+            if self.state == "ready" and self._model is not None and self._files_changed():
+                await self.unload()  # the next lines cold-start it from the files as they are now
             if self.state == "ready" and self._model is not None:
                 return await self.engine.executor.run(
                     run_forward, self._model, inputs, torch.device(self.options.device), priority=priority
@@ -206,13 +209,32 @@ class ModelInstance:
         self._load = None
         self._job = None
         self.state = "unloaded"
+        self._close_watches()
         if model is not None and self.engine.executor.alive:
             # Drop the last reference on the executor thread, after any forward in flight.
             await self.engine.executor.run(lambda: None)
         del model
 
+    def _files_changed(self) -> bool:
+        """True when a mapped weight file was rewritten or truncated in place since the load.
+
+        Checked before every warm forward (an fstat per file): such a model must not compute,
+        since its tensors view the changed pages, or past the end of a truncated file (SIGBUS).
+        """
+        changed = [w.path for w in self._watches if w.changed()]
+        if changed:
+            log.warning("weight files of %s changed in place (%s); reloading it. Replace model "
+                        "files by rename.", self.name, ", ".join(map(str, changed)))
+        return bool(changed)
+
+    def _close_watches(self) -> None:
+        for w in self._watches:
+            w.close()
+        self._watches = []
+
     def _forget(self) -> None:
         """Drop everything without the executor's help (it is dead)."""
+        self._close_watches()
         if self._load is not None and not self._load.done():
             self._load.cancel()
         self._model = None
@@ -297,6 +319,7 @@ class ModelInstance:
             return  # the error reaches callers through the futures, not the task
         self._model = model
         self._plan = job.plan
+        self._watches = list(getattr(job.landing, "watches", ()))
         self.nbytes = job.plan.nbytes
         self.last_timeline = timeline
         self.last_error = None
