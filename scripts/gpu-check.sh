@@ -15,7 +15,7 @@ py=${PYTHON:-python3}
 "$py" -m pip install -q safetensors aiofiles aiohttp aiobotocore orjson transformers pytest pytest-asyncio pytest-timeout matplotlib >/dev/null
 start=$(date +%s)
 # 1. Exactness on CUDA (tiny models; the CPU suite runs in CI).
-timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/engine/test_exactness.py -k "cuda or staging" 2>&1 | tee "$out/exactness-cuda.txt"
+timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/engine/test_exactness.py tests/engine/test_devices.py -k "cuda or staging" 2>&1 | tee "$out/exactness-cuda.txt"
 # 2. Cold start on the GPU: cicada vs hf (from_pretrained then .to("cuda")) vs meta-mmap.
 timeout 420 "$py" -m cicada_async bench cold-start --device cuda --models gpt2-medium,llama-1b \
   --strategies cicada,hf,meta-mmap --repeat 3 --dir "${MODELS_DIR:-models}" \

@@ -37,7 +37,7 @@ from cicada_async.engine.plan import (
     planned_modules,
     shard_groups,
 )
-from cicada_async.engine.skeleton import SkeletonIndex, build_skeleton, index_skeleton
+from cicada_async.engine.skeleton import SkeletonIndex, build_skeleton, index_skeleton, place_buffers
 from cicada_async.engine.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ class ColdStart:
         def planning() -> tuple[SkeletonIndex, list[tuple[str, list[str]]], list[str]]:
             with self.timeline.stage("plan"):
                 index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
+                place_buffers(model, index, self.options.device)
                 modules = list(cached.modules) if cached is not None else planned_modules(model, index)
                 return index, shard_groups(model, index, tensors, modules), modules
 

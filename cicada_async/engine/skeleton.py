@@ -182,6 +182,24 @@ def index_skeleton(
     return SkeletonIndex(slots=slots, module_slots=module_slots)
 
 
+def place_buffers(model: nn.Module, index: SkeletonIndex, device: torch.device) -> int:
+    """Move the buffers the checkpoint does not fill (made in ``__init__``) to ``device``.
+
+    Checkpoint-backed tensors land on the device when they are applied; these never are, and
+    would stay on the CPU (BERT's ``position_ids``). Returns how many were moved.
+    """
+    backed = {(id(m), a) for slot in index.slots.values() for m, a in slot.owners}
+    moved: dict[int, torch.Tensor] = {}  # one buffer shared by two modules stays one tensor
+    for module in model.modules():
+        for name, b in list(module._buffers.items()):
+            if b is None or (id(module), name) in backed or b.device == device:
+                continue
+            if id(b) not in moved:
+                moved[id(b)] = b.to(device)
+            module._buffers[name] = moved[id(b)]
+    return len(moved)
+
+
 def _few(names: list[str], n: int = 8) -> str:
     shown = ", ".join(names[:n])
     return f"{shown} (+{len(names) - n} more)" if len(names) > n else shown

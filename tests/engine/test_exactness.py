@@ -8,15 +8,17 @@ import pytest
 import torch
 
 from backends.local import LocalBackend
-from cicada_async.engine.fetch import FetchScheduler
-from cicada_async.engine.runtime import Engine
 from cicada_async.engine.executor import Executor
+from cicada_async.engine.fetch import FetchScheduler
 from cicada_async.engine.pipeline import LoadRequest, cold_start
-
-from tests.fixtures.helpers import assert_equal_outputs, cicada_infer, inputs_for, reference
-
-FAMILIES = ["tiny-gpt2", "tiny-bert", "tiny-resnet", "tiny-vit", "tiny-llama", "tiny-llama-untied",
-            "tiny-convnet", "tiny-mlp", "tiny-gpt2-sharded"]
+from cicada_async.engine.runtime import Engine
+from tests.fixtures.helpers import (
+    assert_equal_outputs,
+    cicada_infer,
+    inputs_for,
+    reference,
+)
+from tests.fixtures.models import FAMILIES
 
 
 def _pixels_in(inputs: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -192,8 +194,8 @@ async def test_cuda_equals_eager_on_cuda(model_dirs, name):
 
 
 def reference_on(d, inputs, device):  # type: ignore[no-untyped-def]
-    from cicada_async.engine.forward import output_dict
     from cicada_async.bench.strategies import _state_dict, local_spec
+    from cicada_async.engine.forward import output_dict
 
     spec = local_spec(d)
     model = spec.build()
