@@ -62,7 +62,12 @@ async def drain_middleware(request: web.Request,
 def fit_fd_limit(config: Config) -> None:
     """Keep the connection caps below the fd limit, raising the soft limit when allowed."""
     cfg = config.server
-    need = cfg.max_open_connections + cfg.health_reserved_connections + 256  # models, logs, storage
+    # asyncio accepts up to a backlog's worth of sockets per loop pass, and a refused one is
+    # closed two passes later (connection_made, then connection_lost are callbacks): under a
+    # flood about 3 backlogs are open beyond the caps (measured 2). 256 more for models, logs
+    # and storage.
+    burst = 3 * cfg.max_connections
+    need = cfg.max_open_connections + cfg.health_reserved_connections + burst + 256
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -72,7 +77,7 @@ def fit_fd_limit(config: Config) -> None:
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and soft < need:
-        cap = max(1, soft - cfg.health_reserved_connections - 256)
+        cap = max(1, soft - cfg.health_reserved_connections - burst - 256)
         log.warning("fd limit %d is below the connection caps; max_open_connections lowered to %d", soft, cap,
                     extra={"event": "fd_limit", "max_open_connections": cap})
         cfg.max_open_connections = cap
