@@ -40,7 +40,9 @@ class MemoryBackend:
 
     @classmethod
     def from_uri(cls, uri: str, settings: dict[str, Any]) -> "MemoryBackend":
-        return cls.from_dir(uri.removeprefix("memory://"))
+        """``[storage.memory] delay_s = ...`` adds latency to every read (a slow origin)."""
+        delay = float(settings.get("delay_s", 0.0))
+        return cls.from_dir(uri.removeprefix("memory://"), Faults(delay_s=delay) if delay else None)
 
     def replace(self, key: str, data: bytes) -> None:
         self.objects[key] = data

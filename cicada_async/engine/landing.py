@@ -98,6 +98,27 @@ class _HostLanding:
     def read_landed(self, r: int, read: ReadRange) -> None:
         return None  # the bytes are already where the tensors will be
 
+    # With a manifest, converted spans are released only after verification: released pages
+    # of an anonymous arena read back as zeros, and the file would hash wrong.
+    _held: list[tuple[int, ReadRange]] | None = None
+
+    def hold_releases(self) -> None:
+        self._held = []
+
+    def release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for r, read in held:
+            self._release(r, read)
+
+    def read_released(self, r: int, read: ReadRange) -> None:
+        if self._held is not None:
+            self._held.append((r, read))
+        else:
+            self._release(r, read)
+
+    def _release(self, r: int, read: ReadRange) -> None:
+        raise NotImplementedError
+
     def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
         raw = self._bytes(entry)
@@ -133,7 +154,7 @@ class MappedLanding(_HostLanding):
     async def fill(self, r: int, read: ReadRange, backend: Any, version: str | None) -> None:
         await backend.populate(read.file, self.maps[read.file], read.start, read.nbytes, version=version)
 
-    def read_released(self, r: int, read: ReadRange) -> None:
+    def _release(self, r: int, read: ReadRange) -> None:
         for lo, hi in self._converted.within(read):
             lo = -(-lo // PAGE) * PAGE
             hi -= hi % PAGE
@@ -161,7 +182,7 @@ class ArenaLanding(_HostLanding, _BufferFill):
         buf[: len(header.raw)] = header.raw
         return buf
 
-    def read_released(self, r: int, read: ReadRange) -> None:
+    def _release(self, r: int, read: ReadRange) -> None:
         for lo, hi in self._converted.within(read):
             self.arenas[read.file].release(lo, hi)
 
@@ -263,6 +284,19 @@ class StagingLanding(_BufferFill):
 
     def read_released(self, r: int, read: ReadRange) -> None:
         return None  # slabs were recycled after their copy
+
+    def file_bytes(self, key: str, header: FileHeader) -> memoryview:
+        """The landed file, for verification: read back from the device once its copies ran.
+
+        Hashing after the copy costs one device-to-host pass; the slabs are recycled as soon
+        as their copy ran, so they cannot be hashed in file order while the load goes on.
+        """
+        if self.stream is not None:
+            self.stream.synchronize()
+        host = self.device_files[key].cpu()
+        view = memoryview(host.numpy()).cast("B")
+        view[: len(header.raw)] = header.raw
+        return view
 
     async def aclose(self) -> None:
         if self._poller is not None:

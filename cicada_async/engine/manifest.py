@@ -76,7 +76,6 @@ async def verify_files(landing: Landing, hdrs: dict[str, FileHeader], manifest: 
     """Check every weight file against the manifest's sha256 (``cicada pack`` writes it)."""
     files = getattr(landing, "file_bytes", None)
     if files is None:
-        log.warning("this landing (%s) cannot verify checksums; skipped", type(landing).__name__)
-        return
+        raise IntegrityError(f"{type(landing).__name__} cannot verify the manifest's checksums")
     # hashlib releases the GIL on large buffers: files hash in parallel with compute.
     await asyncio.gather(*(asyncio.to_thread(verify, k, files(k, h), manifest) for k, h in hdrs.items()))

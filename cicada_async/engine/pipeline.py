@@ -107,6 +107,8 @@ class ColdStart:
         except BaseException:
             skeleton.cancel()
             raise
+        if spec.manifest is not None and hasattr(landing, "hold_releases"):
+            landing.hold_releases()  # converted spans stay resident until the files verify
         fetcher = self.start_fetch(hdrs, landing)
         outputs: Outputs = None
         try:
@@ -250,9 +252,13 @@ class ColdStart:
         return out
 
     async def verify(self, spec: ModelSpec, landing: Landing, hdrs: dict[str, FileHeader]) -> None:
+        """Every file against the manifest, before any answer: the first request's outputs are
+        returned only after this, and forwards that joined the load wait for the load's end."""
         if spec.manifest is not None:
             with self.timeline.stage("verify"):
                 await verify_files(landing, hdrs, spec.manifest)
+            if hasattr(landing, "release_held"):
+                landing.release_held()
 
     # plumbing --------------------------------------------------------------------------------
     def _post(self, fn: Callable[[], None]) -> None:

@@ -171,6 +171,7 @@ class ModelInstance:
                 if out is not None:
                     return out
             assert self._job is not None
+            load = self._load
             job = await asyncio.shield(self._job)
             device = torch.device(self.options.device)
 
@@ -178,7 +179,12 @@ class ModelInstance:
                 job.check()  # a failed load's model must not compute
                 return run_forward(job.model, inputs, device)
 
-            return await self.engine.executor.run(joined, priority=priority)
+            out = await self.engine.executor.run(joined, priority=priority)
+            if job.spec.manifest is not None and load is not None:
+                # Computed while the load went on: answered only once its bytes verified.
+                await asyncio.wait({load})  # its outcome reaches us through job.check
+                await self.engine.executor.run(job.check, priority=priority)
+            return out
         finally:
             self.last_used = time.monotonic()
 
