@@ -36,5 +36,8 @@ async def test_unload_then_reload_reuses_plan(model_dirs):
         second = await inst.infer(inputs)
         assert inst.cold_starts == 2 and inst._plan is not None
         assert inst._plan.modules == plan.modules
+        assert inst._plan.order_source == plan.order_source == "dry-forward"
+        stages = {s.name for s in inst.last_timeline.spans if s.kind == "stage"}
+        assert "dry-run" not in stages, "the reload ran the dry forward again instead of reusing the plan"
     assert_equal_outputs(first, second)
     assert extra_threads(before) == []
