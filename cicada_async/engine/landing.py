@@ -205,7 +205,10 @@ class StagingLanding(_BufferFill):
         slab_bytes: int,
         pool_bytes: int,
         post: Callable[[Callable[[], None]], None],
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        # Built off the event loop (pinned allocation and device buffers take milliseconds to
+        # seconds); the loop is the one that will run the fetch.
         self.device = device
         self.dtype = dtype
         self.cuda = device.type == "cuda"
@@ -224,7 +227,7 @@ class StagingLanding(_BufferFill):
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
         self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
         self._poller: asyncio.Task[None] | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()
 
     async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
         if read.nbytes > self.slab_bytes:
@@ -302,7 +305,12 @@ class StagingLanding(_BufferFill):
         if self._poller is not None:
             self._poller.cancel()
         if self.stream is not None:
-            self.stream.synchronize()
+            await asyncio.to_thread(self.stream.synchronize)  # not on the loop: it blocks
+        # The slabs are only for landing; the tensors view device_files. Pinned memory goes
+        # back now instead of living as long as the load's job.
+        self._free = asyncio.Queue()
+        self.slabs.clear()
+        self._pending.clear()
 
 
 def landing_for(
@@ -316,15 +324,16 @@ def landing_for(
     post: Callable[[Callable[[], None]], None],
     staging: bool = False,
     mapped_backend: Any = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> Landing:
     """Arenas for the CPU; pinned staging slabs for CUDA (or on request, to test that path)."""
     if device.type == "cpu" and not staging:
         if mapped_backend is not None:
             try:
                 return MappedLanding(headers, mapped_backend, dtype)
-            except StorageError:
-                pass  # no populate support: read into arenas instead
+            except (StorageError, OSError):
+                pass  # no populate support, or a file system that cannot map: read into arenas
         return ArenaLanding(headers, dtype)
     # A read is at most 1.25 read sizes (no runt pieces) plus alignment at both ends.
     slab = read_bytes + read_bytes // 4 + 2 * alignment + MAX_GAP_BYTES
-    return StagingLanding(headers, device, dtype, slab_bytes=slab, pool_bytes=pool_bytes, post=post)
+    return StagingLanding(headers, device, dtype, slab_bytes=slab, pool_bytes=pool_bytes, post=post, loop=loop)

@@ -103,7 +103,7 @@ class ColdStart:
         skeleton = asyncio.ensure_future(self.executor.run(lambda: self.build_skeleton(spec), priority=-1))
         try:
             hdrs = await self.read_headers(spec)
-            landing = self.open_landing(hdrs)
+            landing = await self.open_landing(hdrs)
         except BaseException:
             skeleton.cancel()
             raise
@@ -163,13 +163,21 @@ class ColdStart:
         with self.timeline.stage("headers"):
             return await read_headers(self.backend, spec)
 
-    def open_landing(self, hdrs: dict[str, FileHeader]) -> Landing:
+    async def open_landing(self, hdrs: dict[str, FileHeader]) -> Landing:
         o = self.options
-        return landing_for(
-            hdrs, o.device, o.dtype, read_bytes=o.read_bytes, alignment=self.alignment,
-            pool_bytes=self.request.fetch.queue_bytes, post=self._post, staging=o.staging,
-            mapped_backend=self.backend if o.mapped and hasattr(self.backend, "map_file") else None,
-        )
+        loop = asyncio.get_running_loop()
+
+        def make() -> Landing:
+            return landing_for(
+                hdrs, o.device, o.dtype, read_bytes=o.read_bytes, alignment=self.alignment,
+                pool_bytes=self.request.fetch.queue_bytes, post=self._post, staging=o.staging,
+                mapped_backend=self.backend if o.mapped and hasattr(self.backend, "map_file") else None,
+                loop=loop,
+            )
+
+        if o.staging or o.device.type != "cpu":
+            return await asyncio.to_thread(make)  # pinned slabs and device buffers: off the loop
+        return make()
 
     def start_fetch(self, hdrs: dict[str, FileHeader], landing: Landing) -> Fetcher:
         """Reads in file order until the plan exists; the plan re-orders what is not admitted."""

@@ -178,13 +178,15 @@ async def test_staging_path_equals_eager(model_dirs, name, dtype):
     backend = LocalBackend(d)
     try:
         # A pool of a few small slabs: slabs must be recycled for the load to finish.
-        _, out, _ = await cold_start(backend, ex, FetchScheduler(2), LoadRequest(
+        _, out, job = await cold_start(backend, ex, FetchScheduler(2), LoadRequest(
             inputs=inputs, options=LoadOptions(read_bytes=8192, staging=True, dtype=torch_dtype),
             fetch=FetchSettings(queue_bytes=64 << 10)))
     finally:
         await backend.aclose()
         ex.stop()
     assert_equal_outputs(ref, out)
+    # The staging slabs went back after the load; only the device buffers the tensors view stay.
+    assert job.landing._free.qsize() == 0 and not job.landing.slabs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
