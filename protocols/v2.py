@@ -151,7 +151,7 @@ def _check_leaves(data: list[Any], datatype: str, where: str) -> None:
     if types - allowed or strings - NONFINITE.keys():
         names = {bool: "boolean", int: "integer", float: "float", str: "string", type(None): "null", dict: "object"}
         got = ", ".join(sorted(names.get(t, t.__name__) for t in types - allowed)) or \
-            f"string {sorted(strings - NONFINITE.keys())[0][:32]!r}"
+            f"string {min(strings - NONFINITE.keys())[:32]!r}"
         hint = ' (or "NaN", "Infinity", "-Infinity")' if fp else ""
         raise BadRequest(f"{where}: data does not fit {datatype}: leaves must be {what}{hint}, got {got}")
 

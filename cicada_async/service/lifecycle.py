@@ -27,7 +27,11 @@ from aiohttp import web
 
 from cicada_async.service.appkeys import REPO_KEY, SCHED_KEY, STATE_KEY
 from cicada_async.service.config import Config
-from cicada_async.service.connections import AcceptErrorLimiter, ConnectionGuard, GuardedRunner
+from cicada_async.service.connections import (
+    AcceptErrorLimiter,
+    ConnectionGuard,
+    GuardedRunner,
+)
 from cicada_async.service.responses import json_response
 
 log = logging.getLogger("cicada.server")

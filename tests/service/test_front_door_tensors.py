@@ -62,7 +62,7 @@ def test_binary_data_output_must_be_boolean(server: ServerProcess, flag: object)
 
 
 def test_binary_data_false_means_json(server: ServerProcess) -> None:
-    status, headers, body = _post(server, infer_body([1, 2, 3], parameters={"binary_data_output": False}))
+    status, headers, _ = _post(server, infer_body([1, 2, 3], parameters={"binary_data_output": False}))
     assert status == 200 and headers["content-type"] == "application/json"
     status, headers, _ = _post(server, infer_body([1, 2, 3], parameters={"binary_data_output": True}))
     assert status == 200 and headers["content-type"] == "application/octet-stream"
@@ -76,7 +76,7 @@ def test_output_binary_data_must_be_boolean(server: ServerProcess) -> None:
 
 
 def test_unknown_input_is_400_naming_it(server: ServerProcess) -> None:
-    status, headers, body = _post(server, infer_body([1, 2, 3], name="foo"))
+    status, _, body = _post(server, infer_body([1, 2, 3], name="foo"))
     assert status == 400, body
     msg = orjson.loads(body)["error"]
     assert "'foo'" in msg and "TypeError" not in msg and "TiedMLP" not in msg, msg

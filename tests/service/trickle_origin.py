@@ -61,7 +61,7 @@ class TrickleOrigin:
         await site.start()
         self.port = self._runner.addresses[0][1]
 
-    def start(self) -> "TrickleOrigin":
+    def start(self) -> TrickleOrigin:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(15)
         return self
