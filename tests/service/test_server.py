@@ -18,14 +18,10 @@ import orjson
 import pytest
 
 from cicada_async.service.metrics import parse_text
-from tests.fixtures.triton import expected, get_text, run_server, send_value, status_of, x_input
+from tests.fixtures.triton import TRITON_WARNINGS, expected, get_text, run_server, send_value, status_of, x_input
 from tests.fixtures.server import FakeEngine, LiveServer, fake_config
 
-pytestmark = [
-    # Third-party noise only: gevent/geventhttpclient (tritonclient) and httpx (kserve).
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*geventhttpclient.*"),
-]
+pytestmark = TRITON_WARNINGS
 
 httpclient = pytest.importorskip("tritonclient.http")
 aioclient = pytest.importorskip("tritonclient.http.aio")

@@ -1,8 +1,4 @@
-"""Scheduling through real V2 clients over the fake engine: priorities, deadlines, shedding, single flight.
-
-The fake engine makes lifecycle and scheduling deterministic; tests/service/test_server_models.py runs
-the same paths over the real engine and zoo models.
-"""
+"""Scheduling through real V2 clients over the fake engine: priorities, deadlines, shedding, single flight."""
 
 from __future__ import annotations
 
@@ -13,22 +9,21 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-import pytest
 import torch
+import tritonclient.http.aio as aioclient
+from tritonclient.utils import InferenceServerException
 
 from cicada_async.service.metrics import parse_text
-from tests.fixtures.triton import expected, get_text, run_server, send_value
 from tests.fixtures.server import FakeEngine, LiveServer
+from tests.fixtures.triton import (
+    TRITON_WARNINGS,
+    expected,
+    get_text,
+    run_server,
+    send_value,
+)
 
-pytestmark = [
-    # Third-party noise only: gevent/geventhttpclient (tritonclient) and httpx (kserve).
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:.*geventhttpclient.*"),
-]
-
-httpclient = pytest.importorskip("tritonclient.http")
-aioclient = pytest.importorskip("tritonclient.http.aio")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+pytestmark = TRITON_WARNINGS
 
 
 # -- scheduling -----------------------------------------------------------------------------------------
