@@ -225,6 +225,10 @@ class StagingLanding(_BufferFill):
             k: torch.empty(h.size, dtype=torch.uint8, device=device) for k, h in headers.items()
         }
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        if self.stream is not None:
+            # device_files came from the allocating stream's pool, possibly a block whose last
+            # kernels (another model's forward) are still queued: copies wait for them.
+            self.stream.wait_stream(torch.cuda.current_stream(device))
         self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
         self._poller: asyncio.Task[None] | None = None
         self._loop = loop or asyncio.get_running_loop()
@@ -276,6 +280,10 @@ class StagingLanding(_BufferFill):
             return tensor_from_bytes(raw, entry, dtype=dtype or self.dtype, device=self.device)
         with torch.cuda.stream(self.stream):
             t = tensor_from_bytes(raw, entry, dtype=dtype or self.dtype, device=self.device)
+        if t.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
+            # A conversion or clone allocated on the copy stream; the forward uses it on the
+            # compute stream, which the allocator must know of before reusing the block.
+            t.record_stream(torch.cuda.current_stream(self.device))
         return t
 
     def shard_done(self) -> torch.cuda.Event | None:

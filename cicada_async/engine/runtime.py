@@ -49,6 +49,9 @@ class ModelOptions:
             raise ConfigError(f"device {self.device!r} is not a torch device") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} asked for, but CUDA is not available")
+        if device.type == "cuda" and device.index is None:
+            # "cuda" != "cuda:0": an index-less device would make every tensor look misplaced.
+            device = torch.device("cuda", torch.cuda.current_device())
         return LoadOptions(
             dtype=_DTYPES[self.dtype] if self.dtype else None, device=device,
             read_bytes=read_bytes, load_timeout_s=load_timeout_s,
