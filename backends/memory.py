@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ class Faults:
     fail_after_bytes: int | None = None  # raise StorageError once this many bytes were served
     stall_after_bytes: int | None = None  # never answer once this many bytes were served
     short_by: int = 0  # every read returns this many bytes too few
+    short_past_offset: int = -1  # ...but only reads that start past this offset (0: weights only)
     delay_s: float = 0.0  # latency added to every read
 
 
@@ -31,6 +33,8 @@ class MemoryBackend:
         self.objects = dict(objects)
         self.faults = faults or Faults()
         self.served = 0
+        self.reads = 0
+        self.on_read: Callable[[int], None] | None = None
         self.closed = False
 
     @classmethod
@@ -55,6 +59,9 @@ class MemoryBackend:
 
     async def read_into(self, key: str, offset: int, buf: memoryview, *, version: str | None = None) -> None:
         f = self.faults
+        self.reads += 1
+        if self.on_read is not None:
+            self.on_read(self.reads)  # tests: act after exactly N reads (replace an object)
         if f.delay_s:
             await asyncio.sleep(f.delay_s)
         info = await self.stat(key)
@@ -65,7 +72,7 @@ class MemoryBackend:
         if f.fail_after_bytes is not None and self.served >= f.fail_after_bytes:
             raise StorageError(f"memory://{key}: injected failure at offset {offset}")
         data = self.objects[key][offset : offset + len(buf)]
-        n = max(0, len(data) - f.short_by)
+        n = max(0, len(data) - f.short_by) if offset > f.short_past_offset else len(data)
         buf[:n] = data[:n]
         self.served += n
         if n != len(buf):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +171,6 @@ def test_valid_files_accepted_by_both(tmp_path: Path) -> None:
 
 
 # -- fuzz -------------------------------------------------------------------------------------------
-_FUZZ_BUDGET_S = 10.0
-_fuzz_started: list[float] = []
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -207,12 +204,11 @@ def blobs(draw: Callable[..., Any]) -> bytes:
     return struct.pack("<Q", draw(st.integers(0, 2**64 - 1))) + header
 
 
-@settings(max_examples=5_000, deadline=200, suppress_health_check=list(HealthCheck), derandomize=False,
+# Every example runs (no early return under a time box); the test's own timeout bounds it, and
+# no per-example deadline can flake on a loaded machine.
+@pytest.mark.timeout(120)
+@settings(max_examples=1_500, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False,
           database=None)
 @given(blobs())
 def test_fuzz_parser_only_raises_checkpoint_error(blob: bytes) -> None:
-    if not _fuzz_started:
-        _fuzz_started.append(time.monotonic())
-    if time.monotonic() - _fuzz_started[0] > _FUZZ_BUDGET_S:
-        return  # time box: hypothesis has no wall-clock budget of its own
     ours(blob)  # anything but CheckpointError (or a hang past `deadline`) fails the test
