@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 n=${CICADA_IDLE_CONNECTIONS:-20000}
-ulimit -n $((n + 2000))
+# The client holds every connection in one process: it needs n descriptors plus some. Where
+# the hard limit is lower (20,000 in this sandbox), the test holds what the limit allows.
+ulimit -n "$(( $(ulimit -Hn) < n + 2000 ? $(ulimit -Hn) : n + 2000 ))"
 log=$(mktemp)
 CICADA_IDLE_CONNECTIONS=$n python -m pytest -q -s -p no:cacheprovider \
   "tests/service/test_front_door_connections.py::test_thousands_of_idle_connections" \
@@ -19,7 +21,8 @@ summary = [l for l in open(sys.argv[1]) if " passed" in l or " failed" in l]
 doc = {
     "command": f"CICADA_IDLE_CONNECTIONS={sys.argv[2]} scripts/front-door-figures.sh",
     "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                "fd_limit": __import__("resource").getrlimit(__import__("resource").RLIMIT_NOFILE)},
     "results": lines,
     "pytest": summary[-1].strip() if summary else None,
 }
