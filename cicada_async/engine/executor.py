@@ -140,6 +140,8 @@ class Executor:
                 fut.set_exception(e)
             else:
                 fut.set_result(result)
+            # This frame waits for the next job: it must not keep the last one's outputs alive.
+            call = fut = result = None  # type: ignore[assignment]
 
 
 def _report(e: BaseException, on_error: OnError | None) -> None:

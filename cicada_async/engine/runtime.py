@@ -169,8 +169,15 @@ class ModelInstance:
             if self._load is None:
                 # This request's inputs ride along with the load: it computes while loading.
                 self._start_load(priority, inputs)
-                assert self._first_outputs is not None
-                out = await asyncio.shield(self._first_outputs)
+                first = self._first_outputs
+                assert first is not None
+                try:
+                    out = await asyncio.shield(first)
+                finally:
+                    # Read once, by this request: the instance must not keep the first answer's
+                    # tensors (outside any memory budget) until the next load.
+                    if self._first_outputs is first and first.done():
+                        self._first_outputs = None
                 if out is not None:
                     return out
             assert self._job is not None
@@ -217,6 +224,7 @@ class ModelInstance:
         model, self._model = self._model, None
         self._load = None
         self._job = None
+        self._first_outputs = None
         self.state = "unloaded"
         self._close_watches()
         if model is not None and self.engine.executor.alive:
@@ -244,6 +252,7 @@ class ModelInstance:
     def _forget(self) -> None:
         """Drop everything without the executor's help (it is dead)."""
         self._close_watches()
+        self._first_outputs = None
         if self._load is not None and not self._load.done():
             self._load.cancel()
         self._model = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 from cicada_async.engine.runtime import Engine
@@ -41,3 +42,22 @@ async def test_unload_then_reload_reuses_plan(model_dirs):
         assert "dry-run" not in stages, "the reload ran the dry forward again instead of reusing the plan"
     assert_equal_outputs(first, second)
     assert extra_threads(before) == []
+
+
+async def test_first_answer_is_not_kept_after_it_was_read(model_dirs):
+    """The cold request's outputs go to that request only: the instance holds no copy of them
+    (outside the memory budget) until the next load."""
+    import gc
+    import weakref
+
+    d = model_dirs["tiny-gpt2"]
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d))
+        out = await inst.infer(inputs_for(d))
+        assert inst.state == "ready" and inst._first_outputs is None
+        ref = weakref.ref(next(iter(out.values())))
+        del out
+        for _ in range(5):
+            await asyncio.sleep(0.01)  # let the loop run the wake-ups that still pass it along
+        gc.collect()
+        assert ref() is None, "something still holds the first answer's tensors"
