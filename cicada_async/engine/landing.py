@@ -33,10 +33,9 @@ class Landing(Protocol):
         """Loop thread: read ``r`` has filled its buffer."""
         ...
 
-    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Executor thread: the tensor for ``entry`` (converted to ``dtype``, else the landing's
-        dtype) once all its reads have landed."""
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """Executor thread: the tensor for ``entry`` once all its reads have landed, converted to
+        ``dtype`` (None: the checkpoint's)."""
         ...
 
     def shard_done(self) -> torch.cuda.Event | None:
@@ -63,7 +62,7 @@ class _Converted:
         self.spans: dict[str, list[tuple[int, int]]] = {k: [] for k in headers}
 
     def note(self, entry: TensorEntry, t: torch.Tensor, raw: torch.Tensor) -> None:
-        if t.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
+        if is_copy(t, raw):
             self.spans[entry.file].append((entry.start, entry.end))
 
     def within(self, read: ReadRange) -> list[tuple[int, int]]:
@@ -72,6 +71,11 @@ class _Converted:
             for a, b in self.spans[read.file]
             if a < read.end and b > read.start
         ]
+
+
+def is_copy(t: torch.Tensor, raw: torch.Tensor) -> bool:
+    """Whether ``t`` was copied (converted, or cloned for alignment) rather than viewing ``raw``."""
+    return t.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr()
 
 
 class _BufferFill:
@@ -88,7 +92,6 @@ class _BufferFill:
 class _HostLanding:
     """CPU landings whose tensors view the landed bytes (or copy them when converting)."""
 
-    dtype: torch.dtype | None
     device = torch.device("cpu")
     _converted: _Converted
 
@@ -119,10 +122,9 @@ class _HostLanding:
     def _release(self, r: int, read: ReadRange) -> None:
         raise NotImplementedError
 
-    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int, dtype: torch.dtype | None) -> torch.Tensor:
         raw = self._bytes(entry)
-        t = tensor_from_bytes(raw, entry, dtype=dtype or self.dtype, device=self.device)
+        t = tensor_from_bytes(raw, entry, dtype=dtype, device=self.device)
         self._converted.note(entry, t, raw)
         return t
 
@@ -137,12 +139,11 @@ class MappedLanding(_HostLanding):
     """Local files mapped into memory; a read asks the kernel to populate a range of the
     mapping, so bytes go from disk into page-cache pages that the tensors view directly."""
 
-    def __init__(self, headers: dict[str, FileHeader], backend: Any, dtype: torch.dtype | None) -> None:
+    def __init__(self, headers: dict[str, FileHeader], backend: Any) -> None:
         self.maps = {k: backend.map_file(k, h.size) for k, h in headers.items()}
         self.views = {k: torch.frombuffer(m, dtype=torch.uint8) for k, m in self.maps.items()}
         # Tensors view these files for as long as the model lives: the model checks them.
         self.watches = [backend.watch(k) for k in headers]
-        self.dtype = dtype
         self._converted = _Converted(headers)
 
     def _bytes(self, entry: TensorEntry) -> torch.Tensor:
@@ -165,9 +166,8 @@ class MappedLanding(_HostLanding):
 class ArenaLanding(_HostLanding, _BufferFill):
     """File-shaped anonymous arenas that the backend reads into."""
 
-    def __init__(self, headers: dict[str, FileHeader], dtype: torch.dtype | None) -> None:
+    def __init__(self, headers: dict[str, FileHeader]) -> None:
         self.arenas = {k: Arena(h.size) for k, h in headers.items()}
-        self.dtype = dtype
         self._converted = _Converted(headers)
 
     def _bytes(self, entry: TensorEntry) -> torch.Tensor:
@@ -200,7 +200,6 @@ class StagingLanding(_BufferFill):
         self,
         headers: dict[str, FileHeader],
         device: torch.device,
-        dtype: torch.dtype | None,
         *,
         slab_bytes: int,
         pool_bytes: int,
@@ -210,7 +209,6 @@ class StagingLanding(_BufferFill):
         # Built off the event loop (pinned allocation and device buffers take milliseconds to
         # seconds); the loop is the one that will run the fetch.
         self.device = device
-        self.dtype = dtype
         self.cuda = device.type == "cuda"
         self.post = post
         self.slab_bytes = slab_bytes
@@ -273,14 +271,13 @@ class StagingLanding(_BufferFill):
             if still:
                 await asyncio.sleep(0.0005)
 
-    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int, dtype: torch.dtype | None) -> torch.Tensor:
         raw = self.device_files[entry.file][entry.start : entry.end]
         if self.stream is None:
-            return tensor_from_bytes(raw, entry, dtype=dtype or self.dtype, device=self.device)
+            return tensor_from_bytes(raw, entry, dtype=dtype, device=self.device)
         with torch.cuda.stream(self.stream):
-            t = tensor_from_bytes(raw, entry, dtype=dtype or self.dtype, device=self.device)
-        if t.untyped_storage().data_ptr() != raw.untyped_storage().data_ptr():
+            t = tensor_from_bytes(raw, entry, dtype=dtype, device=self.device)
+        if is_copy(t, raw):
             # A conversion or clone allocated on the copy stream; the forward uses it on the
             # compute stream, which the allocator must know of before reusing the block.
             t.record_stream(torch.cuda.current_stream(self.device))
@@ -324,7 +321,6 @@ class StagingLanding(_BufferFill):
 def landing_for(
     headers: dict[str, FileHeader],
     device: torch.device,
-    dtype: torch.dtype | None,
     *,
     read_bytes: int,
     alignment: int,
@@ -338,10 +334,10 @@ def landing_for(
     if device.type == "cpu" and not staging:
         if mapped_backend is not None:
             try:
-                return MappedLanding(headers, mapped_backend, dtype)
+                return MappedLanding(headers, mapped_backend)
             except (StorageError, OSError):
                 pass  # no populate support, or a file system that cannot map: read into arenas
-        return ArenaLanding(headers, dtype)
+        return ArenaLanding(headers)
     # A read is at most 1.25 read sizes (no runt pieces) plus alignment at both ends.
     slab = read_bytes + read_bytes // 4 + 2 * alignment + MAX_GAP_BYTES
-    return StagingLanding(headers, device, dtype, slab_bytes=slab, pool_bytes=pool_bytes, post=post, loop=loop)
+    return StagingLanding(headers, device, slab_bytes=slab, pool_bytes=pool_bytes, post=post, loop=loop)

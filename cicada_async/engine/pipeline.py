@@ -169,7 +169,7 @@ class ColdStart:
 
         def make() -> Landing:
             return landing_for(
-                hdrs, o.device, o.dtype, read_bytes=o.read_bytes, alignment=self.alignment,
+                hdrs, o.device, read_bytes=o.read_bytes, alignment=self.alignment,
                 pool_bytes=self.request.fetch.queue_bytes, post=self._post, staging=o.staging,
                 mapped_backend=self.backend if o.mapped and hasattr(self.backend, "map_file") else None,
                 loop=loop,

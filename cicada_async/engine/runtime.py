@@ -221,12 +221,8 @@ class ModelInstance:
                 await load
             except (asyncio.CancelledError, CicadaError):
                 pass
-        model, self._model = self._model, None
-        self._load = None
-        self._job = None
-        self._first_outputs = None
-        self.state = "unloaded"
-        self._close_watches()
+        model = self._model
+        self._reset()
         if model is not None and self.engine.executor.alive:
             # Drop the last reference on the executor thread, after any forward in flight.
             await self.engine.executor.run(lambda: None)
@@ -244,21 +240,22 @@ class ModelInstance:
                         "files by rename.", self.name, ", ".join(map(str, changed)))
         return bool(changed)
 
-    def _close_watches(self) -> None:
+    def _reset(self) -> None:
+        """Back to unloaded: no model, load, job, first answer or watched files."""
         for w in self._watches:
             w.close()
         self._watches = []
-
-    def _forget(self) -> None:
-        """Drop everything without the executor's help (it is dead)."""
-        self._close_watches()
-        self._first_outputs = None
-        if self._load is not None and not self._load.done():
-            self._load.cancel()
         self._model = None
         self._load = None
         self._job = None
+        self._first_outputs = None
         self.state = "unloaded"
+
+    def _forget(self) -> None:
+        """Drop everything without the executor's help (it is dead)."""
+        if self._load is not None and not self._load.done():
+            self._load.cancel()
+        self._reset()
 
     def set_fetch_priority(self, priority: int) -> None:
         self._fetch_priority = float(priority)
