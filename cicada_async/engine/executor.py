@@ -1,4 +1,13 @@
-"""The one dedicated thread where torch runs: weight applies and forward passes."""
+"""Where torch runs: jobs on worker threads that take turns computing, most urgent first.
+
+One *turn* exists per executor: only the thread holding it runs torch (two cores do not get
+faster by running two forwards at once, and one computing thread keeps priorities honest). A
+job that must wait (a gated forward waiting for its next layer's weights, ``wait_all``) gives
+the turn back, so the most urgent other work runs meanwhile on another worker thread: warm
+forwards of other models, other loads' layers and applies, skeleton builds. At every layer
+gate a job also hands the turn over to waiting work of its own priority or more urgent one
+(``yield_turn``), so a long forward never holds back a request for more than one layer.
+"""
 
 from __future__ import annotations
 
@@ -20,80 +29,101 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 OnError = Callable[[BaseException], None]
+Key = tuple[float, int]  # (priority, sequence): lower runs first
+
+MAX_THREADS = 32
 
 
 class ExecutorDead(CicadaError):
-    """The executor thread is not running (stopped, or died)."""
+    """The executor is not running (stopped)."""
 
 
 class Executor:
-    """Runs jobs one at a time on its own thread, most urgent first.
+    """Jobs by priority on up to ``max_threads`` workers; one of them computes at a time.
 
-    Weight applies are posted separately and always run before the next job, and also while a
-    job waits inside ``wait_until`` — a gated forward waiting for layer k keeps applying
-    whatever shards land, so a single thread both loads and computes.
+    Weight applies are posted separately (``post_apply``) and run first, whoever holds the
+    turn: before the next job, at layer gates, and by a waiting job itself when the turn is free.
     """
 
-    def __init__(self, name: str = "cicada-executor") -> None:
+    def __init__(self, name: str = "cicada-executor", *, max_threads: int = MAX_THREADS,
+                 shared: bool = True) -> None:
         self._name = name
+        # shared=False keeps the turn while a job waits (no yields): one load at a time holds
+        # all compute, the baseline the multi-model benchmark compares to.
+        self._shared = shared
+        self._max_threads = max_threads
         self._cv = threading.Condition()
-        self._jobs: list[tuple[Any, int, Callable[[], Any], concurrent.futures.Future[Any]]] = []
+        self._jobs: list[tuple[Key, Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._applies: collections.deque[tuple[Callable[[], None], OnError | None]] = collections.deque()
+        self._wanting: list[tuple[Key, int]] = []  # threads that want the turn back
+        self._holder: int | None = None  # thread ident holding the turn
         self._seq = itertools.count()
+        self._threads: dict[int, threading.Thread] = {}
+        self._idle = 0
+        self._started = False
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._local = threading.local()
 
     # lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-        self._thread.start()
+        with self._cv:
+            if self._started:
+                return
+            self._started = True
+            self._spawn_locked()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish the current job, fail queued ones, and join the thread."""
+        """Let running jobs finish (waiting ones fail), fail queued ones, join the threads."""
         with self._cv:
             self._stopping = True
             jobs, self._jobs = self._jobs, []
+            threads = list(self._threads.values())
             self._cv.notify_all()
-        for *_, fut in jobs:
+        for _, _, fut in jobs:
             if fut.set_running_or_notify_cancel():  # skips jobs whose caller already gave up
                 fut.set_exception(ExecutorDead("the executor was stopped before this job ran"))
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-        self._thread = None
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(None if end is None else max(0.0, end - time.monotonic()))
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._started and not self._stopping
 
     def on_thread(self) -> bool:
-        return threading.current_thread() is self._thread
+        return threading.get_ident() in self._threads
+
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
 
     # submission ----------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., T], *args: Any, priority: Any = 0) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[..., T], *args: Any, priority: float = 0) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cv:
-            if self._stopping or self._thread is None:
+            if self._stopping or not self._started:
                 raise ExecutorDead("the executor is not running")
-            heapq.heappush(self._jobs, (priority, next(self._seq), lambda: fn(*args), fut))
+            heapq.heappush(self._jobs, ((priority, next(self._seq)), lambda: fn(*args), fut))
+            if self._idle == 0:
+                self._spawn_locked()
             self._cv.notify_all()
         return fut
 
-    async def run(self, fn: Callable[..., T], *args: Any, priority: Any = 0) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, priority: float = 0) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args, priority=priority))
 
     def post_apply(self, fn: Callable[[], None], on_error: OnError | None = None) -> None:
-        """Queue ``fn`` (thread-safe); it runs on the executor thread as soon as it is free.
+        """Queue ``fn`` (thread-safe); it runs with the turn as soon as anyone takes it.
 
-        An exception from ``fn`` goes to ``on_error`` (on the executor thread), never further:
-        it must not kill the thread, nor surface in whatever job happened to be applying.
+        An exception from ``fn`` goes to ``on_error`` (on the worker that ran it), never further:
+        it must not kill a worker, nor surface in whatever job happened to be applying.
         """
         with self._cv:
             self._applies.append((fn, on_error))
             self._cv.notify_all()
 
-    # on the executor thread ----------------------------------------------------------------
+    # on a worker, holding the turn ---------------------------------------------------------
     def run_applies(self) -> None:
         while True:
             with self._cv:
@@ -106,7 +136,8 @@ class Executor:
                 _report(e, on_error)
 
     def wait_until(self, done: Callable[[], bool], deadline: float | None = None) -> None:
-        """Block the executor thread until ``done()``, applying landed shards meanwhile."""
+        """Until ``done()``: apply landed shards, and give the turn to other work meanwhile."""
+        key = self._key()
         while True:
             self.run_applies()
             if done():
@@ -114,34 +145,136 @@ class Executor:
             with self._cv:
                 if self._applies:
                     continue
-                if self._stopping:
-                    raise ExecutorDead("the executor stopped while a job was waiting for weights")
-                timeout = None if deadline is None else deadline - time.monotonic()
-                if timeout is not None and timeout <= 0:
-                    raise LoadError("timed out waiting for weights to land")
-                self._cv.wait(timeout if timeout is None else min(timeout, 1.0))
-
-    def _loop(self) -> None:
-        while True:
-            self.run_applies()
-            with self._cv:
-                while not self._jobs and not self._applies and not self._stopping:
-                    self._cv.wait()
-                if self._applies:
+                if not self._shared:
+                    self._check_waiting_locked(deadline)
+                    self._cv.wait(1.0 if deadline is None else max(0.0, min(deadline - time.monotonic(), 1.0)))
                     continue
-                if self._stopping and not self._jobs:
-                    return
-                _, _, call, fut = heapq.heappop(self._jobs)
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                result = call()
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
-                fut.set_exception(e)
-            else:
-                fut.set_result(result)
+                self._release_locked()
+                while True:
+                    try:
+                        self._check_waiting_locked(deadline)
+                    except CicadaError:
+                        self._acquire_locked(key)
+                        raise
+                    timeout = None if deadline is None else deadline - time.monotonic()
+                    # Applies with nobody to run them: this thread takes the turn and runs them.
+                    if done() or (self._applies and self._holder is None):
+                        break
+                    self._cv.wait(1.0 if timeout is None else min(timeout, 1.0))
+                self._acquire_locked(key)
+
+    def yield_turn(self) -> None:
+        """At a layer boundary: let waiting work of this priority or a more urgent one run first."""
+        key = getattr(self._local, "key", None)
+        if key is None:
+            return  # not a job (a forward called directly, outside the executor)
+        prio, seq = key
+        self.run_applies()
+        if not self._shared:
+            return
+        with self._cv:
+            if not self._contested_locked(prio):
+                return
+            self._release_locked()
+            # Behind work of the same priority that already waits: a fresh sequence number.
+            self._acquire_locked((prio, next(self._seq)))
+            self._local.key = (prio, seq)  # its age still ranks it among waiters
+
+    # internals (self._cv held unless said) --------------------------------------------------
+    def _check_waiting_locked(self, deadline: float | None) -> None:
+        if self._stopping:
+            raise ExecutorDead("the executor stopped while a job was waiting for weights")
+        if deadline is not None and deadline - time.monotonic() <= 0:
+            raise LoadError("timed out waiting for weights to land")
+
+    def _key(self) -> Key:
+        key = getattr(self._local, "key", None)
+        if key is None:
+            raise RuntimeError("only a job on the executor may wait or yield")
+        return key
+
+    def _contested_locked(self, prio: float) -> bool:
+        return bool((self._jobs and self._jobs[0][0][0] <= prio and self._idle_or_spawn_locked())
+                    or (self._wanting and self._wanting[0][0][0] <= prio))
+
+    def _idle_or_spawn_locked(self) -> bool:
+        """True when a worker can start the queued job once the turn is free."""
+        return self._idle > 0 or self._spawn_locked()
+
+    def _release_locked(self) -> None:
+        self._holder = None
+        if self._jobs and self._idle == 0:
+            self._spawn_locked()
+        self._cv.notify_all()
+
+    def _acquire_locked(self, key: Key) -> None:
+        # A job gets the turn back before it returns or raises, even when stopping: its worker
+        # gives the turn up after the job, and must not give up another thread's.
+        me = threading.get_ident()
+        entry = (key, me)
+        heapq.heappush(self._wanting, entry)
+        while (self._holder is not None or self._wanting[0] != entry
+               or (self._jobs and self._jobs[0][0] < key and self._idle > 0 and not self._stopping)):
+            self._cv.wait()
+        heapq.heappop(self._wanting)
+        self._holder = me
+        self._cv.notify_all()
+
+    def _job_may_start_locked(self) -> bool:
+        return (self._holder is None and bool(self._jobs)
+                and (not self._wanting or self._jobs[0][0] < self._wanting[0][0]))
+
+    def _spawn_locked(self) -> bool:
+        if len(self._threads) >= self._max_threads or self._stopping:
+            return False
+        t = threading.Thread(target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True)
+        t.start()
+        self._threads[t.ident] = t  # type: ignore[index]
+        self._idle += 1
+        return True
+
+    def _worker(self) -> None:
+        me = threading.get_ident()
+        while True:
+            with self._cv:
+                while True:
+                    if self._stopping and not self._jobs:
+                        self._idle -= 1
+                        self._threads.pop(me, None)
+                        self._cv.notify_all()
+                        return
+                    if self._job_may_start_locked():
+                        key, call, fut = heapq.heappop(self._jobs)
+                        break
+                    if self._applies and self._holder is None:
+                        key, call, fut = (float("-inf"), -1), None, None
+                        break
+                    self._cv.wait()
+                self._holder = me
+                self._idle -= 1
+            self._run_turn(key, call, fut)
             # This frame waits for the next job: it must not keep the last one's outputs alive.
-            call = fut = result = None  # type: ignore[assignment]
+            call = fut = None
+            with self._cv:
+                self._idle += 1
+                self._holder = None
+                self._cv.notify_all()
+
+    def _run_turn(self, key: Key, call: Callable[[], Any] | None,
+                  fut: concurrent.futures.Future[Any] | None) -> None:
+        self.run_applies()
+        if call is None or fut is None or not fut.set_running_or_notify_cancel():
+            return
+        self._local.key = key
+        try:
+            result = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting coroutine
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
+            del result
+        finally:
+            self._local.key = None
 
 
 def _report(e: BaseException, on_error: OnError | None) -> None:

@@ -23,10 +23,14 @@ from cicada_async.engine.timeline import Timeline
 
 
 class FetchScheduler:
-    """Read slots shared by every load in the process, granted most urgent first."""
+    """Read slots shared by every load in the process, granted most urgent first.
 
-    def __init__(self, slots: int) -> None:
+    ``prioritized=False`` grants them in arrival order: the baseline the benchmarks compare to.
+    """
+
+    def __init__(self, slots: int, *, prioritized: bool = True) -> None:
         self.slots = slots
+        self.prioritized = prioritized
         self._free = slots
         self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
@@ -36,7 +40,7 @@ class FetchScheduler:
             self._free -= 1
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+        heapq.heappush(self._waiters, (priority if self.prioritized else 0.0, next(self._seq), fut))
         try:
             await fut
         except asyncio.CancelledError:

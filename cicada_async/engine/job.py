@@ -8,6 +8,7 @@ own shards are applied, so layer k computes while later layers are on the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +76,9 @@ class LoadJob:
         self.error: BaseException | None = None
         self.deadline = time.monotonic() + options.load_timeout_s
         self._hooks: list[Any] = []
+        # CUDA: this load computes on its own stream, ordered only after its own shards' copy
+        # events, so loads of different models never queue behind each other on the device.
+        self.stream = torch.cuda.Stream(options.device) if options.device.type == "cuda" else None
         self.set_plan(plan)
 
     def set_plan(self, plan: Plan) -> None:
@@ -112,13 +116,8 @@ class LoadJob:
         shard = self.plan.shards[i]
         start = self.timeline.now()
         try:
-            for name in shard.tensors:
-                slot = self.index.slots[name]
-                # With a serving dtype, each tensor converts to its skeleton slot's dtype (fp32
-                # for keep-in-fp32 modules); without one, the checkpoint's dtype is served.
-                dtype = slot.dtype if self.options.dtype is not None else None
-                value = self.landing.make_tensor(self.tensors[name], self.plan, i, dtype)
-                materialize(slot, value)
+            with self.computing():  # CUDA: converted tensors are recorded on this load's stream
+                self._make_tensors(i)
             ev = self.landing.shard_done()
             if ev is not None:
                 self.events[i] = ev
@@ -129,6 +128,15 @@ class LoadJob:
         self.applied[i] = True
         self.remaining -= 1
         self.loop.call_soon_threadsafe(self.on_applied, i)
+
+    def _make_tensors(self, i: int) -> None:
+        for name in self.plan.shards[i].tensors:
+            slot = self.index.slots[name]
+            # With a serving dtype, each tensor converts to its skeleton slot's dtype (fp32 for
+            # keep-in-fp32 modules); without one, the checkpoint's dtype is served.
+            dtype = slot.dtype if self.options.dtype is not None else None
+            value = self.landing.make_tensor(self.tensors[name], self.plan, i, dtype)
+            materialize(slot, value)
 
     def wait_for(self, shards: list[int], what: str) -> None:
         if all(self.applied[i] for i in shards) and self.error is None:
@@ -164,6 +172,7 @@ class LoadJob:
 
         def gate(name: str, shards: list[int]) -> Callable[..., None]:
             def pre(_m: nn.Module, _a: Any) -> None:
+                self.executor.yield_turn()  # a layer boundary: more urgent work goes first
                 self.wait_for(shards, name)
                 starts[name] = self.timeline.now()
 
@@ -193,7 +202,24 @@ class LoadJob:
         if self.error is not None:
             raise self.error
 
+    def computing(self) -> Any:
+        """Context for a forward on this load's model while it loads (its own CUDA stream)."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
     def remove_gates(self) -> None:
+        """Gates off; layer boundaries stay points where a warm forward yields to urgent work."""
+        if self.stream is not None:
+            # Warm forwards run on the worker's default stream: after everything this load did.
+            torch.cuda.current_stream(self.options.device).wait_stream(self.stream)
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        modules = dict(self.model.named_modules())
+        executor = self.executor
+
+        def yield_point(_m: nn.Module, _a: Any) -> None:
+            executor.yield_turn()
+
+        for name in self.module_shards:
+            if name:
+                self._hooks.append(modules[name].register_forward_pre_hook(yield_point))

@@ -100,7 +100,7 @@ class ColdStart:
         and the load's own error is raised.
         """
         spec = await self.read_spec()
-        skeleton = asyncio.ensure_future(self.executor.run(lambda: self.build_skeleton(spec), priority=-1))
+        skeleton = asyncio.ensure_future(self.executor.run(lambda: self.build_skeleton(spec), priority=self.request.priority()))
         try:
             hdrs = await self.read_headers(spec)
             landing = await self.open_landing(hdrs)
@@ -126,7 +126,7 @@ class ColdStart:
                     outputs = await self.gated_forward(job, self.request.inputs)
                 await fetching
                 await self.verify(spec, landing, hdrs)
-                await self.executor.run(job.wait_all, priority=-1)
+                await self.executor.run(job.wait_all, priority=self.request.priority())
                 releaser.cancel()
         except* CicadaError as eg:
             if self.job is not None:
@@ -147,7 +147,7 @@ class ColdStart:
         # Gates come off on the executor thread, between forwards, and only after a successful
         # load: after a failure they stay, so a forward that joined the load meets the load's
         # error at its first gate instead of computing on a half-loaded model.
-        await self.executor.run(job.remove_gates, priority=-1)
+        await self.executor.run(job.remove_gates, priority=self.request.priority())
         return model, outputs, job
 
     # stages, in the order they start ---------------------------------------------------------
@@ -205,7 +205,7 @@ class ColdStart:
                 modules = list(cached.modules) if cached is not None else planned_modules(model, index)
                 return index, shard_groups(model, index, tensors, modules), modules
 
-        index, self._groups, modules = await self.executor.run(planning, priority=-1)
+        index, self._groups, modules = await self.executor.run(planning, priority=self.request.priority())
         self._tensors = tensors
         self._file_sizes = {k: h.size for k, h in hdrs.items()}
         if cached is not None:
@@ -227,7 +227,7 @@ class ColdStart:
             with self.timeline.stage("dry-run"):
                 return execution_order(job.model, job.spec, modules)
 
-        exec_modules, source, uncalled = await self.executor.run(order, priority=-1)
+        exec_modules, source, uncalled = await self.executor.run(order, priority=self.request.priority())
         if self._groups and self._groups[-1][0] == "":
             uncalled = [*uncalled, ""]
         plan = self._plan_for(fetcher, exec_modules, source, uncalled)
@@ -236,7 +236,7 @@ class ColdStart:
 
     async def gated_forward(self, job: LoadJob, inputs: dict[str, torch.Tensor]) -> Outputs:
         def forward() -> dict[str, torch.Tensor]:
-            with self.timeline.stage("forward"):
+            with self.timeline.stage("forward"), job.computing():
                 return run_forward(job.model, inputs, self.options.device)
 
         try:
@@ -249,7 +249,7 @@ class ColdStart:
         # The forward failed, or computed on meta: either the inputs are bad, or the model read
         # a parameter before its layer ran (``self.device`` in a forward) and met a meta
         # placeholder. With every weight applied, a plain forward tells which.
-        await self.executor.run(job.wait_all, priority=-1)
+        await self.executor.run(job.wait_all, priority=self.request.priority())
         try:
             out = await self.executor.run(forward, priority=self.request.priority())
         except InferenceError as e:

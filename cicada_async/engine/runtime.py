@@ -71,14 +71,17 @@ class Engine:
         read_timeout_s: float = 60.0,
         load_timeout_s: float = 600.0,
         warm_imports: bool = True,
+        shared: bool = True,
     ) -> None:
         self.warm_imports = warm_imports
+        # False: the serialized baseline (a waiting load keeps all compute; reads FIFO).
+        self.shared = shared
         self.storage = {k: dict(v) for k, v in (storage or {}).items()}
         self.fetch = FetchSettings(read_concurrency, queue_bytes, read_timeout_s)
         self.read_bytes = read_bytes
         self.load_timeout_s = load_timeout_s
-        self.executor = Executor()
-        self.scheduler = FetchScheduler(read_concurrency)
+        self.executor = Executor(shared=shared)
+        self.scheduler = FetchScheduler(read_concurrency, prioritized=shared)
         self.instances: dict[str, ModelInstance] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -108,7 +111,7 @@ class Engine:
         for inst in list(self.instances.values()):
             inst._forget()
         old = self.executor
-        self.executor = Executor()
+        self.executor = Executor(shared=self.shared)
         self.executor.start()
         await asyncio.to_thread(old.stop, 1.0)
 
@@ -140,6 +143,7 @@ class ModelInstance:
         self.options = options
         self.state = "unloaded"
         self.nbytes: int | None = None
+        self.weight_bytes: int | None = None  # the weight files' sizes, before any load
         self.last_error: str | None = None
         self.last_timeline: Timeline | None = None
         self.last_used = time.monotonic()
@@ -187,7 +191,8 @@ class ModelInstance:
 
             def joined() -> dict[str, torch.Tensor]:
                 job.check()  # a failed load's model must not compute
-                return run_forward(job.model, inputs, device)
+                with job.computing():
+                    return run_forward(job.model, inputs, device)
 
             out = await self.engine.executor.run(joined, priority=priority)
             if job.spec.manifest is not None and load is not None:
@@ -280,9 +285,17 @@ class ModelInstance:
             from cicada_async.engine.modeldir import read_model_spec
 
             spec = await read_model_spec(backend)
+            sizes = await asyncio.gather(*(backend.stat(k) for k in spec.weight_files))
         finally:
             await backend.aclose()
         self._inputs_meta = _inputs_meta(spec)
+        self.weight_bytes = sum(i.size for i in sizes)
+
+    async def size_hint(self) -> int | None:
+        """Resident bytes a load will need, known before it fetches anything (None: unknown)."""
+        if self.nbytes is None and self.weight_bytes is None:
+            await self.describe_quietly()
+        return self.nbytes or self.weight_bytes
 
     # internals ---------------------------------------------------------------------------------
     def _start_load(self, priority: int, inputs: dict[str, torch.Tensor] | None) -> None:
@@ -333,6 +346,7 @@ class ModelInstance:
                 raise
             return  # the error reaches callers through the futures, not the task
         self._model = model
+        self._job = None  # the landing, index and tensor table: nothing needs them once ready
         self._plan = job.plan
         self._watches = list(getattr(job.landing, "watches", ()))
         self.nbytes = job.plan.nbytes

@@ -80,6 +80,9 @@ class ServerConfig:
     """TCP backlog; a proxy in front is expected to cap connections too."""
     keep_alive_check_s: float = 1.0
     """How often idle models are checked against keep_alive_s and the memory budget."""
+    serialize_loads: bool = False
+    """The baseline for benchmarks: a waiting cold start keeps all compute (no sharing) and read
+    slots go in arrival order, not by priority. Never what you want in production."""
     torch_threads: int | None = None
     """Torch intra-op threads; None: usable cores minus one, so that OpenMP workers spinning
     after each op do not starve the event loop (measured: 7.5 ms -> 0.9 ms per warm request
@@ -204,6 +207,8 @@ def _server(table: dict[str, Any]) -> ServerConfig:
             _typed(value, (int,), where, minimum=1)
         elif key == "torch_threads":
             _typed(value, (int,), where, minimum=0)
+        elif key == "serialize_loads":
+            _typed(value, (bool,), where)
         elif key in ("max_request_bytes", "max_queue_total", "max_connections", "max_body_bytes_in_flight",
                      "max_open_connections", "max_connections_per_peer"):
             _typed(value, (int,), where, minimum=1)

@@ -15,11 +15,14 @@ from typing import Any
 
 from cicada_async.service.config import Config, ModelConfig, scan_repository
 from cicada_async.service.metrics import STATES, Metrics
-from protocols.errors import CicadaError, ModelNotFound
+from protocols.errors import CicadaError, ModelNotFound, Overloaded
 
 log = logging.getLogger("cicada.repository")
 
 # V2 repository-extension state names.
+# How long a load waits for models in use to become evictable before it is refused.
+BUDGET_WAIT_S = 30.0
+
 _INDEX_STATE = {"unloaded": "UNAVAILABLE", "loading": "LOADING", "ready": "READY", "failed": "UNAVAILABLE"}
 
 
@@ -40,6 +43,7 @@ class ModelEntry:
     loading: asyncio.Task[Any] | None = None  # a load we started (API load or cold-start request)
     unloading: bool = False
     fetch_priority: int | None = None  # last value passed to set_fetch_priority
+    reserved: int = 0  # bytes a load in progress will hold, counted before it has planned
 
     @property
     def name(self) -> str:
@@ -58,8 +62,8 @@ class ModelEntry:
     @property
     def resident_bytes(self) -> int:
         if self.state in ("ready", "loading") or self.loading is not None:
-            return int(self.instance.nbytes or 0)
-        return 0
+            return int(self.instance.nbytes or self.reserved or 0)
+        return self.reserved
 
 
 class Repository:
@@ -77,6 +81,7 @@ class Repository:
         self.queued: Callable[[str], int] = lambda name: 0
         self.on_change: Callable[[], None] = lambda: None
         self._unloads: set[asyncio.Task[Any]] = set()
+        self._budget_lock = asyncio.Lock()  # loads make room one at a time
         for cfg in config.models.values():
             self._add(cfg)
         metrics.add_collector(self._collect)
@@ -124,6 +129,7 @@ class Repository:
 
         def done(t: asyncio.Task[Any]) -> None:
             entry.loading = None
+            entry.reserved = 0
             entry.last_used = time.monotonic()
             ok = entry.state == "ready"
             if not was_ready:
@@ -193,21 +199,50 @@ class Repository:
     async def make_room(self, incoming: ModelEntry | None = None) -> None:
         """Evict idle models, least recently used first, until the budget holds.
 
-        The size of a model never loaded before is unknown until its load has planned, so the
-        check runs again when loads finish and on every maintenance tick.
+        An incoming load's size is known before it fetches (the weight files' sizes). Loads
+        make room one at a time and reserve their size once it fits, so concurrent loads cannot
+        overrun the budget between them; one that must wait for models in use to go idle waits
+        (bounded), and one that can never fit fails here, before any fetch.
         """
         budget = self.config.server.memory_budget_bytes
         if budget is None:
             return
-        need = 0 if incoming is None or incoming.resident_bytes else int(incoming.instance.nbytes or 0)
+        if incoming is None:
+            if not self._budget_lock.locked():  # a waiting load is already making room
+                async with self._budget_lock:
+                    await self._evict_until(budget, None, 0)
+            return
+        need = 0
+        if not incoming.resident_bytes:
+            hint = getattr(incoming.instance, "size_hint", None)
+            need = int((await hint()) if hint is not None else (incoming.instance.nbytes or 0)) or 0
+            if need > budget:
+                raise Overloaded(f"model {incoming.name!r} needs {need} bytes, more than the whole "
+                                 f"memory budget ({budget} bytes)", self.config.server.retry_after_s)
+        async with self._budget_lock:
+            await self._evict_until(budget, incoming, need)
+            incoming.reserved = need  # counted from now on: the next load sees it
+
+    async def _evict_until(self, budget: int, incoming: ModelEntry | None, need: int) -> None:
+        give_up = time.monotonic() + BUDGET_WAIT_S
         while self.resident_bytes() + need > budget:
             victims = sorted((e for e in self.models.values() if e is not incoming and self.idle(e)),
                              key=lambda e: e.last_used)
-            if not victims:
+            if victims:
+                await self.unload(victims[0].name, reason="memory_budget")
+                continue
+            in_use = [e for e in self.models.values() if e.resident_bytes and e is not incoming]
+            if incoming is None or (incoming.resident_bytes + need) == 0:
                 log.warning("memory budget exceeded and nothing idle to evict",
-                            extra={"event": "budget", "resident": self.resident_bytes() + need, "budget": budget})
+                            extra={"event": "budget", "resident": self.resident_bytes(), "budget": budget})
                 return
-            await self.unload(victims[0].name, reason="memory_budget")
+            if in_use and time.monotonic() < give_up:
+                await asyncio.sleep(0.02)  # models in use become idle (evictable) soon
+                continue
+            held = ", ".join(f"{e.name} ({e.resident_bytes})" for e in in_use)
+            raise Overloaded(f"model {incoming.name!r} needs {incoming.resident_bytes + need} bytes and "
+                             f"the memory budget ({budget}) is held by models in use: {held}; retry later",
+                             self.config.server.retry_after_s)
 
     async def maintain(self) -> None:
         """Background loop: unload models idle past keep_alive_s, enforce the budget."""

@@ -1,11 +1,11 @@
 """Priority heap and dispatcher: which waiting request the engine runs next.
 
-Order: priority (1 most urgent), then deadline, then arrival. The engine has ONE executor
-thread, so at most one warm request is handed to it at a time — otherwise requests would queue
-FIFO inside the executor and priorities would mean nothing. A request for an unloaded model
-starts that model's cold start at once (its own task, not the warm slot): the load is mostly
-waiting for bytes, and its layer-gated forward interleaves with warm forwards on the engine
-thread. Requests for a model that is loading stay in the heap until it is ready.
+Order: priority (1 most urgent), then deadline, then arrival. At most one warm request is
+handed to the engine at a time, so that this heap, not a queue inside the engine, decides the
+order. A request for an unloaded model starts that model's cold start at once (its own task,
+not the warm slot): while its layer-gated forward waits for bytes, the engine runs warm
+forwards and other loads meanwhile. Requests for a model that is loading stay in the heap
+until it is ready.
 """
 
 from __future__ import annotations

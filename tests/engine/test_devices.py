@@ -71,3 +71,23 @@ async def test_cuda_load_has_every_tensor_on_the_gpu(model_dirs: dict[str, Path]
         assert model is not None
         wrong = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "cuda"]
         assert not wrong, f"not on the GPU: {wrong[:5]}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+async def test_cuda_concurrent_cold_starts_on_their_own_streams_are_exact(model_dirs: dict[str, Path]) -> None:
+    """Two loads compute at once on their own streams, a warm model in between; all exact."""
+    import asyncio
+
+    from cicada_async.engine.runtime import Engine, ModelOptions
+    from tests.engine.test_exactness import reference_on
+    from tests.fixtures.helpers import assert_equal_outputs
+
+    names = ["tiny-bert", "tiny-llama", "tiny-gpt2"]
+    async with Engine(storage={"memory": {"delay_s": 0.01}}, read_bytes=16 << 10) as engine:
+        warm = engine.instance("warm", str(model_dirs["tiny-mlp"]), ModelOptions(device="cuda"))
+        await warm.infer(inputs_for(model_dirs["tiny-mlp"]))
+        insts = [engine.instance(n, f"memory://{model_dirs[n]}", ModelOptions(device="cuda")) for n in names]
+        outs = await asyncio.gather(*(i.infer(inputs_for(model_dirs[n])) for i, n in zip(insts, names)),
+                                    *(warm.infer(inputs_for(model_dirs["tiny-mlp"])) for _ in range(5)))
+    for n, out in zip(names, outs):
+        assert_equal_outputs(reference_on(model_dirs[n], inputs_for(model_dirs[n]), "cuda"), out)

@@ -1,0 +1,94 @@
+"""The memory budget holds: loads are sized before they fetch, reserved, and refused at once
+when they can never fit; concurrent loads wait for room instead of overrunning it."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cicada_async.service.config import ModelConfig
+from tests.fixtures.server import live_server, real_config
+
+httpclient = pytest.importorskip("tritonclient.http")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore:.*geventhttpclient.*")]
+
+NAMES = ("tiny-gpt2", "tiny-bert")
+
+
+def _infer(url: str, name: str) -> np.ndarray:
+    c = httpclient.InferenceServerClient(url, network_timeout=60)
+    try:
+        inp = httpclient.InferInput("input_ids", [1, 8], "INT64")
+        inp.set_data_from_numpy(np.arange(8, dtype=np.int64).reshape(1, 8))
+        res = c.infer(name, [inp])
+        return res.as_numpy(res.get_response()["outputs"][0]["name"])
+    finally:
+        c.close()
+
+
+def _sizes(model_dirs: dict[str, Path]) -> dict[str, int]:
+    return {n: sum(p.stat().st_size for p in model_dirs[n].glob("*.safetensors")) for n in NAMES}
+
+
+def test_a_load_larger_than_the_budget_fails_at_once_without_fetching(model_dirs: dict[str, Path]) -> None:
+    cfg = real_config(model_dirs, NAMES, memory_budget_bytes=10_000)
+    with live_server(cfg) as s:
+        t = time.monotonic()
+        with pytest.raises(InferenceServerException) as e:
+            _infer(s.url, "tiny-gpt2")
+        assert time.monotonic() - t < 5
+        assert str(e.value.status()) == "503"
+        assert "more than the whole memory budget (10000 bytes)" in e.value.message()
+        inst = s.repo.get("tiny-gpt2").instance
+        assert inst.cold_starts == 0 and inst.state == "unloaded" and inst.last_timeline is None
+        c = httpclient.InferenceServerClient(s.url)
+        assert c.is_server_ready()
+        c.close()
+
+
+def test_concurrent_cold_starts_wait_for_room_instead_of_overrunning(model_dirs: dict[str, Path]) -> None:
+    sizes = _sizes(model_dirs)
+    budget = max(sizes.values()) + min(sizes.values()) // 2  # one at a time
+    cfg = real_config(model_dirs, NAMES, memory_budget_bytes=budget, keep_alive_check_s=0.05)
+    for n in NAMES:  # a slow origin: both loads are in flight together if nothing stops them
+        cfg.models[n] = dataclasses.replace(cfg.models[n], uri=f"memory://{model_dirs[n]}")
+    cfg = dataclasses.replace(cfg, storage={"memory": {"delay_s": 0.1}})
+    with live_server(cfg) as s, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        s.wait_until(lambda: all(s.repo.get(n).instance.weight_bytes for n in NAMES), timeout=30)
+        futs = [pool.submit(_infer, s.url, n) for n in NAMES]
+        worst = 0
+        while not all(f.done() for f in futs):
+            worst = max(worst, s.sync(s.repo.resident_bytes))
+            time.sleep(0.01)
+        for f in futs:
+            assert f.result().size > 0
+        assert 0 < worst <= budget
+        evicted = [n for n in NAMES if s.repo.get(n).state == "unloaded"]
+        assert len(evicted) == 1, "the second load made room by evicting the first"
+
+
+def test_a_budget_held_by_a_busy_model_is_refused_after_the_wait(model_dirs: dict[str, Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from cicada_async.service import repository
+
+    monkeypatch.setattr(repository, "BUDGET_WAIT_S", 0.5)
+    sizes = _sizes(model_dirs)
+    cfg = real_config(model_dirs, NAMES, memory_budget_bytes=max(sizes.values()) + 100)
+    cfg.models["tiny-gpt2"] = ModelConfig(name="tiny-gpt2", uri=f"memory://{model_dirs['tiny-gpt2']}")
+    cfg = dataclasses.replace(cfg, storage={"memory": {"delay_s": 1.0}})  # gpt2 loads for seconds
+    with live_server(cfg) as s, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        s.wait_until(lambda: all(s.repo.get(n).instance.weight_bytes for n in NAMES), timeout=30)
+        slow = pool.submit(_infer, s.url, "tiny-gpt2")
+        s.wait_until(lambda: s.repo.get("tiny-gpt2").state == "loading", timeout=10)
+        with pytest.raises(InferenceServerException) as e:
+            _infer(s.url, "tiny-bert")
+        assert str(e.value.status()) == "503" and "held by models in use: tiny-gpt2" in e.value.message()
+        assert s.repo.get("tiny-bert").instance.cold_starts == 0
+        assert slow.result().size > 0
