@@ -48,6 +48,19 @@ class FetchScheduler:
                 self.release()  # granted just as we were cancelled: pass it on
             raise
 
+    def contested(self, priority: float) -> bool:
+        """Whether a holder at ``priority`` should hand its slot on after a read.
+
+        A load keeps its slot from read to read while only less urgent loads wait: with one
+        read in flight per load, handing it on after every read would alternate the loads
+        whatever their priorities. Equal priorities take turns. Unprioritized: always.
+        """
+        while self._waiters and self._waiters[0][2].done():
+            heapq.heappop(self._waiters)
+        if not self._waiters:
+            return False
+        return not self.prioritized or self._waiters[0][0] <= priority
+
     def release(self) -> None:
         while self._waiters:
             _, _, fut = heapq.heappop(self._waiters)
@@ -73,11 +86,12 @@ class ByteBudget:
         self.in_flight = 0
         self._cv = asyncio.Condition()
 
+    def fits(self, n: int) -> bool:
+        return self.used + n <= self.limit or self.in_flight == 0
+
     async def acquire(self, n: int) -> None:
         async with self._cv:
-            await self._cv.wait_for(
-                lambda: self.used + n <= self.limit or self.in_flight == 0
-            )
+            await self._cv.wait_for(lambda: self.fits(n))
             self.used += n
             self.in_flight += 1
             self.peak = max(self.peak, self.used)
@@ -192,33 +206,46 @@ class Fetcher:
             raise StorageError(f"weight read failed: {eg.exceptions[0]}") from None
 
     async def _worker(self) -> None:
-        while True:
-            async with self._order:  # admission strictly in plan order
-                while self._next >= len(self.plan.reads):
-                    if self._final:
-                        return
-                    self._more.clear()
-                    await self._more.wait()  # a replan may add reads
-                i = self._next
-                self._next += 1
-                read = self.plan.reads[i]
-                await self.budget.acquire(read.nbytes)
-            await self.scheduler.acquire(self.priority())
-            try:
+        held = False  # a read slot kept from the last read (see FetchScheduler.contested)
+        try:
+            while True:
+                async with self._order:  # admission strictly in plan order
+                    while self._next >= len(self.plan.reads):
+                        if held:
+                            self.scheduler.release()
+                            held = False
+                        if self._final:
+                            return
+                        self._more.clear()
+                        await self._more.wait()  # a replan may add reads
+                    i = self._next
+                    self._next += 1
+                    read = self.plan.reads[i]
+                    if held and not self.budget.fits(read.nbytes):
+                        self.scheduler.release()  # no slot held idle while the budget is spent
+                        held = False
+                    await self.budget.acquire(read.nbytes)
+                if not held:
+                    await self.scheduler.acquire(self.priority())
+                    held = True
                 start = self.timeline.now()
                 async with asyncio.timeout(self.settings.read_timeout_s):
                     await self.landing.fill(i, read, self.backend, self.headers[read.file].version)
                 self.timeline.add("fetch", f"read {i}", start, nbytes=read.nbytes)
-            finally:
+                if self.scheduler.contested(self.priority()):
+                    self.scheduler.release()
+                    held = False
+                await self.budget.landed()
+                self.landing.read_landed(i, read)
+                self._landed.add(i)
+                read = self.plan.reads[i]  # the current plan's view of which shards it serves
+                for s in read.shards:
+                    self._pending_reads[s] -= 1
+                    self._maybe_notify(s)
+                await self._maybe_release(i)
+        finally:
+            if held:
                 self.scheduler.release()
-            await self.budget.landed()
-            self.landing.read_landed(i, read)
-            self._landed.add(i)
-            read = self.plan.reads[i]  # the current plan's view of which shards it serves
-            for s in read.shards:
-                self._pending_reads[s] -= 1
-                self._maybe_notify(s)
-            await self._maybe_release(i)
 
     async def shard_applied(self, shard: int) -> None:
         """Called (on the loop) once the executor applied ``shard``: frees its reads' budget."""

@@ -127,9 +127,9 @@ def test_only_one_job_computes_at_a_time() -> None:
         ex.stop()
 
 
-def _slow_engine(**kw: object) -> Engine:
+def _slow_engine(delay_s: float = 0.02, **kw: object) -> Engine:
     # 16 KiB reads, one at a time, 20 ms each: a tiny model's load takes about a second.
-    return Engine(storage={"memory": {"delay_s": 0.02}}, read_bytes=16 << 10, read_concurrency=1,
+    return Engine(storage={"memory": {"delay_s": delay_s}}, read_bytes=16 << 10, read_concurrency=1,
                   warm_imports=False, **kw)  # type: ignore[arg-type]
 
 
@@ -183,3 +183,29 @@ async def test_several_models_cold_start_at_once(model_dirs: dict[str, Path]) ->
     (a0, a1), (b0, b1) = spans
     # Both gated forwards were in flight together: each started before the other ended.
     assert a0 < b1 and b0 < a1, spans
+
+
+@pytest.mark.parametrize("prioritized", [True, False], ids=["by-priority", "switched-off"])
+async def test_fetch_bandwidth_follows_the_most_urgent_load(model_dirs: dict[str, Path], prioritized: bool) -> None:
+    """Two loads share one read slot: the urgent one, started later, finishes first; with the
+    mechanism switched off (arrival order) it does not."""
+    lazy_dir = urgent_dir = model_dirs["tiny-gpt2"]  # the same weights: only priority differs
+    done: dict[str, float] = {}
+    # 40 ms per read: the lazy load is still fetching (64 KiB reads until planned) when the
+    # urgent one arrives.
+    async with _slow_engine(0.04, shared=prioritized) as engine:
+        lazy = engine.instance("lazy", f"memory://{lazy_dir}")
+        urgent = engine.instance("urgent", f"memory://{urgent_dir}")
+        t0 = time.perf_counter()
+
+        async def run(inst, d: Path, prio: int) -> None:  # type: ignore[no-untyped-def]
+            assert_equal_outputs(reference(d, inputs_for(d)), await inst.infer(inputs_for(d), priority=prio))
+            done[inst.name] = time.perf_counter() - t0
+
+        lazy_task = asyncio.create_task(run(lazy, lazy_dir, 10))
+        await asyncio.sleep(0.3)  # the lazy load has its reads queued first
+        await asyncio.gather(lazy_task, run(urgent, urgent_dir, 1))
+    if prioritized:
+        assert done["urgent"] < done["lazy"], done
+    else:
+        assert done["urgent"] > done["lazy"] - 0.2, done
