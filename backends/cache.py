@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,16 @@ class CachingBackend:
         self._state: dict[str, _Miss | _HitState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._commits: set[asyncio.Task[None]] = set()
+        self._io: set[asyncio.Future[Any]] = set()
+        self._dropped: list[Fill] = []  # discarded at aclose, once no write can be in flight
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Cache I/O in a worker thread that finishes even if its caller is cancelled: aclose
+        waits for it, so no descriptor is closed under a pwrite, and no lock or fill leaks."""
+        fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._io.add(fut)
+        fut.add_done_callback(self._io.discard)
+        return fut
 
     async def _ready(self) -> tuple[NodeCache, LocalBackend] | None:
         if self._store is None:
@@ -160,24 +170,27 @@ class CachingBackend:
         if cur is not None:
             if (cur.hit.addr if isinstance(cur, _HitState) else cur.addr) == addr and cur.info == info:
                 return
-            await self._forget(key)
+            self._forget(key)
         ready = await self._ready() if addr is not None else None
         if ready is None or addr is None:
             return  # not cacheable: reads pass through
+        fut = self._spawn(ready[0].open_entry, addr, info.size, info.version, sha)
         try:
-            hit = await asyncio.to_thread(ready[0].open_entry, addr, info.size, info.version, sha)
+            hit = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_release_unused_hit)  # nobody will adopt its lock
+            raise
         except OSError as e:
             log.warning("node cache: looking up %s failed: %s", key, e)
             return
         self._state[key] = _HitState(hit, info) if hit is not None else _Miss(addr, sha, info)
 
-    async def _forget(self, key: str) -> None:
+    def _forget(self, key: str) -> None:
         state = self._state.pop(key, None)
         if isinstance(state, _HitState):
             os.close(state.hit.lock_fd)
         elif isinstance(state, _Miss) and state.fill is not None and not state.fill.committing:
-            assert self._store is not None
-            await asyncio.to_thread(self._store.discard, state.fill)
+            self._dropped.append(state.fill)
 
     def _hit(self, key: str) -> _HitState:
         state = self._state.get(key)
@@ -211,16 +224,18 @@ class CachingBackend:
             if not state.reserved:
                 async with self._locks.setdefault(key, asyncio.Lock()):
                     if not state.reserved:
-                        state.fill = await asyncio.to_thread(store.reserve, state.addr, state.info.size)
-                        state.reserved = True
+                        fut = self._spawn(store.reserve, state.addr, state.info.size)
+                        # Adopted even if this read is cancelled: aclose discards it then.
+                        fut.add_done_callback(lambda f: _adopt_fill(state, f))
+                        await asyncio.shield(fut)
             fill = state.fill
             if fill is None or fill.committing or fill.fd < 0:
                 return
-            await asyncio.to_thread(store.write, fill, buf, offset)
+            await asyncio.shield(self._spawn(store.write, fill, buf, offset))
         except OSError as e:
             log.warning("node cache: writing %s failed, not caching it: %s", key, e)
             if state.fill is not None:
-                await asyncio.to_thread(store.discard, state.fill)
+                self._dropped.append(state.fill)
                 state.fill = None
             return
         if fill.add(offset, offset + len(buf)) and not fill.committing:
@@ -231,6 +246,8 @@ class CachingBackend:
             task.add_done_callback(self._commits.discard)
 
     async def _commit(self, store: NodeCache, fill: Fill, meta: dict[str, Any]) -> None:
+        # A write of overlapping bytes may still be in flight: its descriptor stays open.
+        await asyncio.gather(*self._io, return_exceptions=True)
         try:
             outcome = await asyncio.to_thread(store.commit, fill, meta)
         except OSError as e:
@@ -260,14 +277,28 @@ class CachingBackend:
     async def aclose(self) -> None:
         """Waits for commits under way; drops partial fills and this backend's entry locks."""
         try:
-            if self._commits:
-                await asyncio.gather(*list(self._commits), return_exceptions=True)
+            while self._io or self._commits:
+                await asyncio.gather(*self._io, *self._commits, return_exceptions=True)
             for key in list(self._state):
-                await self._forget(key)
+                self._forget(key)
+            dropped, self._dropped = self._dropped, []
+            if dropped and self._store is not None:
+                store = self._store
+                await asyncio.to_thread(lambda: [store.discard(f) for f in dropped])
             if self._local is not None:
                 await self._local.aclose()
         finally:
             await self.origin.aclose()
+
+
+def _adopt_fill(state: _Miss, fut: asyncio.Future[Fill | None]) -> None:
+    state.reserved = True
+    state.fill = None if fut.cancelled() or fut.exception() else fut.result()
+
+
+def _release_unused_hit(fut: asyncio.Future[Hit | None]) -> None:
+    if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+        os.close(fut.result().lock_fd)
 
 
 def _manifest_digests(raw: bytes) -> dict[str, tuple[int, str]]:

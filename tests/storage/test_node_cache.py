@@ -341,3 +341,23 @@ def test_cache_table_of_the_config(tmp_path: Path) -> None:
                 {"dir": str(tmp_path), "max_bytez": 10}, {"dir": 3}):
         with pytest.raises(ConfigError):
             parse_config({"cache": bad})
+
+
+async def test_cancelled_fill_leaves_nothing_behind(publish: Publish, tmp_path: Path) -> None:
+    data = payload(2 * MiB, 9)
+    o = await publish("nginx", {"w.bin": data}, bandwidth_bps=2 * MiB)
+    cache = {"dir": str(tmp_path / "c"), "max_bytes": 1 << 30}
+    b = open_backend(o.uri, o.storage["http"], cache=cache)
+    info = await b.stat("w.bin")
+    buf = memoryview(bytearray(info.size))
+    await b.read_into("w.bin", 0, buf[:4096], version=info.version)  # a fill now exists
+    assert len(list((tmp_path / "c" / "tmp").iterdir())) == 1
+    task = asyncio.ensure_future(b.read_into("w.bin", 4096, buf[4096:], version=info.version))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await b.aclose()
+    assert not list((tmp_path / "c" / "tmp").iterdir()) and not list((tmp_path / "c" / "entries").iterdir())
+    got, b = await fetch(o, "w.bin", cache)  # nothing left locked: the next fill commits
+    assert got == data and b.counters.outcomes == ["committed"]
