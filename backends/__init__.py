@@ -42,7 +42,21 @@ def backend_class(uri: str) -> type:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def open_backend(uri: str, settings: Mapping[str, Any] | None = None) -> StorageBackend:
-    """A backend rooted at ``uri``; ``settings`` is that backend's table from the config."""
+# Schemes whose objects the node cache keeps; local files need no second copy.
+CACHED_SCHEMES = ("s3", "http", "https")
+
+
+def open_backend(
+    uri: str, settings: Mapping[str, Any] | None = None, *, cache: Mapping[str, Any] | None = None
+) -> StorageBackend:
+    """A backend rooted at ``uri``; ``settings`` is that backend's table from the config.
+
+    ``cache`` holds the node cache's keys of ``[cache]`` (``dir``, ``max_bytes``); with a
+    ``dir``, remote backends are wrapped so that their reads write through to it.
+    """
     backend: StorageBackend = backend_class(uri).from_uri(uri, dict(settings or {}))
+    if cache and cache.get("dir") and scheme_of(uri) in CACHED_SCHEMES:
+        from backends.cache import CacheSettings, CachingBackend
+
+        backend = CachingBackend(backend, uri, CacheSettings.from_table(cache))
     return backend

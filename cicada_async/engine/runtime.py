@@ -72,7 +72,9 @@ class Engine:
         load_timeout_s: float = 600.0,
         warm_imports: bool = True,
         shared: bool = True,
+        node_cache: Mapping[str, Any] | None = None,
     ) -> None:
+        self.node_cache = dict(node_cache or {})  # the [cache] table's dir and max_bytes
         self.warm_imports = warm_imports
         # False: the serialized baseline (a waiting load keeps all compute; reads FIFO).
         self.shared = shared
@@ -280,7 +282,7 @@ class ModelInstance:
 
     async def describe(self) -> None:
         """Read the model's config files (not its weights) so metadata has its inputs."""
-        backend = open_backend(self.uri, self.engine.storage.get(scheme_of(self.uri), {}))
+        backend = open_backend(self.uri, self.engine.storage.get(scheme_of(self.uri), {}), cache=self.engine.node_cache)
         try:
             from cicada_async.engine.modeldir import read_model_spec
 
@@ -314,7 +316,7 @@ class ModelInstance:
         started = time.monotonic()
         try:
             options = self.options.load_options(engine.read_bytes, engine.load_timeout_s)
-            backend = open_backend(self.uri, engine.storage.get(scheme_of(self.uri), {}))
+            backend = open_backend(self.uri, engine.storage.get(scheme_of(self.uri), {}), cache=engine.node_cache)
             try:
                 request = LoadRequest(
                     options=options, fetch=engine.fetch, inputs=inputs,

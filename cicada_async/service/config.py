@@ -173,6 +173,8 @@ class Config:
     """Models by name."""
     model_repository: Path | None = None
     """A directory whose subfolders are models (--model-repository); rescanned by /v2/repository/index."""
+    node_cache: dict[str, Any] = field(default_factory=dict)
+    """[cache] dir and max_bytes: the node cache of remote weight files (backends/cache.py)."""
 
 
 def _check_keys(table: dict[str, Any], cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
@@ -294,17 +296,31 @@ def model_config(name: str, table: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
+def _node_cache(table: dict[str, Any]) -> dict[str, Any]:
+    """The node cache's keys of [cache], checked; the table may hold other features' keys."""
+    from backends.cache import CACHE_KEYS, CacheSettings
+
+    unknown = sorted(set(table) - set(CACHE_KEYS))
+    if unknown:
+        raise ConfigError(f"[cache]: unknown key(s) {', '.join(unknown)} (known: {', '.join(CACHE_KEYS)})")
+    mine = {k: table[k] for k in CACHE_KEYS if k in table}
+    if mine:
+        CacheSettings.from_table(mine)
+    return mine
+
+
 def parse_config(doc: dict[str, Any]) -> Config:
     """Build a Config from a parsed TOML document."""
-    unknown = sorted(set(doc) - {"server", "storage", "models", "model_repository"})
+    unknown = sorted(set(doc) - {"server", "storage", "models", "model_repository", "cache"})
     if unknown:
-        raise ConfigError(f"unknown top-level table(s) {', '.join(unknown)} (known: server, storage, models, model_repository)")
+        raise ConfigError(f"unknown top-level table(s) {', '.join(unknown)} (known: server, storage, models, model_repository, cache)")
     cfg = Config(server=_server(_typed(doc.get("server", {}), (dict,), "[server]")))
     storage = _typed(doc.get("storage", {}), (dict,), "[storage]")
     for scheme, table in storage.items():
         if scheme not in ("s3", "http", "file"):
             raise ConfigError(f"[storage.{scheme}]: unknown backend (known: s3, http, file)")
         cfg.storage[scheme] = dict(_typed(table, (dict,), f"[storage.{scheme}]"))
+    cfg.node_cache = _node_cache(_typed(doc.get("cache", {}), (dict,), "[cache]"))
     for name, table in _typed(doc.get("models", {}), (dict,), "[models]").items():
         cfg.models[name] = model_config(name, _typed(table, (dict,), f"[models.{name}]"))
     if "model_repository" in doc:

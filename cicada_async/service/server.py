@@ -75,7 +75,8 @@ async def watch_engine(app: web.Application, engine: Any, sched: Scheduler) -> N
 def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
     from cicada_async.engine.runtime import Engine  # deferred: heavy imports only when serving
 
-    return Engine(storage=config.storage, shared=not config.server.serialize_loads)
+    return Engine(storage=config.storage, node_cache=config.node_cache,
+                  shared=not config.server.serialize_loads)
 
 
 def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory,
