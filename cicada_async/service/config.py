@@ -9,6 +9,9 @@ A config file looks like::
     [storage.s3]
     endpoint_url = "http://minio:9000"
 
+    [cache]
+    plan_dir = "/var/cache/cicada/plans"
+
     [models.gpt2]
     uri = "s3://bucket/gpt2"
     dtype = "bfloat16"
@@ -159,6 +162,16 @@ class ModelConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The ``[cache]`` table."""
+
+    plan_dir: Path | None = None
+    """Where plan files of remote models (and of read-only model directories) are kept; None:
+    $XDG_CACHE_HOME/cicada/plans, else ~/.cache/cicada/plans. Local model directories keep
+    theirs in <model dir>/.cicada/ (see cicada_async/engine/plancache.py)."""
+
+
+@dataclass
 class Config:
     """A whole config file."""
 
@@ -170,6 +183,8 @@ class Config:
     """Models by name."""
     model_repository: Path | None = None
     """A directory whose subfolders are models (--model-repository); rescanned by /v2/repository/index."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The [cache] table."""
 
 
 def _check_keys(table: dict[str, Any], cls: type, where: str, extra: tuple[str, ...] = ()) -> None:
@@ -291,10 +306,14 @@ def model_config(name: str, table: dict[str, Any]) -> ModelConfig:
 
 def parse_config(doc: dict[str, Any]) -> Config:
     """Build a Config from a parsed TOML document."""
-    unknown = sorted(set(doc) - {"server", "storage", "models", "model_repository"})
+    unknown = sorted(set(doc) - {"server", "storage", "models", "model_repository", "cache"})
     if unknown:
-        raise ConfigError(f"unknown top-level table(s) {', '.join(unknown)} (known: server, storage, models, model_repository)")
+        raise ConfigError(f"unknown top-level table(s) {', '.join(unknown)} (known: server, storage, models, model_repository, cache)")
     cfg = Config(server=_server(_typed(doc.get("server", {}), (dict,), "[server]")))
+    cache = _typed(doc.get("cache", {}), (dict,), "[cache]")
+    _check_keys(cache, CacheConfig, "[cache]")
+    if "plan_dir" in cache:
+        cfg.cache.plan_dir = Path(_typed(cache["plan_dir"], (str,), "[cache] plan_dir"))
     storage = _typed(doc.get("storage", {}), (dict,), "[storage]")
     for scheme, table in storage.items():
         if scheme not in ("s3", "http", "file"):

@@ -75,7 +75,7 @@ async def watch_engine(app: web.Application, engine: Any, sched: Scheduler) -> N
 def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
     from cicada_async.engine.runtime import Engine  # deferred: heavy imports only when serving
 
-    return Engine(storage=config.storage)
+    return Engine(storage=config.storage, plan_dir=config.cache.plan_dir)
 
 
 def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory,
