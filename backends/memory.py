@@ -39,8 +39,8 @@ class MemoryBackend:
 
     @classmethod
     def from_dir(cls, path: str | Path, faults: Faults | None = None) -> "MemoryBackend":
-        root = Path(path)
-        return cls({p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}, faults)
+        root = Path(path)  # keys are relative paths, as in a bucket (".cicada/plan-....json")
+        return cls({p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}, faults)
 
     @classmethod
     def from_uri(cls, uri: str, settings: dict[str, Any]) -> "MemoryBackend":

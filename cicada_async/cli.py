@@ -135,7 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from cicada_async.engine.plan import format_plan
 
-    print(format_plan(_execution_plan(args.model, args.read_bytes)))
+    print(format_plan(_execution_plan(args.model, args.read_bytes)[1]))
     return 0
 
 
@@ -154,11 +154,11 @@ def _execution_plan(model: str, read_bytes: int = 8 << 20):  # type: ignore[no-u
         ex = Executor()
         ex.start()
         try:
-            _, _, _, plan, _ = await prepare(
+            spec, _, _, plan, _ = await prepare(
                 backend, ex, LoadOptions(read_bytes=read_bytes), Timeline(),
                 alignment=getattr(backend, "alignment", 1),
             )
-            return plan
+            return spec, plan
         finally:
             await backend.aclose()
             await asyncio.to_thread(ex.stop)
@@ -169,9 +169,9 @@ def _execution_plan(model: str, read_bytes: int = 8 << 20):  # type: ignore[no-u
 def _pack(args: argparse.Namespace) -> int:
     from cicada_async.engine.pack import pack
 
-    plan = _execution_plan(str(args.src))
+    spec, plan = _execution_plan(str(args.src))
     order = [t for shard in plan.shards for t in shard.tensors]
-    manifest = pack(args.src, args.dst, order)
+    manifest = pack(args.src, args.dst, order, plan=(spec, plan))
     print(f"packed {args.src} into {args.dst} in execution order ({plan.order_source}); "
           f"{len(manifest['files'])} file(s) with sha256 in cicada.manifest.json")
     return 0

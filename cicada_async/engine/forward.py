@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from protocols.errors import CicadaError, InferenceError
+
+if TYPE_CHECKING:
+    from cicada_async.engine.modeldir import ModelSpec
+
+V2_TYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16",
+            torch.int64: "INT64", torch.int32: "INT32", torch.bool: "BOOL", torch.uint8: "UINT8"}
 
 
 def run_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -36,3 +42,20 @@ def output_dict(out: Any) -> dict[str, torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return {f"output_{i}": v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
     raise TypeError(f"cannot name the outputs of a forward returning {type(out).__name__}")
+
+
+def inputs_meta(spec: ModelSpec) -> list[dict[str, Any]]:
+    """V2 metadata ([{name, datatype, shape}]) of the inputs the model's forward takes."""
+    return [
+        {"name": n, "datatype": V2_TYPES.get(dt, "FP32"), "shape": list(shape)}
+        for n, (shape, dt) in spec.example_inputs.items()
+    ]
+
+
+def io_spec(spec: ModelSpec, outputs: dict[str, torch.Tensor] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Input metadata, and output metadata named from a forward's outputs."""
+    outs = [
+        {"name": n, "datatype": V2_TYPES.get(t.dtype, "FP32"), "shape": [-1] * t.dim()}
+        for n, t in (outputs or {}).items()
+    ]
+    return inputs_meta(spec), outs

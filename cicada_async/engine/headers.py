@@ -153,3 +153,14 @@ async def read_header(backend: StorageBackend, key: str) -> FileHeader:
         probe += rest
     h = parse_header(bytes(probe[8 : 8 + n]), key=key, size=info.size, version=info.version)
     return replace(h, raw=bytes(probe[: 8 + n]))
+
+
+def all_tensors(hdrs: Mapping[str, FileHeader]) -> dict[str, TensorEntry]:
+    """Every tensor of every file by name; a name in two files is an error."""
+    tensors: dict[str, TensorEntry] = {}
+    for h in hdrs.values():
+        for name, e in h.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {e.file}")
+            tensors[name] = e
+    return tensors

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from protocols.errors import LoadError
+from protocols.errors import ConfigError, LoadError
 from protocols.manifest import Plan, TensorEntry
 
 from cicada_async.engine.executor import Executor
@@ -40,6 +40,36 @@ class LoadOptions:
     # Local files: map them and let the kernel read into the page cache that tensors view
     # (no copy, no zeroing). False reads into anonymous arenas with O_DIRECT instead.
     mapped: bool = True
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelOptions:
+    """How one model is served."""
+
+    dtype: str | None = None
+    """"float32", "bfloat16" or "float16"; None serves the checkpoint's dtype."""
+    device: str = "cpu"
+    """"cpu" or "cuda[:N]"."""
+
+    def load_options(self, read_bytes: int, load_timeout_s: float) -> LoadOptions:
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device {self.device!r} is not a torch device") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but CUDA is not available")
+        if device.type == "cuda" and device.index is None:
+            # "cuda" != "cuda:0": an index-less device would make every tensor look misplaced.
+            device = torch.device("cuda", torch.cuda.current_device())
+        return LoadOptions(
+            dtype=_DTYPES[self.dtype] if self.dtype else None, device=device,
+            read_bytes=read_bytes, load_timeout_s=load_timeout_s,
+        )
 
 
 class LoadJob:

@@ -230,3 +230,14 @@ def import_conversion_mapping() -> None:
     except ImportError:
         return
     get_checkpoint_conversion_mapping("llama")
+
+
+def import_model_libraries() -> None:
+    """transformers and its rename rules, for an idle executor thread to import ahead."""
+    try:
+        import transformers
+
+        transformers.PreTrainedModel  # noqa: B018 - the lazy module loads on first access
+        import_conversion_mapping()
+    except ImportError:  # plain-PyTorch models need no transformers
+        pass

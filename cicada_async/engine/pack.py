@@ -19,11 +19,16 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from protocols.errors import CheckpointError
 
 from cicada_async.engine.manifest import MANIFEST_NAME, no_duplicate_keys
+
+if TYPE_CHECKING:
+    from protocols.manifest import Plan
+
+    from cicada_async.engine.modeldir import ModelSpec
 
 INDEX_NAME = "model.safetensors.index.json"
 COPY_BUFFER_BYTES = 8 << 20
@@ -32,6 +37,7 @@ COPY_BUFFER_BYTES = 8 << 20
 # O_DIRECT-friendly. Tensors stay contiguous after it: the format forbids gaps.
 DATA_ALIGN = 64
 MAX_HEADER_BYTES = 100_000_000
+PLAN_DIR = ".cicada"  # plancache.PLAN_DIR; not imported, so that pack does not import torch
 
 _DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
@@ -218,6 +224,7 @@ def pack(
     order: list[str] | None = None,
     *,
     buffer_bytes: int = COPY_BUFFER_BYTES,
+    plan: tuple[ModelSpec, Plan] | None = None,
 ) -> dict[str, Any]:
     """Write ``src_dir``'s checkpoint into ``dst_dir`` with tensors in ``order``; return the
     manifest (also written to ``dst_dir/cicada.manifest.json``).
@@ -225,7 +232,10 @@ def pack(
     ``order`` lists tensor names in execution order; names it leaves out follow in file order;
     ``None`` keeps file order. A sharded checkpoint keeps its shard names and count, but the
     shards are refilled in order so that shard 1 holds the first tensors executed.
-    Other files (config.json, tokenizer...) are copied as they are.
+    Other files (config.json, tokenizer...) are copied as they are, except the source's plan
+    files (``.cicada/``). With ``plan`` (the spec and the plan that gave ``order``), the plan
+    file for the packed layout is written into ``dst_dir/.cicada/`` (not in the manifest: a
+    plan file is checked against the skeleton when read, and can only cost speed).
     """
     src, dst = Path(src_dir).resolve(), Path(dst_dir).resolve()
     if src == dst:
@@ -250,16 +260,19 @@ def pack(
     buf = bytearray(buffer_bytes)
     manifest_files: dict[str, Any] = {}
     weight_map: dict[str, str] = {}
+    layout: dict[str, list[tuple[str, str, tuple[int, ...]]]] = {}
     for path, group in zip(files, _split(ordered, len(files))):
         key = path.relative_to(src).as_posix()
         manifest_files[key] = _write_file(dst / key, group, metadata, buf)
         weight_map.update({t.name: key for t in group})
+        layout[key] = [(t.name, t.dtype, t.shape) for t in group]
 
     # Symlinked files are copied as their targets (a Hugging Face cache snapshot is all links).
     skip = set(files) | {src / INDEX_NAME, src / MANIFEST_NAME}
     for path in sorted(src.rglob("*")):
         inside_dst = path.is_relative_to(dst)  # dst may live under src
-        if path.is_file() and path not in skip and not inside_dst:
+        plan_file = path.relative_to(src).parts[0] == PLAN_DIR  # keyed on the source's layout
+        if path.is_file() and path not in skip and not inside_dst and not plan_file:
             key = path.relative_to(src).as_posix()
             manifest_files[key] = _copy_file(path, dst / key, buf)
     if index is not None:
@@ -279,4 +292,10 @@ def pack(
     tmp = dst / (MANIFEST_NAME + ".partial")
     tmp.write_bytes(json.dumps(manifest, indent=1).encode())
     os.replace(tmp, dst / MANIFEST_NAME)
+    if plan is not None:
+        from cicada_async.engine.plancache import plan_file_name, plan_key, write_plan
+
+        spec, order_plan = plan
+        key = plan_key(spec, layout, None)  # what a load serving the checkpoint's dtype looks up
+        write_plan(dst / PLAN_DIR / plan_file_name(key), key, order_plan)
     return manifest

@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from protocols.errors import CheckpointError, CicadaError, InferenceError, LoadError
-from protocols.manifest import FileHeader, Plan, TensorEntry
+from protocols.errors import CicadaError, InferenceError, LoadError
+from protocols.manifest import FileHeader, Plan
 from protocols.storage import StorageBackend
 
 from cicada_async.engine.executor import Executor
 from cicada_async.engine.fetch import Fetcher, FetchScheduler, FetchSettings
 from cicada_async.engine.forward import run_forward
-from cicada_async.engine.headers import read_header
+from cicada_async.engine.headers import all_tensors, read_header
 from cicada_async.engine.job import LoadJob, LoadOptions
 from cicada_async.engine.landing import Landing, landing_for
 from cicada_async.engine.manifest import verify_files
@@ -37,6 +37,7 @@ from cicada_async.engine.plan import (
     planned_modules,
     shard_groups,
 )
+from cicada_async.engine.plancache import order_fits
 from cicada_async.engine.skeleton import SkeletonIndex, build_skeleton, index_skeleton, place_buffers
 from cicada_async.engine.timeline import Timeline
 
@@ -58,7 +59,11 @@ class LoadRequest:
     priority: Callable[[], float] = lambda: 0.0
     """Read priority, asked again for every read (lower is more urgent)."""
     cached_plan: Plan | None = None
-    """A known execution order: no dry forward."""
+    """A known execution order: no dry forward (if it fits the skeleton)."""
+    plan_lookup: Callable[[ModelSpec, dict[str, FileHeader]], Awaitable[Plan | None]] | None = None
+    """Without cached_plan: asked for a stored order once the headers are known (plancache)."""
+    skeleton: Callable[[ModelSpec], nn.Module | None] | None = None
+    """A meta skeleton built ahead for this spec, or None to build one (executor thread)."""
     on_prepared: Callable[[LoadJob], None] | None = None
     """Called once the gates are in: from then on other forwards may join the load."""
     shard_order: Callable[[list[int]], list[int]] | None = None
@@ -91,6 +96,7 @@ class ColdStart:
         self._applied: asyncio.Queue[int] = asyncio.Queue()
         self._held: list[int] = []
         self._early_error: BaseException | None = None  # posted work that failed before the job
+        self._known_plan: asyncio.Future[Plan | None] | None = None
 
     async def run(self) -> tuple[nn.Module, Outputs, LoadJob]:
         """Returns the loaded model, the gated forward's outputs and the job.
@@ -156,12 +162,18 @@ class ColdStart:
             return await read_model_spec(self.backend)
 
     def build_skeleton(self, spec: ModelSpec) -> nn.Module:  # executor thread
+        if self.request.skeleton is not None and (ready := self.request.skeleton(spec)) is not None:
+            return ready
         with self.timeline.stage("skeleton"):
             return build_skeleton(spec, self.options.dtype)
 
     async def read_headers(self, spec: ModelSpec) -> dict[str, FileHeader]:
         with self.timeline.stage("headers"):
-            return await read_headers(self.backend, spec)
+            hdrs = await read_headers(self.backend, spec)
+        if self.request.plan_lookup is not None and self.request.cached_plan is None:
+            # Looked up while the skeleton builds; plan() waits for the answer.
+            self._known_plan = asyncio.ensure_future(self.request.plan_lookup(spec, hdrs))
+        return hdrs
 
     async def open_landing(self, hdrs: dict[str, FileHeader]) -> Landing:
         o = self.options
@@ -196,16 +208,19 @@ class ColdStart:
                    landing: Landing, fetcher: Fetcher) -> LoadJob:
         """Index the skeleton, group tensors into per-module shards and re-order the fetch."""
         tensors = all_tensors(hdrs)
-        cached = self.request.cached_plan
+        cached = self.request.cached_plan or (await self._known_plan if self._known_plan else None)
 
-        def planning() -> tuple[SkeletonIndex, list[tuple[str, list[str]]], list[str]]:
+        def planning() -> tuple[SkeletonIndex, list[tuple[str, list[str]]], list[str], Plan | None]:
             with self.timeline.stage("plan"):
                 index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
                 place_buffers(model, index, self.options.device)
-                modules = list(cached.modules) if cached is not None else planned_modules(model, index)
-                return index, shard_groups(model, index, tensors, modules), modules
+                planned = planned_modules(model, index)
+                known = cached if cached is not None and order_fits(cached, planned) else None
+                modules = list(known.modules) if known is not None else planned
+                return index, shard_groups(model, index, tensors, modules), modules, known
 
-        index, self._groups, modules = await self.executor.run(planning, priority=self.request.priority())
+        index, self._groups, modules, cached = await self.executor.run(planning, priority=self.request.priority())
+        self.request = replace(self.request, cached_plan=cached)  # run() dry-runs when None
         self._tensors = tensors
         self._file_sizes = {k: h.size for k, h in hdrs.items()}
         if cached is not None:
@@ -319,16 +334,6 @@ class ColdStart:
 async def read_headers(backend: StorageBackend, spec: ModelSpec) -> dict[str, FileHeader]:
     hs = await asyncio.gather(*(read_header(backend, k) for k in spec.weight_files))
     return {h.key: h for h in hs}
-
-
-def all_tensors(hdrs: dict[str, FileHeader]) -> dict[str, TensorEntry]:
-    tensors: dict[str, TensorEntry] = {}
-    for h in hdrs.values():
-        for name, e in h.tensors.items():
-            if name in tensors:
-                raise CheckpointError(f"tensor {name!r} appears in both {tensors[name].file} and {e.file}")
-            tensors[name] = e
-    return tensors
 
 
 async def prepare(

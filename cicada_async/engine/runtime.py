@@ -4,59 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from backends import open_backend, scheme_of
-from protocols.errors import CicadaError, ConfigError, LoadError
+from protocols.errors import CicadaError, LoadError
 from protocols.manifest import Plan
 
 from cicada_async.engine.fetch import FetchScheduler, FetchSettings
 from cicada_async.engine.executor import Executor
-from cicada_async.engine.forward import run_forward
-from cicada_async.engine.job import LoadJob, LoadOptions
+from cicada_async.engine.forward import inputs_meta, io_spec, run_forward
+from cicada_async.engine.job import LoadJob, ModelOptions
+from cicada_async.engine.modeldir import ModelSpec, import_model_libraries, read_model_spec
 from cicada_async.engine.pipeline import LoadRequest, cold_start, first_leaf
 from cicada_async.engine.plan import DEFAULT_READ_BYTES
+from cicada_async.engine.plancache import PlanCache
+from cicada_async.engine.ready import PREBUILD_PRIORITY, ReadySkeleton
 from cicada_async.engine.timeline import Timeline
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_V2_TYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16",
-             torch.int64: "INT64", torch.int32: "INT32", torch.bool: "BOOL", torch.uint8: "UINT8"}
-
-
-@dataclass
-class ModelOptions:
-    """How one model is served."""
-
-    dtype: str | None = None
-    """"float32", "bfloat16" or "float16"; None serves the checkpoint's dtype."""
-    device: str = "cpu"
-    """"cpu" or "cuda[:N]"."""
-
-    def load_options(self, read_bytes: int, load_timeout_s: float) -> LoadOptions:
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"device {self.device!r} is not a torch device") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r} asked for, but CUDA is not available")
-        if device.type == "cuda" and device.index is None:
-            # "cuda" != "cuda:0": an index-less device would make every tensor look misplaced.
-            device = torch.device("cuda", torch.cuda.current_device())
-        return LoadOptions(
-            dtype=_DTYPES[self.dtype] if self.dtype else None, device=device,
-            read_bytes=read_bytes, load_timeout_s=load_timeout_s,
-        )
-
 
 class Engine:
     """Owns the executor thread, the fetch scheduler and storage settings."""
@@ -73,11 +44,14 @@ class Engine:
         warm_imports: bool = True,
         shared: bool = True,
         node_cache: Mapping[str, Any] | None = None,
+        plan_dir: str | os.PathLike[str] | None = None,
+        plan_files: bool = True,
     ) -> None:
         self.node_cache = dict(node_cache or {})  # the [cache] table's dir and max_bytes
         self.warm_imports = warm_imports
         # False: the serialized baseline (a waiting load keeps all compute; reads FIFO).
         self.shared = shared
+        self.plans = PlanCache(plan_dir, enabled=plan_files)  # see plancache.py for where
         self.storage = {k: dict(v) for k, v in (storage or {}).items()}
         self.fetch = FetchSettings(read_concurrency, queue_bytes, read_timeout_s)
         self.read_bytes = read_bytes
@@ -92,7 +66,7 @@ class Engine:
         if self.warm_imports:
             # transformers takes seconds to import; do it on the idle executor thread now, so a
             # process started by a scale-from-zero pays it while waiting for the first request.
-            self.executor.submit(_import_model_libraries, priority=10)
+            self.executor.submit(import_model_libraries, priority=10)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -122,17 +96,23 @@ class Engine:
     ) -> "ModelInstance":
         inst = ModelInstance(self, name, uri, options or ModelOptions())
         self.instances[name] = inst
+        if describe:
+            # Metadata (input names, dtypes) from the config files, without loading weights.
+            self._background(inst.describe_quietly(), f"describe {name}")
+        return inst
+
+    def prebuild(self, inst: "ModelInstance") -> None:
+        """Build ``inst``'s skeleton ahead, at low priority, and keep one ready after loads."""
+        self._background(inst.prebuild_quietly(), f"prebuild {inst.name}")
+
+    def _background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         try:
-            loop = asyncio.get_running_loop()
+            task = asyncio.get_running_loop().create_task(coro, name=name)
         except RuntimeError:
-            return inst
-        if not describe:
-            return inst
-        # Metadata (input names, dtypes) from the config files, without loading weights.
-        task = loop.create_task(inst.describe_quietly(), name=f"describe {name}")
+            coro.close()  # no loop (an instance made outside one): metadata comes with the load
+            return
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return inst
 
 
 class ModelInstance:
@@ -160,6 +140,7 @@ class ModelInstance:
         self._load_error: BaseException | None = None
         self._inputs_meta: list[dict[str, Any]] = []
         self._watches: list[Any] = []  # mapped weight files the ready model's tensors view
+        self._ready = ReadySkeleton(name)  # kept across unloads once prebuild() asked for it
         options.load_options(read_bytes=1, load_timeout_s=1)  # validate early
 
     # public API --------------------------------------------------------------------------------
@@ -280,18 +261,30 @@ class ModelInstance:
         except Exception as e:  # noqa: BLE001 - metadata stays empty; the load will say why
             log.info("could not read the config of %s yet: %s", self.name, e)
 
-    async def describe(self) -> None:
+    async def prebuild_quietly(self) -> None:
+        try:
+            await self.prebuild()
+        except Exception as e:  # noqa: BLE001 - the load builds its own skeleton and says why
+            log.warning("could not build the skeleton of %s ahead: %s", self.name, e)
+
+    async def prebuild(self) -> None:
+        """Build the meta skeleton before the first request; from then on keep one ready."""
+        self._ready.wanted = True
+        spec = await self.describe()
+        dtype = self.options.load_options(1, 1).dtype
+        await self.engine.executor.run(self._ready.build, spec, dtype, priority=PREBUILD_PRIORITY)
+
+    async def describe(self) -> ModelSpec:
         """Read the model's config files (not its weights) so metadata has its inputs."""
         backend = open_backend(self.uri, self.engine.storage.get(scheme_of(self.uri), {}), cache=self.engine.node_cache)
         try:
-            from cicada_async.engine.modeldir import read_model_spec
-
             spec = await read_model_spec(backend)
             sizes = await asyncio.gather(*(backend.stat(k) for k in spec.weight_files))
         finally:
             await backend.aclose()
-        self._inputs_meta = _inputs_meta(spec)
+        self._inputs_meta = inputs_meta(spec)
         self.weight_bytes = sum(i.size for i in sizes)
+        return spec
 
     async def size_hint(self) -> int | None:
         """Resident bytes a load will need, known before it fetches anything (None: unknown)."""
@@ -317,16 +310,23 @@ class ModelInstance:
         try:
             options = self.options.load_options(engine.read_bytes, engine.load_timeout_s)
             backend = open_backend(self.uri, engine.storage.get(scheme_of(self.uri), {}), cache=engine.node_cache)
+            plans = engine.plans.for_load(self.name, backend, options.dtype)
+            ready = self._ready
             try:
                 request = LoadRequest(
                     options=options, fetch=engine.fetch, inputs=inputs,
                     priority=lambda: self._fetch_priority, cached_plan=self._plan,
+                    plan_lookup=plans.lookup if plans is not None else None,
+                    skeleton=(lambda spec: ready.take(spec, options.dtype)) if ready.wanted else None,
                     on_prepared=lambda j: _set(job_fut, j),
                 )
                 model, outputs, job = await cold_start(
                     backend, engine.executor, engine.scheduler, request, timeline=timeline
                 )
+                if plans is not None:  # before the answer: a process may exit right after it
+                    await plans.store(job.plan)
             finally:
+                ready.refill(engine.executor)  # the spare this load took, after it (low priority)
                 await backend.aclose()
         except BaseException as e:
             cause = first_leaf(e)
@@ -355,7 +355,7 @@ class ModelInstance:
         self.last_timeline = timeline
         self.last_error = None
         self.cold_starts += 1
-        self._io = _io_spec(job, outputs if isinstance(outputs, dict) else None)
+        self._io = io_spec(job.spec, outputs if isinstance(outputs, dict) else None)
         self.state = "ready"
         self._load_error = None
         if isinstance(outputs, BaseException):
@@ -367,34 +367,6 @@ class ModelInstance:
         log.info("cold start %s: %.3f s", self.name, time.monotonic() - started)
 
 
-def _import_model_libraries() -> None:
-    try:
-        import transformers  # noqa: F401
-
-        transformers.PreTrainedModel  # noqa: B018 - the lazy module loads on first access
-        from cicada_async.engine.modeldir import import_conversion_mapping
-
-        import_conversion_mapping()
-    except ImportError:  # plain-PyTorch models need no transformers
-        pass
-
-
 def _set(fut: asyncio.Future[Any], value: Any) -> None:
     if not fut.done():
         fut.set_result(value)
-
-
-def _inputs_meta(spec: Any) -> list[dict[str, Any]]:
-    return [
-        {"name": n, "datatype": _V2_TYPES.get(dt, "FP32"), "shape": list(shape)}
-        for n, (shape, dt) in spec.example_inputs.items()
-    ]
-
-
-def _io_spec(job: LoadJob, outputs: dict[str, torch.Tensor] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    inputs = _inputs_meta(job.spec)
-    outs = [
-        {"name": n, "datatype": _V2_TYPES.get(t.dtype, "FP32"), "shape": [-1] * t.dim()}
-        for n, t in (outputs or {}).items()
-    ]
-    return inputs, outs

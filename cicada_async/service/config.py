@@ -9,6 +9,9 @@ A config file looks like::
     [storage.s3]
     endpoint_url = "http://minio:9000"
 
+    [cache]
+    plan_dir = "/var/cache/cicada/plans"
+
     [models.gpt2]
     uri = "s3://bucket/gpt2"
     dtype = "bfloat16"
@@ -162,6 +165,16 @@ class ModelConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The ``[cache]`` table."""
+
+    plan_dir: Path | None = None
+    """Where plan files of remote models (and of read-only model directories) are kept; None:
+    $XDG_CACHE_HOME/cicada/plans, else ~/.cache/cicada/plans. Local model directories keep
+    theirs in <model dir>/.cicada/ (see cicada_async/engine/plancache.py)."""
+
+
+@dataclass
 class Config:
     """A whole config file."""
 
@@ -173,6 +186,8 @@ class Config:
     """Models by name."""
     model_repository: Path | None = None
     """A directory whose subfolders are models (--model-repository); rescanned by /v2/repository/index."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The [cache] table's plan_dir (plan files)."""
     node_cache: dict[str, Any] = field(default_factory=dict)
     """[cache] dir and max_bytes: the node cache of remote weight files (backends/cache.py)."""
 
@@ -300,9 +315,6 @@ def _node_cache(table: dict[str, Any]) -> dict[str, Any]:
     """The node cache's keys of [cache], checked; the table may hold other features' keys."""
     from backends.cache import CACHE_KEYS, CacheSettings
 
-    unknown = sorted(set(table) - set(CACHE_KEYS))
-    if unknown:
-        raise ConfigError(f"[cache]: unknown key(s) {', '.join(unknown)} (known: {', '.join(CACHE_KEYS)})")
     mine = {k: table[k] for k in CACHE_KEYS if k in table}
     if mine:
         CacheSettings.from_table(mine)
@@ -315,6 +327,10 @@ def parse_config(doc: dict[str, Any]) -> Config:
     if unknown:
         raise ConfigError(f"unknown top-level table(s) {', '.join(unknown)} (known: server, storage, models, model_repository, cache)")
     cfg = Config(server=_server(_typed(doc.get("server", {}), (dict,), "[server]")))
+    cache = _typed(doc.get("cache", {}), (dict,), "[cache]")
+    _check_keys(cache, CacheConfig, "[cache]", extra=("dir", "max_bytes"))  # + the node cache's
+    if "plan_dir" in cache:
+        cfg.cache.plan_dir = Path(_typed(cache["plan_dir"], (str,), "[cache] plan_dir"))
     storage = _typed(doc.get("storage", {}), (dict,), "[storage]")
     for scheme, table in storage.items():
         if scheme not in ("s3", "http", "file"):

@@ -90,6 +90,11 @@ class Repository:
     def _add(self, cfg: ModelConfig) -> ModelEntry:
         inst = self.engine.instance(cfg.name, cfg.uri, self._options(cfg))
         entry = self.models[cfg.name] = ModelEntry(cfg, inst)
+        prebuild = getattr(self.engine, "prebuild", None)  # test engines may have none
+        if prebuild is not None:
+            # The skeleton is built in the background at low priority and kept across unloads,
+            # so a cold start skips the build; a failure logs and the load builds it.
+            prebuild(inst)
         return entry
 
     def get(self, name: str) -> ModelEntry:

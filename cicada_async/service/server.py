@@ -75,7 +75,7 @@ async def watch_engine(app: web.Application, engine: Any, sched: Scheduler) -> N
 def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
     from cicada_async.engine.runtime import Engine  # deferred: heavy imports only when serving
 
-    return Engine(storage=config.storage, node_cache=config.node_cache,
+    return Engine(storage=config.storage, node_cache=config.node_cache, plan_dir=config.cache.plan_dir,
                   shared=not config.server.serialize_loads)
 
 
