@@ -22,7 +22,8 @@ from aiohttp import web
 
 from cicada_async.service import auth
 from cicada_async.service.appkeys import (
-    BUDGET_KEY, CONFIG_KEY, ENGINE_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, TOKENS_KEY, EngineFactory,
+    BUDGET_KEY, CONFIG_KEY, ENGINE_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, STATS_KEY, TOKENS_KEY,
+    EngineFactory,
 )
 from cicada_async.service.config import Config, ModelConfig, load_config, scan_repository
 from cicada_async.service.infer import BodyBudget, expect_continue, infer
@@ -32,10 +33,11 @@ from cicada_async.service.metrics import Metrics
 from cicada_async.service.repository import Repository
 from cicada_async.service.responses import errors_middleware
 from cicada_async.service.routes import (
-    list_models, live, metrics, model_metadata, model_ready, ready, repo_index, repo_load, repo_unload,
-    server_metadata,
+    list_models, live, metrics, model_config, model_metadata, model_ready, ready, repo_index, repo_load, repo_unload,
+    server_metadata, stats,
 )
 from cicada_async.service.scheduler import Scheduler
+from cicada_async.service.stats import Stats
 from protocols.errors import ConfigError
 
 log = logging.getLogger("cicada.server")
@@ -91,6 +93,7 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
     app[METRICS_KEY] = metrics_
     app[STATE_KEY] = {"draining": False, "restarting": False, "executor_restarts": 0}
     app[BUDGET_KEY] = BodyBudget(config.server.max_body_bytes_in_flight)
+    app[STATS_KEY] = Stats()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with engine_factory(config) as engine:
@@ -134,12 +137,16 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
     r.add_get("/v2/models", list_models)
+    # Before /v2/models/{model}: Triton's path for every model's statistics.
+    r.add_get("/v2/models/stats", stats)
     r.add_post("/v2/repository/index", repo_index)
     r.add_post("/v2/repository/models/{model}/load", repo_load)
     r.add_post("/v2/repository/models/{model}/unload", repo_unload)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
+        r.add_get(prefix + "/config", model_config)
+        r.add_get(prefix + "/stats", stats)
         r.add_post(prefix + "/infer", infer, **infer_route)
     r.add_get("/metrics", metrics)
     return app
