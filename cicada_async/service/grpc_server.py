@@ -175,7 +175,6 @@ async def model_infer(app: web.Application, data: bytes, context: aio.ServicerCo
     try:
         big = n > OFFLOAD_BYTES
         msg = await asyncio.to_thread(_parse, pb.ModelInferRequest, data) if big else _parse(pb.ModelInferRequest, data)
-        del data
         name = check_name(msg.model_name, msg.model_version)
         entry = infer_core.admit(app, name)
         infer_core.check_queue(app, entry)
