@@ -101,7 +101,7 @@ class InferRequest:
         return float(value) / 1e6
 
 
-def _shape(raw: Any, where: str) -> tuple[int, ...]:
+def parse_shape(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > _MAX_DIMS:
         raise BadRequest(f"{where}: shape must be a list of at most {_MAX_DIMS} integers")
     for d in raw:
@@ -171,7 +171,7 @@ def _json_tensor(data: Any, datatype: str, shape: tuple[int, ...], where: str) -
     return torch.from_numpy(np.ascontiguousarray(arr.reshape(shape)))
 
 
-def _binary_tensor(
+def binary_tensor(
     buf: bytearray, offset: int, nbytes: int, datatype: str, shape: tuple[int, ...], where: str
 ) -> torch.Tensor:
     count = math.prod(shape)
@@ -187,6 +187,12 @@ def _binary_tensor(
         return (raw != 0).reshape(shape)
     # frombuffer shares memory with ``buf`` (a private copy of the body), so no second copy.
     return torch.frombuffer(buf, dtype=DATATYPES[datatype], count=count, offset=offset).reshape(shape)
+
+
+def to_bytes(t: torch.Tensor) -> bytes:
+    """A contiguous CPU tensor's raw little-endian bytes; BOOL as one byte per element."""
+    raw = (t.to(torch.uint8) if t.dtype == torch.bool else t).reshape(-1).view(torch.uint8)
+    return raw.numpy().tobytes()
 
 
 def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
@@ -219,7 +225,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         datatype = item.get("datatype")
         if datatype not in DATATYPES:
             raise BadRequest(f"{where}: unsupported datatype {datatype!r} (supported: {', '.join(DATATYPES)})")
-        shape = _shape(item.get("shape"), where)
+        shape = parse_shape(item.get("shape"), where)
         iparams = _params(item.get("parameters"), where)
         size = iparams.get("binary_data_size")
         if size is not None:
@@ -229,7 +235,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
                 raise BadRequest(f"{where}: has both 'data' and binary_data_size")
             if pos + size > len(blob):
                 raise BadRequest(f"{where}: binary data runs past the end of the body")
-            inputs[name] = _binary_tensor(blob, pos, size, datatype, shape, where)
+            inputs[name] = binary_tensor(blob, pos, size, datatype, shape, where)
             pos += size
         else:
             if "data" not in item:
@@ -318,8 +324,7 @@ def encode_response(
         t = t.contiguous()
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(t.shape)}
         if binary or datatype in BINARY_ONLY:
-            raw = (t.to(torch.uint8) if datatype == "BOOL" else t).reshape(-1).view(torch.uint8)
-            data = raw.numpy().tobytes()
+            data = to_bytes(t)
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
@@ -352,8 +357,7 @@ def encode_request(
         datatype = TORCH_TO_V2[t.dtype]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(t.shape)}
         if binary or datatype in BINARY_ONLY:
-            raw = (t.to(torch.uint8) if datatype == "BOOL" else t).reshape(-1).view(torch.uint8)
-            data = raw.numpy().tobytes()
+            data = to_bytes(t)
             entry["parameters"] = {"binary_data_size": len(data)}
             blobs.append(data)
         else:
@@ -386,7 +390,7 @@ def decode_response(body: bytes, header_length: int | None = None) -> dict[str, 
         shape = tuple(item["shape"])
         size = (item.get("parameters") or {}).get("binary_data_size")
         if size is not None:
-            tensors[item["name"]] = _binary_tensor(blob, pos, size, item["datatype"], shape, item["name"]).clone()
+            tensors[item["name"]] = binary_tensor(blob, pos, size, item["datatype"], shape, item["name"]).clone()
             pos += size
         else:
             tensors[item["name"]] = _json_tensor(item["data"], item["datatype"], shape, item["name"])

@@ -101,23 +101,38 @@ def _deny(status: int, message: str, challenge: str | None = None) -> web.Respon
                         content_type="application/json", headers=headers)
 
 
-def refusal(request: web.Request, auth: AuthConfig, tokens: TokenSet) -> web.Response | None:
-    """The 401/403 answer for ``request``, or None when it may proceed."""
-    if not auth.enabled:
+@dataclass(frozen=True)
+class Denial:
+    """Why a request may not proceed: 401 (no or unknown token) or 403 (wrong scope)."""
+
+    status: int
+    message: str
+    challenge: str
+
+
+def check(auth: AuthConfig, tokens: TokenSet, need: Scope | None, header: str | None) -> Denial | None:
+    """The refusal for a request needing ``need`` with this Authorization value, or None.
+
+    Transport-agnostic: HTTP passes its header, gRPC its ``authorization`` metadata.
+    """
+    if not auth.enabled or need is None:
         return None
-    need = scope_of(request.path, auth)
-    if need is None:
-        return None
-    token = _bearer(request.headers.get("Authorization"))
+    token = _bearer(header)
     if token is None:
-        return _deny(401, "missing bearer token", 'Bearer realm="cicada"')
+        return Denial(401, "missing bearer token", 'Bearer realm="cicada"')
     granted = tokens.scopes(token)
     if not granted:
-        return _deny(401, "invalid bearer token", 'Bearer realm="cicada", error="invalid_token"')
+        return Denial(401, "invalid bearer token", 'Bearer realm="cicada", error="invalid_token"')
     if need != "any" and need not in granted:
-        return _deny(403, f"token does not grant the {need} scope",
-                     f'Bearer realm="cicada", error="insufficient_scope", scope="{need}"')
+        return Denial(403, f"token does not grant the {need} scope",
+                      f'Bearer realm="cicada", error="insufficient_scope", scope="{need}"')
     return None
+
+
+def refusal(request: web.Request, auth: AuthConfig, tokens: TokenSet) -> web.Response | None:
+    """The 401/403 answer for ``request``, or None when it may proceed."""
+    denied = check(auth, tokens, scope_of(request.path, auth), request.headers.get("Authorization"))
+    return None if denied is None else _deny(denied.status, denied.message, denied.challenge)
 
 
 def middleware(auth: AuthConfig) -> Callable[..., Awaitable[web.StreamResponse]]:

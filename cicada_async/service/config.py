@@ -68,6 +68,9 @@ class ServerConfig:
     """Address to bind; Knative requires 0.0.0.0."""
     port: int | None = None
     """TCP port; None means $PORT, else 8080. 0 picks a free port (tests)."""
+    grpc_port: int | None = None
+    """TCP port of the V2 gRPC service on the same host; None (the default) serves no gRPC.
+    Same scheduler, limits and tokens as HTTP; its largest message is max_request_bytes."""
     max_request_bytes: int = 64 * 1024 * 1024
     """Largest infer request body accepted (413 above it); other routes keep aiohttp's 1 MiB."""
     max_queue_total: int = 1024
@@ -216,7 +219,7 @@ def _server(table: dict[str, Any]) -> ServerConfig:
         where = f"[server] {key}"
         if key == "host":
             _typed(value, (str,), where)
-        elif key == "port":
+        elif key in ("port", "grpc_port"):
             _typed(value, (int,), where, minimum=0)
             if value > 65535:
                 raise ConfigError(f"{where}: must be <= 65535")

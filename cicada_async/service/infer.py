@@ -1,24 +1,22 @@
-"""The infer endpoint: admission before the body, bounded body reads, input checks, encoding."""
+"""The HTTP infer endpoint: admission before the body, bounded body reads, the V2 JSON/binary codec.
+
+The checks, the scheduler hand-off and the accounting are ``infer_core``'s, shared with gRPC.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import web
 
-from cicada_async.service import auth
-from cicada_async.service.appkeys import (
-    BUDGET_KEY, CONFIG_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, TOKENS_KEY,
-)
-from cicada_async.service.config import ModelConfig
+from cicada_async.service import auth, infer_core
+from cicada_async.service.appkeys import BUDGET_KEY, CONFIG_KEY, METRICS_KEY, REPO_KEY, TOKENS_KEY
 from cicada_async.service.responses import error_response
-from cicada_async.service.routes import engine_healthy, model_name
+from cicada_async.service.routes import model_name
 from protocols import v2
-from protocols.errors import BadRequest, CicadaError, InferenceError, Overloaded, ShuttingDown
+from protocols.errors import BadRequest, CicadaError, Overloaded
 
 # Decoding/encoding big bodies (numpy parsing of long JSON lists) would stall the loop.
 OFFLOAD_BYTES = 256 * 1024
@@ -108,73 +106,10 @@ def _header_length(request: web.Request) -> int | None:
     return int(raw)
 
 
-def check_inputs(cfg: ModelConfig, instance: Any, inputs: dict[str, Any]) -> None:
-    """Refuse inputs that contradict the published metadata before they reach the engine.
-
-    A bad first request would otherwise fail the cold start that every queued request shares.
-    Names are checked only against metadata from the config (the engine's derived metadata
-    lists the example inputs, not every optional keyword a forward accepts).
-    """
-    if cfg.inputs:
-        specs = {s.name: s.as_dict() for s in cfg.inputs}
-        unknown = sorted(set(inputs) - set(specs))
-        if unknown:
-            raise BadRequest(f"unknown input(s) {', '.join(map(repr, unknown))} (model inputs: {', '.join(specs)})")
-    else:
-        try:
-            specs = {s["name"]: s for s in instance.io_spec()[0]}
-        except CicadaError:
-            return
-    for name, t in inputs.items():
-        spec = specs.get(name)
-        if spec is None:
-            continue
-        datatype = v2.TORCH_TO_V2.get(t.dtype)
-        if datatype != spec["datatype"]:
-            raise BadRequest(f"input {name!r} must be {spec['datatype']}, got {datatype}")
-        shape = list(spec["shape"])
-        # Rank only: derived metadata may pin example sizes that the model does not require.
-        if len(shape) != t.dim():
-            raise BadRequest(f"input {name!r} has shape {list(t.shape)}, model expects {shape}")
-
-
-def check_outputs(cfg: ModelConfig, requested: list[v2.RequestedOutput] | None) -> None:
-    """Refuse an unknown output name before computing, when the config lists the outputs.
-
-    Without configured outputs, ``v2.select_outputs`` names it after the forward (the
-    engine knows a model's outputs only once it ran).
-    """
-    if cfg.outputs and requested:
-        known = [s.name for s in cfg.outputs]
-        unknown = sorted({r.name for r in requested} - set(known))
-        if unknown:
-            raise BadRequest(f"unknown output(s) {', '.join(map(repr, unknown))} (model outputs: {', '.join(known)})")
-
-
-_KWARG = re.compile(r"unexpected keyword argument '([^']+)'")
-
-
-def unknown_input(e: InferenceError, inputs: dict[str, Any]) -> BadRequest | None:
-    """A forward that refused a keyword was sent an input it does not take: the caller's 400.
-
-    Derived metadata cannot list every optional keyword of a transformers forward, so the
-    forward's own signature check is the authority; its TypeError (a 500 naming a class)
-    becomes a 400 naming the input.
-    """
-    m = _KWARG.search(str(e)) if isinstance(e.__cause__, TypeError) else None
-    if m is None or m.group(1) not in inputs:
-        return None
-    return BadRequest(f"unknown input {m.group(1)!r}: the model's forward does not take it")
-
-
 def precheck(request: web.Request) -> None:
     """Everything decidable from the request line and headers, before any body byte is read."""
     app = request.app
-    entry = app[REPO_KEY].get(model_name(request))
-    if app[STATE_KEY].get("draining"):
-        raise ShuttingDown("server is shutting down")
-    if not engine_healthy(app):
-        raise Overloaded("the engine is restarting; retry later", app[CONFIG_KEY].server.retry_after_s)
+    entry = infer_core.admit(app, model_name(request))
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         # Compressed tensors save little and a small gzip can expand a thousandfold: refused
@@ -186,9 +121,7 @@ def precheck(request: web.Request) -> None:
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
                                             text=f"request body exceeds {limit} bytes")
-    if app[SCHED_KEY].hopeless(entry):
-        app[METRICS_KEY].shed.inc(model=entry.name, reason="queue_full")
-        raise Overloaded(f"queue for model {entry.name!r} is full; retry later", app[CONFIG_KEY].server.retry_after_s)
+    infer_core.check_queue(app, entry)
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
@@ -219,9 +152,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 async def infer(request: web.Request) -> web.Response:
     app = request.app
-    m = app[METRICS_KEY]
     cfg = app[CONFIG_KEY].server
-    t0 = time.monotonic()
     precheck(request)
     name = model_name(request)
     entry = app[REPO_KEY].get(name)
@@ -230,41 +161,32 @@ async def infer(request: web.Request) -> web.Response:
     # they stream. Released when the answer is ready (the inputs are garbage by then).
     reserved = [request.content_length or 0]
     if not budget.try_reserve(reserved[0]):
-        m.shed.inc(model=name, reason="body_budget")
+        app[METRICS_KEY].shed.inc(model=name, reason="body_budget")
         raise Overloaded("too many request bytes in flight; retry later", cfg.retry_after_s)
-    ok = False
     try:
-        try:
-            async with asyncio.timeout(cfg.body_timeout_s):
-                body = await read_body(request, cfg.max_request_bytes, budget, reserved)
-        except TimeoutError:
-            raise web.HTTPRequestTimeout(text=f"request body not received within {cfg.body_timeout_s} s") from None
-        hl = _header_length(request)
-        if len(body) > OFFLOAD_BYTES:
-            req = await asyncio.to_thread(v2.decode_request, body, hl)
-        else:
-            req = v2.decode_request(body, hl)
-        del body  # the tensors alias a private copy; let the raw body go before waiting
-        check_inputs(entry.config, entry.instance, req.inputs)
-        check_outputs(entry.config, req.outputs)
-        try:
-            outputs, stats = await app[SCHED_KEY].submit(entry, req.inputs, priority=req.priority,
-                                                         timeout_s=req.timeout_s)
-        except InferenceError as e:
-            raise unknown_input(e, req.inputs) or e
-        nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
-        encode = lambda: v2.encode_response(name, outputs, request_id=req.id, requested=req.outputs,  # noqa: E731
-                                            binary_default=req.binary_output)
-        out, out_hl = await asyncio.to_thread(encode) if nbytes > OFFLOAD_BYTES else encode()
-        ok = True
-        m.exec_count.inc(model=name, version="1")
-        m.count.inc(model=name, version="1")
-        m.queue_us.inc(int(stats.queue_s * 1e6), model=name, version="1")
-        m.compute_us.inc(int(stats.compute_s * 1e6), model=name, version="1")
+        with infer_core.accounted(app, name) as outcome:
+            try:
+                async with asyncio.timeout(cfg.body_timeout_s):
+                    body = await read_body(request, cfg.max_request_bytes, budget, reserved)
+            except TimeoutError:
+                raise web.HTTPRequestTimeout(text=f"request body not received within {cfg.body_timeout_s} s") from None
+            hl = _header_length(request)
+            t = time.monotonic_ns()
+            if len(body) > OFFLOAD_BYTES:
+                req = await asyncio.to_thread(v2.decode_request, body, hl)
+            else:
+                req = v2.decode_request(body, hl)
+            outcome.decode_ns = time.monotonic_ns() - t
+            del body  # the tensors alias a private copy; let the raw body go before waiting
+            outputs = await infer_core.run(app, entry, req, outcome)
+            nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
+            encode = lambda: v2.encode_response(name, outputs, request_id=req.id, requested=req.outputs,  # noqa: E731
+                                                binary_default=req.binary_output)
+            t = time.monotonic_ns()
+            out, out_hl = await asyncio.to_thread(encode) if nbytes > OFFLOAD_BYTES else encode()
+            outcome.encode_ns = time.monotonic_ns() - t
     finally:
         budget.release(reserved[0])
-        (m.success if ok else m.failure).inc(model=name, version="1")
-        m.request_us.inc(int((time.monotonic() - t0) * 1e6), model=name, version="1")
     if out_hl is None:
         return web.Response(body=out, content_type="application/json")
     return web.Response(body=out, content_type="application/octet-stream",

@@ -1,4 +1,4 @@
-"""Handlers of the V2 health, metadata, repository and metrics endpoints."""
+"""Handlers of the V2 health, metadata, configuration, statistics, repository and metrics endpoints."""
 
 from __future__ import annotations
 
@@ -8,26 +8,31 @@ from typing import Any
 
 from aiohttp import web
 
+from cicada_async.service import describe
 from cicada_async.service.appkeys import (
-    ENGINE_KEY, EXTENSIONS, METRICS_KEY, REPO_KEY, SERVER_NAME, SERVER_VERSION, STATE_KEY,
+    EXTENSIONS, METRICS_KEY, REPO_KEY, SERVER_NAME, SERVER_VERSION, STATE_KEY, STATS_KEY,
 )
-from cicada_async.service.config import MODEL_NAME_RE, ModelConfig
+from cicada_async.service.config import MODEL_NAME_RE
+from cicada_async.service.infer_core import engine_healthy
 from cicada_async.service.metrics import CONTENT_TYPE
 from cicada_async.service.responses import json_response
-from protocols.errors import BadRequest, CicadaError, ModelNotFound
+from protocols.errors import BadRequest, ModelNotFound
 
 log = logging.getLogger("cicada.server")
 
 
-def model_name(request: web.Request) -> str:
-    name = request.match_info["model"]
+def check_name(name: str, version: str | None = None) -> str:
+    """A model name from a request (HTTP path, gRPC message), checked; any version but 1 is 404."""
     # Names are only ever looked up, never turned into paths; the pattern keeps them printable.
     if not MODEL_NAME_RE.match(name):
         raise BadRequest(f"invalid model name {name!r}")
-    version = request.match_info.get("version")
     if version not in (None, "", "1"):
         raise ModelNotFound(f"model {name!r} has no version {version!r} (only version 1)")
     return name
+
+
+def model_name(request: web.Request) -> str:
+    return check_name(request.match_info["model"], request.match_info.get("version"))
 
 
 async def live(request: web.Request) -> web.Response:
@@ -45,14 +50,6 @@ async def ready(request: web.Request) -> web.Response:
     return json_response({"ready": True})
 
 
-def engine_healthy(app: web.Application) -> bool:
-    """False from the moment the executor thread is found dead until it has been replaced."""
-    if app[STATE_KEY].get("restarting"):
-        return False
-    engine = app.get(ENGINE_KEY)
-    return bool(getattr(engine, "healthy", True)) if engine is not None else True
-
-
 async def server_metadata(request: web.Request) -> web.Response:
     return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
 
@@ -61,25 +58,26 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"models": sorted(request.app[REPO_KEY].models)})
 
 
-def _io(request: web.Request, cfg: ModelConfig, instance: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    inputs: list[dict[str, Any]] | None = [s.as_dict() for s in cfg.inputs] if cfg.inputs else None
-    outputs: list[dict[str, Any]] | None = [s.as_dict() for s in cfg.outputs] if cfg.outputs else None
-    if inputs is None or outputs is None:
-        try:
-            d_in, d_out = instance.io_spec()
-        except CicadaError as e:
-            log.warning("io_spec failed for %s: %s", cfg.name, e)
-            d_in, d_out = [], []
-        inputs = inputs if inputs is not None else list(d_in)
-        outputs = outputs if outputs is not None else list(d_out)
-    return inputs, outputs
-
-
 async def model_metadata(request: web.Request) -> web.Response:
-    entry = request.app[REPO_KEY].get(model_name(request))
-    inputs, outputs = _io(request, entry.config, entry.instance)
-    return json_response({"name": entry.name, "versions": ["1"], "platform": "pytorch",
-                          "inputs": inputs, "outputs": outputs})
+    return json_response(describe.metadata(request.app[REPO_KEY].get(model_name(request))))
+
+
+async def model_config(request: web.Request) -> web.Response:
+    """Triton's model configuration extension: ``GET /v2/models/{m}[/versions/1]/config``."""
+    return json_response(describe.triton_config(request.app[REPO_KEY].get(model_name(request))))
+
+
+def model_stats(app: web.Application, name: str | None) -> list[dict[str, Any]]:
+    """Statistics of one model, or of every model (zeros for those never asked)."""
+    repo, stats = app[REPO_KEY], app[STATS_KEY]
+    names = [repo.get(name).name] if name else sorted(repo.models)
+    return [stats.of(n).as_dict() for n in names]
+
+
+async def stats(request: web.Request) -> web.Response:
+    """Triton's statistics extension: ``GET /v2/models[/{m}[/versions/1]]/stats``."""
+    name = model_name(request) if "model" in request.match_info else None
+    return json_response({"model_stats": model_stats(request.app, name)})
 
 
 async def model_ready(request: web.Request) -> web.Response:

@@ -22,7 +22,8 @@ from aiohttp import web
 
 from cicada_async.service import auth
 from cicada_async.service.appkeys import (
-    BUDGET_KEY, CONFIG_KEY, ENGINE_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, TOKENS_KEY, EngineFactory,
+    BUDGET_KEY, CONFIG_KEY, ENGINE_KEY, GRPC_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, STATS_KEY, TOKENS_KEY,
+    EngineFactory,
 )
 from cicada_async.service.config import Config, ModelConfig, load_config, scan_repository
 from cicada_async.service.infer import BodyBudget, expect_continue, infer
@@ -32,13 +33,15 @@ from cicada_async.service.metrics import Metrics
 from cicada_async.service.repository import Repository
 from cicada_async.service.responses import errors_middleware
 from cicada_async.service.routes import (
-    list_models, live, metrics, model_metadata, model_ready, ready, repo_index, repo_load, repo_unload,
-    server_metadata,
+    list_models, live, metrics, model_config, model_metadata, model_ready, ready, repo_index, repo_load, repo_unload,
+    server_metadata, stats,
 )
 from cicada_async.service.scheduler import Scheduler
+from cicada_async.service.stats import Stats
 from protocols.errors import ConfigError
 
 log = logging.getLogger("cicada.server")
+GRPC_GRACE_S = 0.5  # gRPC calls still running at teardown get this long (as HTTP's shutdown_timeout)
 
 
 async def watch_engine(app: web.Application, engine: Any, sched: Scheduler) -> None:
@@ -72,6 +75,21 @@ async def watch_engine(app: web.Application, engine: Any, sched: Scheduler) -> N
             sched.release()
 
 
+async def start_grpc(app: web.Application) -> Any:
+    """The gRPC listener, when ``[server] grpc_port`` is set (else None)."""
+    if app[CONFIG_KEY].server.grpc_port is None:
+        return None
+    # Imported only when serving gRPC: the generated messages register the protobuf package
+    # "inference" process-wide, which tritonclient.grpc and kserve also claim (tests and
+    # tools importing this module must be able to import either of them).
+    from cicada_async.service.grpc_server import GrpcServer
+
+    server = GrpcServer(app)
+    await server.start()
+    app[GRPC_KEY] = server
+    return server
+
+
 def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
     from cicada_async.engine.runtime import Engine  # deferred: heavy imports only when serving
 
@@ -92,6 +110,7 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
     app[METRICS_KEY] = metrics_
     app[STATE_KEY] = {"draining": False, "restarting": False, "executor_restarts": 0}
     app[BUDGET_KEY] = BodyBudget(config.server.max_body_bytes_in_flight)
+    app[STATS_KEY] = Stats()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with engine_factory(config) as engine:
@@ -109,11 +128,16 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
 
             metrics_.add_collector(pending)
             sched.start()
+            grpc_server = None
             maintenance = asyncio.create_task(repo.maintain(), name="cicada-maintenance")
             watchdog = asyncio.create_task(watch_engine(app, engine, sched), name="cicada-watchdog")
             try:
+                grpc_server = await start_grpc(app)  # a taken port fails the start, torn down below
                 yield
             finally:
+                if grpc_server is not None:
+                    # By now the drain has answered or cancelled the calls in flight.
+                    await grpc_server.stop(GRPC_GRACE_S)
                 for task in (maintenance, watchdog):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -135,12 +159,16 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
     r.add_get("/v2/health/live", live)
     r.add_get("/v2/health/ready", ready)
     r.add_get("/v2/models", list_models)
+    # Before /v2/models/{model}: Triton's path for every model's statistics.
+    r.add_get("/v2/models/stats", stats)
     r.add_post("/v2/repository/index", repo_index)
     r.add_post("/v2/repository/models/{model}/load", repo_load)
     r.add_post("/v2/repository/models/{model}/unload", repo_unload)
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         r.add_get(prefix, model_metadata)
         r.add_get(prefix + "/ready", model_ready)
+        r.add_get(prefix + "/config", model_config)
+        r.add_get(prefix + "/stats", stats)
         r.add_post(prefix + "/infer", infer, **infer_route)
     r.add_get("/metrics", metrics)
     return app
@@ -154,6 +182,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     src.add_argument("--model-repository", type=Path, help="directory whose subfolders are model directories")
     p.add_argument("--host", help="bind address (default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (default: config, then $PORT, then 8080)")
+    p.add_argument("--grpc-port", type=int, help="also serve V2 over gRPC on this port (default: config, else off)")
     p.add_argument("--memory-budget-bytes", type=int, help="resident weight budget; idle models evicted LRU")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: cores - 1; 0: torch default)")
     p.add_argument("--keep-alive-s", type=float, help="idle seconds before unload, for --model-repository models")
@@ -175,6 +204,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.server.host = args.host
     if args.port is not None:
         config.server.port = args.port
+    if args.grpc_port is not None:
+        config.server.grpc_port = args.grpc_port
     if args.torch_threads is not None:
         config.server.torch_threads = args.torch_threads
     if args.memory_budget_bytes is not None:

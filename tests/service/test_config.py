@@ -44,6 +44,8 @@ def test_good_config(tmp_path: Path) -> None:
     ({"server": {"prot": 1}}, "unknown key(s) prot"),
     ({"server": {"port": "80"}}, "expected int"),
     ({"server": {"port": 70000}}, "<= 65535"),
+    ({"server": {"grpc_port": 70000}}, "[server] grpc_port: must be <= 65535"),
+    ({"server": {"grpc_port": True}}, "expected int"),
     ({"models": {"../x": {"uri": "/tmp"}}}, "must match"),
     ({"models": {"m": {}}}, "missing 'uri'"),
     ({"models": {"m": {"uri": "/x", "dtype": "int8"}}}, "must be one of"),
@@ -77,7 +79,9 @@ def test_model_repository_args_and_port_env(tmp_path: Path, monkeypatch: pytest.
     assert list(cfg.models) == ["good-model"] and cfg.server.port == 8123
     assert cfg.models["good-model"].keep_alive_s == 5.0
     cfg = config_from_args(parse_args(["--model-repository", str(tmp_path), "--port", "0"]))
-    assert cfg.server.port == 0
+    assert cfg.server.port == 0 and cfg.server.grpc_port is None  # gRPC is off unless asked for
+    cfg = config_from_args(parse_args(["--model-repository", str(tmp_path), "--grpc-port", "8001"]))
+    assert cfg.server.grpc_port == 8001
 
 
 def test_main_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

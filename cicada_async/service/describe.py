@@ -1,0 +1,72 @@
+"""What the server says about a model: V2 metadata and Triton's model configuration.
+
+Both transports answer from here (HTTP as JSON, gRPC by filling the same fields into
+messages), so metadata and configuration cannot drift apart between them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cicada_async.service.repository import ModelEntry
+from protocols.errors import CicadaError
+
+log = logging.getLogger("cicada.server")
+PLATFORM = "pytorch"
+BACKEND = "pytorch"
+
+
+def io(entry: ModelEntry) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Inputs and outputs ({name, datatype, shape}): the config's, else the model's own.
+
+    The model's own are known once it has been loaded (empty lists before the first load).
+    """
+    cfg = entry.config
+    inputs: list[dict[str, Any]] | None = [s.as_dict() for s in cfg.inputs] if cfg.inputs else None
+    outputs: list[dict[str, Any]] | None = [s.as_dict() for s in cfg.outputs] if cfg.outputs else None
+    if inputs is None or outputs is None:
+        try:
+            d_in, d_out = entry.instance.io_spec()
+        except CicadaError as e:
+            log.warning("io_spec failed for %s: %s", cfg.name, e)
+            d_in, d_out = [], []
+        inputs = inputs if inputs is not None else list(d_in)
+        outputs = outputs if outputs is not None else list(d_out)
+    return inputs, outputs
+
+
+def metadata(entry: ModelEntry) -> dict[str, Any]:
+    inputs, outputs = io(entry)
+    return {"name": entry.name, "versions": ["1"], "platform": PLATFORM, "inputs": inputs, "outputs": outputs}
+
+
+def _tensor(spec: dict[str, Any], batched: bool) -> dict[str, Any]:
+    # With max_batch_size > 0 Triton's dims leave out the batch dimension; with 0 they are the
+    # whole shape.
+    dims = list(spec["shape"])[1:] if batched else list(spec["shape"])
+    return {"name": spec["name"], "data_type": "TYPE_" + spec["datatype"], "dims": dims}
+
+
+def triton_config(entry: ModelEntry) -> dict[str, Any]:
+    """Triton's ModelConfig in its JSON form (what tritonclient's ``get_model_config`` returns).
+
+    ``TYPE_`` + the V2 datatype is Triton's DataType name for every datatype we serve. There
+    is no batching yet: max_batch_size is 0 and dynamic_batching is absent, unless the model's
+    config carries batching settings (read by name, so that they appear here as soon as the
+    model config has them).
+    """
+    cfg = entry.config
+    max_batch = int(getattr(cfg, "max_batch_size", 0) or 0)
+    inputs, outputs = io(entry)
+    out: dict[str, Any] = {
+        "name": entry.name, "platform": PLATFORM, "backend": BACKEND, "max_batch_size": max_batch,
+        "input": [_tensor(s, max_batch > 0) for s in inputs],
+        "output": [_tensor(s, max_batch > 0) for s in outputs],
+    }
+    if max_batch > 0:
+        out["dynamic_batching"] = {
+            "preferred_batch_size": list(getattr(cfg, "preferred_batch_sizes", None) or []),
+            "max_queue_delay_microseconds": int(getattr(cfg, "max_queue_delay_us", 0) or 0),
+        }
+    return out
