@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bandwidth-mbps", default="100,500",
                    help="bandwidth caps in MB/s for remote storage (a throttling proxy)")
 
+    mm = bsub.add_parser("multi-model", help="many models, a heavy-tailed trace, shared vs serialized loads")
+    mm.add_argument("--duration", type=float, default=60.0, help="seconds of trace")
+    mm.add_argument("--seed", type=int, default=7)
+    mm.add_argument("--budget", type=int, default=1_200_000_000, help="memory_budget_bytes of the server")
+    mm.add_argument("--dir", type=Path, default=Path("models"), help="where catalogue models are made")
+    mm.add_argument("--json", type=Path, default=Path("bench-results/multi-model.json"))
+
     w = bsub.add_parser("warm-forward", help="warm forward after a pipelined load vs a stock load")
     w.add_argument("--models", default="gpt2,bert-base")
     w.add_argument("--repeat", type=int, default=30)
@@ -116,6 +123,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         return _demo(args)
     if args.cmd == "bench":
+        if args.bench == "multi-model":
+            from cicada_async.bench.multi_model import multi_model_bench
+
+            return multi_model_bench(args)
         if args.bench == "warm-forward":
             from cicada_async.bench.cold_start import warm_forward_bench
 

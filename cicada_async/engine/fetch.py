@@ -209,6 +209,11 @@ class Fetcher:
         held = False  # a read slot kept from the last read (see FetchScheduler.contested)
         try:
             while True:
+                if held and self._order.locked():
+                    # A kept slot never waits for anything: the worker that holds the admission
+                    # lock may be waiting for budget that only a read in flight frees.
+                    self.scheduler.release()
+                    held = False
                 async with self._order:  # admission strictly in plan order
                     while self._next >= len(self.plan.reads):
                         if held:

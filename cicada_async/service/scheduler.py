@@ -1,8 +1,9 @@
 """Priority heap and dispatcher: which waiting request the engine runs next.
 
-Order: priority (1 most urgent), then deadline, then arrival. At most one warm request is
-handed to the engine at a time, so that this heap, not a queue inside the engine, decides the
-order. A request for an unloaded model starts that model's cold start at once (its own task,
+Order: priority (1 most urgent), then deadline, then arrival. One warm request is handed to
+the engine at a time, so that this heap, not a queue inside the engine, decides the order; a
+strictly more urgent one is handed over at once, and the engine runs it at the running
+forward's next layer boundary. A request for an unloaded model starts that model's cold start at once (its own task,
 not the warm slot): while its layer-gated forward waits for bytes, the engine runs warm
 forwards and other loads meanwhile. Requests for a model that is loading stay in the heap
 until it is ready.
@@ -84,7 +85,7 @@ class Scheduler:
         self._total = 0
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._slot_busy = False
+        self._warm_running: list[int] = []  # priorities of warm requests inside the engine
         self._held = False
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -285,16 +286,18 @@ class Scheduler:
             if entry.state != "ready":
                 self._start(self._pop(q), cold=True)
                 continue
-            if not self._slot_busy and (best is None or head.key < best[0]):
+            if best is None or head.key < best[0]:
                 best = (head.key, q)
-        if best is not None:
+        # One warm request at a time, unless a strictly more urgent one waits: the engine then
+        # runs it at the running forward's next layer boundary (the executor yields there).
+        if best is not None and (not self._warm_running or best[0][0] < min(self._warm_running)):
             self._start(self._pop(best[1]), cold=False)
 
     def _start(self, p: Pending, *, cold: bool) -> None:
         p.cold = cold
         p.started = asyncio.get_running_loop().time()
         if not cold:
-            self._slot_busy = True
+            self._warm_running.append(p.priority)
         p.entry.busy += 1
         task = asyncio.create_task(self._execute(p), name=f"cicada-{'cold' if cold else 'run'}-{p.entry.name}")
         self._tasks.add(task)
@@ -332,7 +335,7 @@ class Scheduler:
             entry.busy -= 1
             entry.last_used = time.monotonic()
             if not p.cold:
-                self._slot_busy = False
+                self._warm_running: list[int] = []  # priorities of warm requests inside the engine
             self.kick()
 
     def _fail_waiting(self, entry: ModelEntry, exc: BaseException) -> None:
