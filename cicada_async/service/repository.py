@@ -233,10 +233,13 @@ class Repository:
         while self.resident_bytes() + need > budget:
             victims = sorted((e for e in self.models.values() if e is not incoming and self.idle(e)),
                              key=lambda e: e.last_used)
-            if victims:
+            in_use = [e for e in self.models.values() if e.resident_bytes and e is not incoming and e not in victims]
+            enough = self.resident_bytes() + need - sum(e.resident_bytes for e in victims) <= budget
+            if victims and (enough or not in_use or incoming is None):
+                # Only when evicting can make room: emptying idle models (hot small ones too)
+                # while the budget is held by models in use would cost cold starts for nothing.
                 await self.unload(victims[0].name, reason="memory_budget")
                 continue
-            in_use = [e for e in self.models.values() if e.resident_bytes and e is not incoming]
             if incoming is None or (incoming.resident_bytes + need) == 0:
                 log.warning("memory budget exceeded and nothing idle to evict",
                             extra={"event": "budget", "resident": self.resident_bytes(), "budget": budget})
