@@ -97,6 +97,17 @@ def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
                   shared=not config.server.serialize_loads)
 
 
+def executed(app: web.Application, model: str, size: int, ns: int, cold: bool) -> None:
+    """One successful model execution (a batch of ``size`` requests; ``cold``: a cold start's
+    forward): Triton's exec count, the batch-size histogram and the statistics extension."""
+    m = app[METRICS_KEY]
+    m.exec_count.inc(model=model, version="1")
+    m.batch_size.observe(size, model=model, version="1")
+    if cold:
+        m.cold_batch.set(size, model=model)
+    app[STATS_KEY].execution(model, size, ns)
+
+
 def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory,
               options: Callable[[ModelConfig], Any] | None = None) -> web.Application:
     """The aiohttp application; ``engine_factory`` and ``options`` let tests swap the engine."""
@@ -117,7 +128,8 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
             repo = Repository(engine, config, metrics_, options)
             sched = Scheduler(repo, max_queue_total=config.server.max_queue_total,
                               retry_after_s=config.server.retry_after_s,
-                              on_shed=lambda model, reason: metrics_.shed.inc(model=model, reason=reason))
+                              on_shed=lambda model, reason: metrics_.shed.inc(model=model, reason=reason),
+                              on_batch=lambda model, size, ns, cold: executed(app, model, size, ns, cold))
             app[REPO_KEY] = repo
             app[SCHED_KEY] = sched
             app[ENGINE_KEY] = engine
