@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -59,3 +60,24 @@ def io_spec(spec: ModelSpec, outputs: dict[str, torch.Tensor] | None) -> tuple[l
         for n, t in (outputs or {}).items()
     ]
     return inputs_meta(spec), outs
+
+
+def pad_token(spec: ModelSpec) -> int | None:
+    """The token that pads shorter sequences to a batch's length, or None: never pad.
+
+    Only a model whose forward takes ``attention_mask`` (so padded positions are masked out)
+    and whose config names a ``pad_token_id`` may be padded; others batch equal lengths only.
+    Imports the model's class: call it off the event loop.
+    """
+    pad = spec.config.get("pad_token_id")
+    if not isinstance(pad, int) or isinstance(pad, bool) or spec.kind != "transformers":
+        return None
+    import transformers
+
+    cls = getattr(transformers, spec.architecture, None)
+    forward = getattr(cls, "forward", None)
+    try:
+        takes_mask = forward is not None and "attention_mask" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        takes_mask = False
+    return pad if takes_mask else None

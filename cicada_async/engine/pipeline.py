@@ -54,8 +54,9 @@ class LoadRequest:
 
     options: LoadOptions = field(default_factory=LoadOptions)
     fetch: FetchSettings = field(default_factory=FetchSettings)
-    inputs: dict[str, torch.Tensor] | None = None
-    """With inputs, the gated forward computes while the model loads."""
+    inputs: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]] | None = None
+    """With inputs, the gated forward computes while the model loads. A callable is asked for
+    them on the loop when that forward starts: a batch gathered as late as possible."""
     priority: Callable[[], float] = lambda: 0.0
     """Read priority, asked again for every read (lower is more urgent)."""
     cached_plan: Plan | None = None
@@ -128,8 +129,9 @@ class ColdStart:
                 job.install_gates()
                 if self.request.on_prepared is not None:
                     self.request.on_prepared(job)
-                if self.request.inputs is not None:
-                    outputs = await self.gated_forward(job, self.request.inputs)
+                inputs = self.request.inputs
+                if inputs is not None:
+                    outputs = await self.gated_forward(job, inputs() if callable(inputs) else inputs)
                 await fetching
                 await self.verify(spec, landing, hdrs)
                 await self.executor.run(job.wait_all, priority=self.request.priority())

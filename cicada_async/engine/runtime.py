@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from protocols.manifest import Plan
 
 from cicada_async.engine.fetch import FetchScheduler, FetchSettings
 from cicada_async.engine.executor import Executor
-from cicada_async.engine.forward import inputs_meta, io_spec, run_forward
+from cicada_async.engine.forward import inputs_meta, io_spec, pad_token, run_forward
 from cicada_async.engine.job import LoadJob, ModelOptions
 from cicada_async.engine.modeldir import ModelSpec, import_model_libraries, read_model_spec
 from cicada_async.engine.pipeline import LoadRequest, cold_start, first_leaf
@@ -28,6 +28,9 @@ from cicada_async.engine.ready import PREBUILD_PRIORITY, ReadySkeleton
 from cicada_async.engine.timeline import Timeline
 
 log = logging.getLogger(__name__)
+
+# A forward's inputs, or a callable that returns them when the forward starts.
+Inputs = dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]]
 
 class Engine:
     """Owns the executor thread, the fetch scheduler and storage settings."""
@@ -139,19 +142,23 @@ class ModelInstance:
         self._first_outputs: asyncio.Future[dict[str, torch.Tensor] | None] | None = None
         self._load_error: BaseException | None = None
         self._inputs_meta: list[dict[str, Any]] = []
+        self.pad_token_id: int | None = None  # set by describe(): padding of token batches allowed
         self._watches: list[Any] = []  # mapped weight files the ready model's tensors view
         self._ready = ReadySkeleton(name)  # kept across unloads once prebuild() asked for it
         options.load_options(read_bytes=1, load_timeout_s=1)  # validate early
 
     # public API --------------------------------------------------------------------------------
-    async def infer(self, inputs: dict[str, torch.Tensor], *, priority: int = 0) -> dict[str, torch.Tensor]:
+    async def infer(self, inputs: "Inputs", *, priority: int = 0) -> dict[str, torch.Tensor]:
+        """One forward. ``inputs`` may be a callable, asked on the loop just before the forward
+        starts (for a cold start: when the gated forward starts), so a batch forms late."""
         self.last_used = time.monotonic()
         try:
             if self.state == "ready" and self._model is not None and self._files_changed():
                 await self.unload()  # the next lines cold-start it from the files as they are now
             if self.state == "ready" and self._model is not None:
+                batch = inputs() if callable(inputs) else inputs
                 return await self.engine.executor.run(
-                    run_forward, self._model, inputs, torch.device(self.options.device), priority=priority
+                    run_forward, self._model, batch, torch.device(self.options.device), priority=priority
                 )
             if self._load is None:
                 # This request's inputs ride along with the load: it computes while loading.
@@ -170,12 +177,13 @@ class ModelInstance:
             assert self._job is not None
             load = self._load
             job = await asyncio.shield(self._job)
+            joining = inputs() if callable(inputs) else inputs
             device = torch.device(self.options.device)
 
             def joined() -> dict[str, torch.Tensor]:
                 job.check()  # a failed load's model must not compute
                 with job.computing():
-                    return run_forward(job.model, inputs, device)
+                    return run_forward(job.model, joining, device)
 
             out = await self.engine.executor.run(joined, priority=priority)
             if job.spec.manifest is not None and load is not None:
@@ -283,6 +291,7 @@ class ModelInstance:
         finally:
             await backend.aclose()
         self._inputs_meta = inputs_meta(spec)
+        self.pad_token_id = await asyncio.to_thread(pad_token, spec)  # imports the model's class
         self.weight_bytes = sum(i.size for i in sizes)
         return spec
 
@@ -293,7 +302,7 @@ class ModelInstance:
         return self.nbytes or self.weight_bytes
 
     # internals ---------------------------------------------------------------------------------
-    def _start_load(self, priority: int, inputs: dict[str, torch.Tensor] | None) -> None:
+    def _start_load(self, priority: int, inputs: "Inputs | None") -> None:
         loop = asyncio.get_running_loop()
         self.state = "loading"
         self._fetch_priority = float(priority)
@@ -301,7 +310,7 @@ class ModelInstance:
         self._first_outputs = loop.create_future()
         self._load = loop.create_task(self._run_load(inputs, priority), name=f"load {self.name}")
 
-    async def _run_load(self, inputs: dict[str, torch.Tensor] | None, priority: int) -> None:
+    async def _run_load(self, inputs: "Inputs | None", priority: int) -> None:
         assert self._job is not None and self._first_outputs is not None
         job_fut, out_fut = self._job, self._first_outputs
         engine = self.engine

@@ -165,6 +165,12 @@ class ModelConfig:
     """Requests of this model that may wait; above it the lowest priority is shed with 503."""
     default_priority: int = DEFAULT_PRIORITY
     """Priority of requests that send none (or 0); 1 is the most urgent."""
+    max_batch_size: int = 0
+    """Dynamic batching: most rows (first-dimension entries) one forward takes; 0: no batching."""
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    """Batch sizes run at once, without waiting out max_queue_delay_us (Triton's preferred_batch_size)."""
+    max_queue_delay_us: int = 0
+    """How long a batch smaller than max_batch_size may wait for more requests (docs/service.md)."""
 
 
 @dataclass
@@ -310,7 +316,14 @@ def model_config(name: str, table: dict[str, Any]) -> ModelConfig:
             value = float(_typed(value, (int, float), w, minimum=0)) or None
         elif key in ("max_queue", "default_priority"):
             _typed(value, (int,), w, minimum=1)
+        elif key in ("max_batch_size", "max_queue_delay_us"):
+            _typed(value, (int,), w, minimum=0)
+        elif key == "preferred_batch_sizes":
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in _typed(value, (list,), w)):
+                raise ConfigError(f"{w}: must be a list of integers >= 1")
         setattr(cfg, key, value)
+    if any(b > cfg.max_batch_size for b in cfg.preferred_batch_sizes):
+        raise ConfigError(f"{where} preferred_batch_sizes: each must be <= max_batch_size ({cfg.max_batch_size})")
     return cfg
 
 

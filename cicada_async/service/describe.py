@@ -51,10 +51,9 @@ def _tensor(spec: dict[str, Any], batched: bool) -> dict[str, Any]:
 def triton_config(entry: ModelEntry) -> dict[str, Any]:
     """Triton's ModelConfig in its JSON form (what tritonclient's ``get_model_config`` returns).
 
-    ``TYPE_`` + the V2 datatype is Triton's DataType name for every datatype we serve. There
-    is no batching yet: max_batch_size is 0 and dynamic_batching is absent, unless the model's
-    config carries batching settings (read by name, so that they appear here as soon as the
-    model config has them).
+    ``TYPE_`` + the V2 datatype is Triton's DataType name for every datatype we serve. A model
+    without batching has max_batch_size 0 and no dynamic_batching; one with it (the model's
+    ``max_batch_size`` > 0, see batcher.py) reports its settings there.
     """
     cfg = entry.config
     max_batch = int(getattr(cfg, "max_batch_size", 0) or 0)

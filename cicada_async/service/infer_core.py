@@ -56,6 +56,10 @@ def check_inputs(cfg: ModelConfig, instance: Any, inputs: dict[str, Any]) -> Non
     Names are checked only against metadata from the config (the engine's derived metadata
     lists the example inputs, not every optional keyword a forward accepts).
     """
+    rows = {t.shape[0] for t in inputs.values() if t.dim()}
+    if cfg.max_batch_size and rows and max(rows) > cfg.max_batch_size:
+        # As Triton: a batching model's first dimension is the batch, bounded by max_batch_size.
+        raise BadRequest(f"batch size {max(rows)} exceeds the model's max_batch_size ({cfg.max_batch_size})")
     if cfg.inputs:
         specs = {s.name: s.as_dict() for s in cfg.inputs}
         unknown = sorted(set(inputs) - set(specs))
@@ -142,7 +146,6 @@ def accounted(app: web.Application, name: str) -> Iterator[Outcome]:
         total_ns = time.monotonic_ns() - t0
         m = app[METRICS_KEY]
         if ok:
-            m.exec_count.inc(model=name, version="1")
             m.count.inc(model=name, version="1")
             m.queue_us.inc((outcome.queue_ns or 0) // 1000, model=name, version="1")
             m.compute_us.inc(outcome.compute_ns // 1000, model=name, version="1")

