@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         out, t = RUNNERS[args.strategy](Path(args.model), spec, inputs, dtype, args.device)
     total = time.perf_counter() - t0
-    parts = "  ".join(f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in t.items() if isinstance(v, float) and k != "total_s")
+    parts = "  ".join(f"{k[:-2]} {v * 1e3:.0f} ms" for k, v in t.items() if k.endswith("_s") and k != "total_s")
     print(f"{args.strategy}: cold inference {total * 1e3:.0f} ms  ({parts})")
     if timelines:
         s = timelines[0].summary()

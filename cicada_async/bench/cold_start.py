@@ -1,9 +1,16 @@
 """``cicada bench cold-start``: every strategy side by side, each run a fresh process.
 
-Runs are interleaved (rep 1 of every strategy, then rep 2, ...) so that drift of a shared
-machine hits all strategies alike. Cold runs drop the model's pages from the page cache first
-(``posix_fadvise(DONTNEED)``, no root needed). The lower bound is measured in the same run:
-max(plain sequential read of the weight files from a cold cache, warm forward) + skeleton time.
+What a skeptic can check (docs/benchmarks-local.md says more):
+- Every run is a fresh process; imports, the model spec and the inputs are done before the
+  clock; the clock stops when the first forward's outputs are on the host; teardown is outside
+  every strategy's clock (``cold_start_report.CLOCK`` is written into the JSON).
+- Before each cold run the worker evicts the weight files and checks with ``mincore`` that no
+  page is left; before each warm run it reads them and checks that all are resident. A run
+  whose state could not be made is kept, marked invalid and counted, never used in a median.
+- The lower bound (``bound.py``) is measured in its own process every repetition, interleaved
+  with the strategies in an order rotated per repetition, and reported with its spread.
+- Failed runs are counted and shown. The command exits 1, with a line saying why, when any
+  strategy's median beats its bound.
 """
 
 from __future__ import annotations
@@ -11,43 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cicada_async.bench.bound import bound_worker, loaded
+from cicada_async.bench.cold_start_report import (
+    bound_stats, bound_violations, detail_table, problem_runs, provenance, strategy_stats, summary_table, targets,
+)
+from cicada_async.bench.pagecache import drop_page_cache, make_cold, make_warm, weight_files
+
+__all__ = ["drop_page_cache", "run_bench", "cold_start_bench", "worker", "bound_worker"]
+
 BENCH_SEQ = 128
-
-
-def _device_name(device: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    import torch
-
-    return torch.cuda.get_device_name(torch.device(device))
-
-
-def drop_page_cache(path: Path) -> None:
-    """Evict every file under ``path`` from the page cache (works without root)."""
-    os.sync()
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _read_all(model_dir: Path) -> None:
-    for f in _weights(model_dir):
-        with open(f, "rb", buffering=0) as fh:
-            while fh.read(16 << 20):
-                pass
+WORKER_TIMEOUT_S = 900.0
+# measure(argv) runs one worker (a strategy, or the bound) and returns its JSON, or {"error"}.
+Measure = Callable[[list[str]], dict[str, Any]]
 
 
 def _rss_bytes() -> int:
@@ -55,12 +46,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _weights(model_dir: Path) -> list[Path]:
-    return sorted(model_dir.glob("*.safetensors"))
+def _plan_files(model_dir: Path) -> int:
+    return len(list((model_dir / ".cicada").glob("plan-*.json")))
 
 
-def worker(strategy: str, model_dir: Path, device: str = "cpu") -> dict[str, Any]:
-    """One cold inference in this (fresh) process; imports are done before the clock starts."""
+def worker(strategy: str, model_dir: Path, variant: str = "cold", device: str = "cpu") -> dict[str, Any]:
+    """One inference from a cold (or warm) page cache in this fresh process."""
     import torch  # noqa: F401
 
     from cicada_async.bench.strategies import RUNNERS, example_inputs, local_spec
@@ -74,206 +65,128 @@ def worker(strategy: str, model_dir: Path, device: str = "cpu") -> dict[str, Any
     inputs = example_inputs(spec, seq=BENCH_SEQ)
     if device != "cpu":
         torch.zeros(1, device=device)  # CUDA context creation is not part of any strategy
+    # Last thing before the clock: reading the spec above touched the header pages.
+    state = make_cold(model_dir) if variant == "cold" else make_warm(model_dir)
+    invalid = None
+    if variant == "cold" and state.resident_bytes:
+        invalid = f"not evicted: {state.resident_bytes} of {state.total_bytes} bytes resident after 3 drops"
+    elif variant == "warm" and state.resident_bytes < state.total_bytes:
+        invalid = f"not warm: {state.resident_bytes} of {state.total_bytes} bytes resident"
+    elif not state.trusted:
+        invalid = "mincore cannot see these files' page cache (not owned, not writable)"
+    plan_present = _plan_files(model_dir) > 0
     baseline = _rss_bytes()
     t0 = time.perf_counter()
     _, parts = RUNNERS[strategy](model_dir, spec, inputs, None, device)
-    # Request to outputs; a strategy that tears down an engine afterwards reports its own total.
-    total = parts.get("total_s", time.perf_counter() - t0)
+    returned = time.perf_counter()  # the baselines' models are freed by now; the engine is shut
+    total = parts.pop("outputs_at") - t0
+    parts.pop("total_s", None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"total_s": total, "parts": parts, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline}
+    out = {"total_s": total, "teardown_s": returned - t0 - total, "parts": parts, "peak_rss_bytes": peak,
+           "baseline_rss_bytes": baseline, "residency": state.as_dict(), "invalid": invalid}
+    if strategy == "cicada":
+        out["plan_file_present"] = plan_present
+    return out
 
 
-def bound_worker(model_dir: Path, device: str = "cpu") -> dict[str, Any]:
-    """The parts of the physical lower bound, measured in one process."""
-    import torch
-
-    from cicada_async.bench.strategies import example_inputs, local_spec
-    from cicada_async.engine.modeldir import prepare_imports
-    from cicada_async.engine.skeleton import skeleton_mode
-
-    spec = local_spec(model_dir)
-    prepare_imports(spec)
-    skeleton = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        with skeleton_mode():
-            spec.build()
-        skeleton.append(time.perf_counter() - t0)
-    read_cold, read_methods = _plain_read(model_dir)
-    inputs = example_inputs(spec, seq=BENCH_SEQ)
-    from cicada_async.engine.forward import output_dict
-
-    model = _loaded(model_dir, spec, inputs).to(device)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    fwd = []
-    with torch.inference_mode():
-        for _ in range(4):
-            t0 = time.perf_counter()
-            out = output_dict(model(**inputs))
-            {k: v.cpu() for k, v in out.items()}
-            fwd.append(time.perf_counter() - t0)
-    warm_forward = statistics.median(fwd[1:])
-    sk = statistics.median(skeleton)
-    h2d = 0.0
-    if device != "cpu":
-        # Host-to-device time of all weight bytes from pinned memory, in 64 MiB pieces.
-        total = sum(f.stat().st_size for f in _weights(model_dir))
-        src = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
-        dst = torch.empty(total, dtype=torch.uint8, device=device)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for lo in range(0, total, src.numel()):
-            n = min(src.numel(), total - lo)
-            dst[lo : lo + n].copy_(src[:n], non_blocking=True)
-        torch.cuda.synchronize()
-        h2d = time.perf_counter() - t0
-    return {
-        "skeleton_s": sk,
-        "read_cold_s": read_cold,
-        "read_methods_s": read_methods,
-        "warm_forward_s": warm_forward,
-        "h2d_s": h2d,
-        "lower_bound_s": max(read_cold, warm_forward, h2d) + sk,
-    }
-
-
-def _plain_read(model_dir: Path) -> tuple[float, dict[str, float]]:
-    """A cold sequential read of the weight files, 16 MiB at a time into one reused buffer,
-    through the page cache and with O_DIRECT; the faster of the two is the disk's time."""
-    import mmap
-
-    out: dict[str, float] = {}
-    buf = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
-    view = memoryview(buf)
-    for method, flags in (("buffered", 0), ("direct", getattr(os, "O_DIRECT", 0))):
-        if method == "direct" and not flags:
-            continue
-        drop_page_cache(model_dir)
-        t0 = time.perf_counter()
-        for f in _weights(model_dir):
-            fd = os.open(f, os.O_RDONLY | flags)
-            try:
-                off = 0
-                while n := os.preadv(fd, [view], off):
-                    off += n
-                    if n < len(view):
-                        break
-            finally:
-                os.close(fd)
-        out[method] = time.perf_counter() - t0
-    return min(out.values()), out
-
-
-def _loaded(model_dir: Path, spec: Any, inputs: Any) -> Any:
-    """A model loaded the meta-mmap way (that strategy returns outputs only), to time forwards."""
-    from cicada_async.bench.strategies import _state_dict, _tie_groups
-    from cicada_async.engine.skeleton import skeleton_mode
-
-    with skeleton_mode():
-        model = spec.build()
-    ties = _tie_groups(model)
-    model.load_state_dict(_state_dict(model_dir, spec, model), strict=False, assign=True)
-    for group in ties:
-        p = next(m._parameters[n] for m, n in group if not m._parameters[n].is_meta)
-        for m, n in group:
-            m._parameters[n] = p
-    return model.eval()
-
-
-def _spawn(args: list[str], device: str = "cpu") -> dict[str, Any]:
+def spawn(argv: list[str]) -> dict[str, Any]:
+    """Run one worker in a fresh interpreter; a failure is returned as {"error"}, not raised."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "cicada_async.bench.cold_start", *args, *([device] if device != "cpu" else [])],
-        capture_output=True, text=True, env=env, timeout=900,
-    )
+    try:
+        proc = subprocess.run([sys.executable, "-m", "cicada_async.bench.cold_start", *argv],
+                              capture_output=True, text=True, env=env, timeout=WORKER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {WORKER_TIMEOUT_S:.0f} s"}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"bench worker {args} failed: {' | '.join(tail)}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"error": f"no result line in the worker's output: {proc.stdout[-200:]!r}"}
 
 
-def cold_start_bench(args: argparse.Namespace) -> int:
+def _rotated(xs: list[str], k: int) -> list[str]:
+    k %= len(xs)
+    return xs[k:] + xs[:k]
+
+
+def run_bench(model_dirs: dict[str, Path], strategies: list[str], repeat: int, warm: bool,
+              device: str = "cpu", measure: Measure = spawn, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every repetition: the bound and each strategy cold, in an order rotated per rep, then each
+    strategy warm. Returns the results (runs, stats, bound) keyed by model."""
+    dev = [device] if device != "cpu" else []
+    variants = ["cold"] + (["warm"] if warm else [])
+    results: dict[str, Any] = {"repeat": repeat, "strategies": strategies, "variants": variants,
+                               "device": device, "models": {}}
+    for name, d in model_dirs.items():
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        bound_runs: list[dict[str, Any]] = []
+        usable = [s for s in strategies if s != "hf" or (d / "config.json").exists()]
+        for rep in range(repeat):
+            for variant in variants:
+                slots = usable + (["bound"] if variant == "cold" else [])
+                for s in _rotated(slots, rep):
+                    load = os.getloadavg()[0]
+                    if s == "bound":
+                        r = measure(["--bound", str(d), *dev])
+                        bound_runs.append({**r, "rep": rep, "loadavg_1m": load})
+                        shown = (f"{r['lower_bound_s'] * 1e3:.0f} ms (warm {r['warm_bound_s'] * 1e3:.0f}, read "
+                                 f"{r['read_cold_s'] * 1e3:.0f} {r['read_method']})") if "error" not in r else ""
+                    else:
+                        r = measure(["--worker", s, str(d), variant, *dev])
+                        runs.setdefault((variant, s), []).append({**r, "rep": rep, "loadavg_1m": load})
+                        shown = f"{r['total_s'] * 1e3:.0f} ms" if "error" not in r else ""
+                        if r.get("invalid"):
+                            shown += f" INVALID ({r['invalid']})"
+                    if "error" in r:
+                        shown = f"FAILED: {r['error'][:200]}"
+                    log(f"  {name:12s} {variant} {s:10s} rep {rep + 1}: {shown}")
+        entry: dict[str, Any] = {"dir": str(d), "weights_bytes": sum(f.stat().st_size for f in weight_files(d)),
+                                 "bound": bound_stats(bound_runs)}
+        for variant in variants:
+            entry[variant] = {s: strategy_stats(runs.get((variant, s), [])) for s in usable}
+        results["models"][name] = entry
+    return results
+
+
+def cold_start_bench(args: argparse.Namespace, measure: Measure = spawn) -> int:
     from cicada_async.models.catalogue import make_model
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "device": _device_name(getattr(args, "device", "cpu"))},
-        "repeat": args.repeat,
-        "models": {},
-    }
+    record = provenance(sys.argv)
     for name in models:
         d = args.dir / name
-        if not _weights(d):
+        if not weight_files(d):
             print(f"making {name} in {d} ...", flush=True)
             make_model(name, d)
-    variants = [("cold", True)] + ([("warm", False)] if args.warm else [])
-    for name in models:
-        d = args.dir / name
-        weights = sum(f.stat().st_size for f in _weights(d))
-        entry: dict[str, Any] = {"weights_bytes": weights, "strategies": {}}
-        device = getattr(args, "device", "cpu")
-        bound = _spawn(["--bound", str(d)], device)
-        entry.update(bound)
-        runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for rep in range(args.repeat):
-            # Rotate the order each rep so no strategy always runs right after another.
-            order = strategies[rep % len(strategies):] + strategies[: rep % len(strategies)]
-            for variant, cold in variants:
-                for s in order:
-                    if s == "hf" and not (d / "config.json").exists():
-                        continue
-                    if cold:
-                        drop_page_cache(d)
-                    else:
-                        _read_all(d)  # warm: every weight page in the page cache
-                    r = _spawn(["--worker", s, str(d)], device)
-                    runs.setdefault((variant, s), []).append(r)
-                    print(f"  {name:12s} {variant} {s:10s} rep {rep + 1}: {r['total_s'] * 1e3:8.0f} ms", flush=True)
-        for (variant, s), rs in runs.items():
-            times = [r["total_s"] for r in rs]
-            stats = {
-                "median_s": statistics.median(times),
-                "min_s": min(times),
-                "max_s": max(times),
-                "runs_s": times,
-                "peak_rss_bytes": int(statistics.median(r["peak_rss_bytes"] for r in rs)),
-                "baseline_rss_bytes": int(statistics.median(r["baseline_rss_bytes"] for r in rs)),
-                "parts": {k: statistics.median(r["parts"][k] for r in rs if k in r["parts"]) for k in rs[0]["parts"]},
-            }
-            if variant == "cold":
-                entry["strategies"][s] = stats
-            else:
-                entry.setdefault("warm", {})[s] = stats
-        results["models"][name] = entry
+    t0 = time.time()
+    results = run_bench({m: args.dir / m for m in models}, strategies, args.repeat, args.warm,
+                        getattr(args, "device", "cpu"), measure, lambda line: print(line, flush=True))
+    record["machine"]["loadavg_end"] = list(os.getloadavg())
+    record["wall_s"] = time.time() - t0
+    results = {**record, **results}
+    results["targets"] = targets(results)
+    violations = bound_violations(results)
+    problems = problem_runs(results)
+    results["bound_violations"] = violations
+    results["problem_runs"] = problems
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
-    print(format_table(results))
+    print(summary_table(results))
+    print()
+    print(detail_table(results))
     print(f"\nJSON: {args.json}")
+    for line in problems:
+        print(f"NOT COUNTED: {line}", flush=True)
+    if violations:
+        for line in violations:
+            print(f"BOUND BEATEN: {line}", file=sys.stderr, flush=True)
+        print("FAILED: a median below its lower bound means the bound or the eviction is wrong; "
+              "these figures must not be quoted", file=sys.stderr, flush=True)
+        return 1
     return 0
-
-
-def format_table(results: dict[str, Any]) -> str:
-    lines = [
-        "| model | strategy | cold median ms | spread ms | x eager | x lower bound | peak RSS MB (baseline) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, e in results["models"].items():
-        eager = e["strategies"].get("eager", {}).get("median_s")
-        for s, st in e["strategies"].items():
-            lines.append(
-                f"| {name} | {s} | {st['median_s'] * 1e3:.0f} | {st['min_s'] * 1e3:.0f}-{st['max_s'] * 1e3:.0f} | "
-                f"{(eager / st['median_s']) if eager else float('nan'):.2f} | {st['median_s'] / e['lower_bound_s']:.2f} | "
-                f"{st['peak_rss_bytes'] / 1e6:.0f} ({st['baseline_rss_bytes'] / 1e6:.0f}) |"
-            )
-        lines.append(
-            f"| {name} | lower bound | {e['lower_bound_s'] * 1e3:.0f} | read {e['read_cold_s'] * 1e3:.0f}, "
-            f"forward {e['warm_forward_s'] * 1e3:.0f}, skeleton {e['skeleton_s'] * 1e3:.0f} | | 1.00 | weights {e['weights_bytes'] / 1e6:.0f} MB |"
-        )
-        for s, st in e.get("warm", {}).items():
-            lines.append(f"| {name} | {s} (warm cache) | {st['median_s'] * 1e3:.0f} | {st['min_s'] * 1e3:.0f}-{st['max_s'] * 1e3:.0f} | | | |")
-    return "\n".join(lines)
 
 
 def warm_forward_bench(args: argparse.Namespace) -> int:
@@ -288,7 +201,6 @@ def warm_forward_bench(args: argparse.Namespace) -> int:
     from cicada_async.engine.modeldir import prepare_imports
     from cicada_async.engine.runtime import Engine
 
-    rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         d = args.dir / name
         spec = local_spec(d)
@@ -303,7 +215,7 @@ def warm_forward_bench(args: argparse.Namespace) -> int:
                 return inst._model
 
         ours = asyncio.run(load())
-        stock = _loaded(d, spec, inputs)
+        stock = loaded(d, spec)
         times: dict[str, list[float]] = {"cicada": [], "meta-mmap": []}
         with torch.inference_mode():
             for m in (ours, stock):  # first touches out of the way
@@ -314,7 +226,6 @@ def warm_forward_bench(args: argparse.Namespace) -> int:
                     output_dict(m(**inputs))
                     times[label].append(time.perf_counter() - t0)
         a, b = statistics.median(times["cicada"]), statistics.median(times["meta-mmap"])
-        rows.append((name, a, b))
         print(f"{name:12s} warm forward: cicada-loaded {a * 1e3:7.1f} ms, stock-loaded {b * 1e3:7.1f} ms, "
               f"ratio {a / b:.3f} (median of {args.repeat}, alternating)", flush=True)
     return 0
@@ -322,11 +233,12 @@ def warm_forward_bench(args: argparse.Namespace) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[0] == "--worker":
-        print(json.dumps(worker(argv[1], Path(argv[2]), *argv[3:4])))
+        print(json.dumps(worker(argv[1], Path(argv[2]), *argv[3:5])))
     elif argv[0] == "--bound":
-        print(json.dumps(bound_worker(Path(argv[1]), *argv[2:3])))
+        print(json.dumps(bound_worker(Path(argv[1]), *argv[2:3], seq=BENCH_SEQ)))
     else:
-        raise SystemExit("usage: python -m cicada_async.bench.cold_start --worker STRATEGY DIR | --bound DIR")
+        raise SystemExit("usage: python -m cicada_async.bench.cold_start --worker STRATEGY DIR [cold|warm] [DEVICE]"
+                         " | --bound DIR [DEVICE]")
     return 0
 
 
