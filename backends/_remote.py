@@ -66,6 +66,9 @@ class RemoteSettings:
     backoff_s: float = 0.1
     """First retry delay; doubles each time, with jitter, capped at ``backoff_max_s``."""
     backoff_max_s: float = 2.0
+    data_path: str = "threads"
+    """"threads": bodies land from worker threads by recv_into (backends._threadfetch);
+    "loop": the library client (aiohttp, aiobotocore) on the event loop, the older path."""
 
     @classmethod
     def take(cls, settings: dict[str, Any]) -> "RemoteSettings":
@@ -84,6 +87,8 @@ class RemoteSettings:
             raise ConfigError("concurrency, chunk_bytes and max_attempts must be at least 1")
         if made.resume_attempts < 0 or made.connect_timeout_s <= 0 or made.read_timeout_s <= 0:
             raise ConfigError("timeouts must be positive and resume_attempts not negative")
+        if made.data_path not in ("threads", "loop"):
+            raise ConfigError(f"data_path must be 'threads' or 'loop', not {made.data_path!r}")
         return made
 
     def backoff(self, attempt: int) -> float:
