@@ -7,6 +7,7 @@ bytes that arrived together with the headers are copied (see ``backends._wire``)
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,6 +16,11 @@ from multidict import CIMultiDict
 from backends._remote import Transient
 
 DRAIN_MAX = 64 << 10  # a redirect or error body up to this size is read to keep the connection
+# A body recv wakes only once this much has arrived (or the body's end, or EOF): from a slow or
+# bursty origin each wake-up then moves 128 KiB instead of a packet's worth, which is where the
+# CPU of a receive loop goes. It also means read_timeout_s bounds the wait for 128 KiB.
+LOWAT = 128 << 10
+_HAS_LOWAT = hasattr(socket, "SO_RCVLOWAT")
 
 
 @dataclass(eq=False)  # hashed by identity: kept in sets of busy connections
@@ -22,6 +28,13 @@ class Conn:
     sock: socket.socket
     origin: tuple[str, str, int]
     reused: bool = False
+    lowat: int = 1  # the socket's SO_RCVLOWAT
+
+    def set_lowat(self, n: int) -> None:
+        if n != self.lowat and _HAS_LOWAT and not isinstance(self.sock, ssl.SSLSocket):
+            # Not under TLS: the kernel counts ciphertext, and SSL may hold decrypted bytes.
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            self.lowat = n
 
 
 @dataclass
@@ -50,6 +63,8 @@ class Response:
             return n
         assert self._conn is not None
         try:
+            # Only with a known length: never ask the kernel to wait for more than will come.
+            self._conn.set_lowat(min(len(view), LOWAT) if self._left is not None else 1)
             return self._conn.sock.recv_into(view)
         except TimeoutError as e:
             raise Transient(f"no body bytes for {self._conn.sock.gettimeout()}s", timeout=True) from e
@@ -136,4 +151,8 @@ class Response:
         to the end and the origin keeps it alive, else it is closed."""
         conn, self._conn = self._conn, None
         if conn is not None:
+            try:
+                conn.set_lowat(1)  # the next answer's headers must not wait for 128 KiB
+            except OSError:
+                self._keep = False
             self._put(conn, self._done and self._keep and not self._pending)
