@@ -71,9 +71,10 @@ class RemoteSettings:
     "loop": the library client (aiohttp, aiobotocore) on the event loop, the older path."""
 
     @classmethod
-    def take(cls, settings: dict[str, Any]) -> "RemoteSettings":
-        """Pop the shared keys from ``settings`` (so leftovers can be flagged as unknown)."""
-        values: dict[str, Any] = {}
+    def take(cls, settings: dict[str, Any], **defaults: Any) -> "RemoteSettings":
+        """Pop the shared keys from ``settings`` (so leftovers can be flagged as unknown);
+        ``defaults`` are a backend's own defaults (measured per backend, docs/storage.md)."""
+        values: dict[str, Any] = dict(defaults)
         for name, default in cls.__dataclass_fields__.items():
             if name in settings:
                 raw = settings.pop(name)

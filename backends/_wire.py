@@ -163,7 +163,10 @@ class WirePool:
             while idle:
                 conn = idle.pop()
                 # An idle socket that is readable was closed by the origin (or holds junk).
-                if select.select([conn.sock], [], [], 0)[0]:
+                # poll, not select: a server's descriptors can be numbered past FD_SETSIZE.
+                probe = select.poll()
+                probe.register(conn.sock, select.POLLIN)
+                if probe.poll(0):
                     conn.sock.close()
                     continue
                 conn.reused = True

