@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -37,6 +38,9 @@ STRATEGIES = [
     "tensorizer-http-1", "tensorizer-http-4",
     "cicada-s3-threads", "cicada-s3-threads-prefaulted", "cicada-s3-loop", "curl-s3",
     "tensorizer-s3-1", "tensorizer-s3-4", "runai-s3", "runai-local",
+    # Not CPU figures: how much a Python thread (standing in for the executor) gets done
+    # during the fetch, relative to alone; its own CPU is in cpu_s, so read only spin_ratio.
+    "cicada-http-threads-gil", "cicada-http-loop-gil", "cicada-s3-threads-gil", "cicada-s3-loop-gil",
 ]
 WORKER_TIMEOUT_S = 180
 
@@ -51,9 +55,35 @@ def _s3_settings(cfg: dict[str, Any], data_path: str, extra: dict[str, Any]) -> 
             "data_path": data_path, **cfg["creds"], **extra}
 
 
-def _cicada(uri: str, settings: dict[str, Any], prefault: bool) -> tuple[float, float, int]:
+class _Spinner:
+    """A pure-Python loop in a thread: its rate shows how much of the GIL others leave it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+
+    def _spin(self) -> None:
+        while not self.stop:
+            self.count += 1
+
+    def rate(self, seconds: float) -> float:
+        c0, t0 = self.count, time.perf_counter()
+        time.sleep(seconds)
+        return (self.count - c0) / (time.perf_counter() - t0)
+
+
+SPIN: dict[str, float] = {}
+
+
+def _cicada(uri: str, settings: dict[str, Any], prefault: bool, gil: bool = False) -> tuple[float, float, int]:
     from backends import open_backend
     from cicada_async.engine.arena import Arena
+
+    spinner = _Spinner() if gil else None
+    if spinner is not None:
+        spinner.thread.start()
+        SPIN["alone"] = spinner.rate(0.5)
 
     async def go() -> tuple[float, float, int]:
         backend = open_backend(uri, settings)
@@ -62,9 +92,13 @@ def _cicada(uri: str, settings: dict[str, Any], prefault: bool) -> tuple[float, 
             arena = Arena(info.size)
             if prefault:  # the byte path alone, as curl's /dev/null: page faults before the clock
                 arena.tensor[::4096] = 0
-            c0, t0 = _cpu(), time.perf_counter()
+            c0, t0, s0 = _cpu(), time.perf_counter(), spinner.count if spinner else 0
             await backend.read_into(KEY, 0, arena.buffer(0, info.size), version=info.version)
-            return time.perf_counter() - t0, _cpu() - c0, info.size
+            seconds = time.perf_counter() - t0
+            if spinner is not None:
+                SPIN["during"] = (spinner.count - s0) / seconds
+                spinner.stop = True
+            return seconds, _cpu() - c0, info.size
         finally:
             await backend.aclose()
 
@@ -84,12 +118,12 @@ def _presign(cfg: dict[str, Any], key: str) -> str:
 def worker(name: str, cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """One fetch in this (fresh) process: seconds, CPU seconds, bytes."""
     http_uri = f"{cfg['http']}/{cfg['dir']}/"
-    path_kind, prefault = name.split("-")[2:3] or [""], name.endswith("-prefaulted")
+    path_kind, prefault, gil = name.split("-")[2:3] or [""], name.endswith("-prefaulted"), name.endswith("-gil")
     if name.startswith("cicada-http"):
-        seconds, cpu, n = _cicada(http_uri, {"data_path": path_kind[0], **extra}, prefault)
+        seconds, cpu, n = _cicada(http_uri, {"data_path": path_kind[0], **extra}, prefault, gil)
     elif name.startswith("cicada-s3"):
         uri = f"s3://{BUCKET}/{cfg['dir']}"
-        seconds, cpu, n = _cicada(uri, _s3_settings(cfg, path_kind[0], extra), prefault)
+        seconds, cpu, n = _cicada(uri, _s3_settings(cfg, path_kind[0], extra), prefault, gil)
     elif name.startswith("curl"):
         url = f"{http_uri}{KEY}" if name == "curl-http" else _presign(cfg, f"{cfg['dir']}/{KEY}")
         c0, t0 = _cpu(), time.perf_counter()
@@ -130,8 +164,11 @@ def worker(name: str, cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, A
         n = sum(t.numel() * t.element_size() for t in held)
     else:
         raise SystemExit(f"unknown strategy {name!r}")
-    return {"seconds": seconds, "cpu_s": cpu, "bytes": n, "cpu_s_per_gb": cpu / (n / 1e9),
-            "gb_per_s": n / seconds / 1e9}
+    out = {"seconds": seconds, "cpu_s": cpu, "bytes": n, "cpu_s_per_gb": cpu / (n / 1e9),
+           "gb_per_s": n / seconds / 1e9}
+    if SPIN:
+        out["spin_ratio"] = SPIN["during"] / SPIN["alone"]
+    return out
 
 
 def _spawn(name: str, cfg: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -156,8 +193,16 @@ def _serialize_tensorizer(src: Path, dst: Path) -> str | None:
 
 
 def _median(runs: list[dict[str, Any]], field: str) -> float | None:
-    vals = [r[field] for r in runs if "error" not in r]
+    vals = [r[field] for r in runs if field in r]
     return round(statistics.median(vals), 4) if vals else None
+
+
+def _save(path: Path, results: dict[str, Any]) -> None:
+    for entry in results["strategies"].values():
+        for field in ("cpu_s_per_gb", "gb_per_s", "spin_ratio"):
+            entry[field] = _median(entry["runs"], field)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,19 +241,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     run_ = _spawn(name, cfg)
                 results["strategies"].setdefault(name, {"runs": []})["runs"].append(run_)
                 print(name, json.dumps(run_)[:200], flush=True)
-        for name, entry in results["strategies"].items():
-            for field in ("cpu_s_per_gb", "gb_per_s"):
-                entry[field] = _median(entry["runs"], field)
+                _save(args.json, results)  # a run cut short keeps what it measured
         if args.sweep:
             for kind in ("http", "s3"):
-                for conc in (2, 4, 8):
-                    for chunk_mib in (4, 16, 32):
+                for conc in (2, 4, 8, 16):
+                    for chunk_mib in (4, 8, 32):
                         extra = {"concurrency": conc, "chunk_bytes": chunk_mib << 20}
-                        runs = [_spawn(f"cicada-{kind}-threads", cfg, extra) for _ in range(args.sweep_repeat)]
+                        # Prefaulted: page faults cost the same whatever the request pattern,
+                        # and they are what makes the fresh-memory figures noisy here.
+                        runs = [_spawn(f"cicada-{kind}-threads-prefaulted", cfg, extra)
+                                for _ in range(args.sweep_repeat)]
                         row = {"backend": kind, "concurrency": conc, "chunk_mib": chunk_mib,
                                "cpu_s_per_gb": _median(runs, "cpu_s_per_gb"), "gb_per_s": _median(runs, "gb_per_s")}
                         results["sweep"].append(row)
                         print("sweep", json.dumps(row), flush=True)
+                        _save(args.json, results)
     return results
 
 
@@ -225,9 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-repeat", type=int, default=2)
     p.add_argument("--json", type=Path, default=Path("bench-results/client-cpu-per-gb.json"))
     args = p.parse_args(argv)
-    results = run(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    _save(args.json, run(args))
     print(f"wrote {args.json}")
     return 0
 
