@@ -16,6 +16,7 @@ import pytest
 from backends import open_backend
 from backends.http import HTTPBackend
 from backends.s3 import S3Backend
+from backends._wire import WirePool
 from protocols.errors import IntegrityError, ObjectChanged, StorageError, StorageTimeout
 from tests.fixtures.storage import HTTPModel, S3Model, payload
 
@@ -46,6 +47,7 @@ class ScriptedOrigin:
         self.port = self.sock.getsockname()[1]
         self.connections = 0
         self.requests = 0
+        self.last_head = b""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -77,6 +79,7 @@ class ScriptedOrigin:
                         buf += more
                     head, _, buf = buf.partition(b"\r\n\r\n")
                     self.requests += 1
+                    self.last_head = head
                     rng = [ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"range:")]
                     first, _, last = rng[0].split(b"=")[1].partition(b"-") if rng else (b"0", b"", b"0")
                     self.handler(conn, int(first), int(last))
@@ -270,3 +273,31 @@ async def test_s3_presigned_path_lands_and_pins_versions(s3_model: S3Model) -> N
             await backend.read_into(BIG, 0, memoryview(buf), version=info.version)
     finally:
         await backend.aclose()
+
+
+async def test_redirect_to_another_origin_drops_authorization(scripted: Any) -> None:
+    def target(conn: socket.socket, first: int, last: int) -> None:
+        conn.sendall(answer(first, last) + DATA[first : last + 1])
+
+    other = scripted(target)
+
+    def redirect(conn: socket.socket, first: int, last: int) -> None:
+        where = f"http://127.0.0.1:{other.port}/m/{BIG}"
+        conn.sendall(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {where}\r\nContent-Length: 0\r\n\r\n".encode())
+
+    first_origin = scripted(redirect)
+    pool = WirePool(connect_timeout_s=2, read_timeout_s=2, max_idle=2)
+    try:
+        resp = await asyncio.to_thread(
+            pool.get, f"{first_origin.uri}{BIG}", {"Authorization": "Bearer t", "Range": "bytes=0-9"},
+            max_redirects=2)
+        buf = bytearray(10)
+        n = await asyncio.to_thread(resp.readinto, memoryview(buf))
+        resp.release()
+    finally:
+        pool.close()
+    assert resp.status == 206 and resp.url.startswith(f"http://127.0.0.1:{other.port}/")
+    assert bytes(buf[:n]) == DATA[:n] and n > 0
+    assert other.requests == 1
+    assert b"authorization: bearer t" in first_origin.last_head.lower()  # sent where it belongs
+    assert b"authorization" not in other.last_head.lower()  # and not past the redirect
