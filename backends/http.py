@@ -125,7 +125,7 @@ class HTTPBackend:
         if parts.query:
             raise ConfigError(f"the root URL {uri!r} must not carry a query")
         rest = dict(settings)
-        shared = RemoteSettings.take(rest)
+        shared = RemoteSettings.take(rest, concurrency=16)  # measured: docs/storage.md
         headers = rest.pop("headers", None) or {}
         if not isinstance(headers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()

@@ -151,7 +151,7 @@ class S3Backend:
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
             raise ConfigError(f"expected s3://bucket/prefix, got {uri!r}")
         rest = dict(settings)
-        shared = RemoteSettings.take(rest)
+        shared = RemoteSettings.take(rest, concurrency=16, chunk_bytes=32 * MiB)  # docs/storage.md
         creds = {
             k: str(rest.pop(k))
             for k in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
