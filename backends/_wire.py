@@ -32,6 +32,7 @@ from protocols.errors import StorageError, StorageTimeout
 _HEAD_BUF = 16 << 10
 _MAX_HEAD = 64 << 10
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+USER_AGENT = "cicada-async-wire/1"  # tells origin logs (and tests) which client sent a GET
 
 
 class Ticket:
@@ -230,6 +231,8 @@ class WirePool:
 
     def _exchange(self, t: Target, url: str, headers: Mapping[str, str], ticket: Ticket) -> Response:
         lines = [f"GET {t.path} HTTP/1.1", f"Host: {t.authority}"]
+        if not any(k.lower() == "user-agent" for k in headers):
+            lines.append(f"User-Agent: {USER_AGENT}")
         if t.basic_auth and not any(k.lower() == "authorization" for k in headers):
             lines.append(f"Authorization: {t.basic_auth}")
         for k, v in headers.items():

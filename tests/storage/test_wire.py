@@ -5,10 +5,13 @@ a replaced object is caught, and bytes land off the event loop in the caller's b
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +19,7 @@ import pytest
 from backends import open_backend
 from backends.http import HTTPBackend
 from backends.s3 import S3Backend
-from backends._wire import WirePool
+from backends._wire import USER_AGENT, WirePool
 from protocols.errors import IntegrityError, ObjectChanged, StorageError, StorageTimeout
 from tests.fixtures.storage import HTTPModel, S3Model, payload
 
@@ -301,3 +304,40 @@ async def test_redirect_to_another_origin_drops_authorization(scripted: Any) -> 
     assert other.requests == 1
     assert b"authorization: bearer t" in first_origin.last_head.lower()  # sent where it belongs
     assert b"authorization" not in other.last_head.lower()  # and not past the redirect
+
+
+@pytest.mark.parametrize("kind", ["nginx", "s3"])
+async def test_engine_cold_start_on_the_threaded_path_is_exact(
+    kind: str, model_dirs: dict[str, Path], request: pytest.FixtureRequest,
+    served_root: Path, fault_proxy_factory: Any,
+) -> None:
+    """A whole cold start whose weight GETs all went through the threaded client (the proxy
+    sees its User-Agent) gives outputs torch.equal to the plain local load."""
+    from cicada_async.engine.runtime import Engine
+    from tests.fixtures.helpers import assert_equal_outputs, inputs_for, reference
+
+    model_dir = model_dirs["tiny-gpt2"]
+    files = [p for p in model_dir.iterdir() if p.is_file()]
+    if kind == "s3":
+        model: S3Model = request.getfixturevalue("s3_model")
+        for f in files:
+            model.put(f"gpt/{f.name}", f.read_bytes())
+        proxy = await fault_proxy_factory(model.endpoint)
+        uri = f"{model.uri}/gpt"
+        storage = {"s3": {**FAST, "read_timeout_s": 5, "endpoint_url": proxy.url, "region": "us-east-1"}}
+    else:
+        directory = served_root / f"wire-{uuid.uuid4().hex[:8]}"
+        directory.mkdir()
+        for f in files:
+            shutil.copyfile(f, directory / f.name)
+        proxy = await fault_proxy_factory(request.getfixturevalue("nginx_origin"))
+        uri = f"{proxy.url}/{directory.name}/"
+        storage = {"http": {**FAST, "read_timeout_s": 5}}
+    inputs = inputs_for(model_dir)
+    async with Engine(storage=storage, read_bytes=64 << 10, load_timeout_s=30) as engine:
+        out = await asyncio.wait_for(engine.instance("m", uri).infer(inputs), 30)
+    assert_equal_outputs(out, reference(model_dir, inputs))
+    weight_gets = [e for e in proxy.log if e.method == "GET" and ".safetensors" in e.path
+                   and "Range" in e.headers]
+    assert len(weight_gets) > 3
+    assert all(e.headers.get("User-Agent") == USER_AGENT for e in weight_gets)
