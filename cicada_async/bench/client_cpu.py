@@ -205,6 +205,39 @@ def _save(path: Path, results: dict[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=1) + "\n")
 
 
+def _cold_starts(args: argparse.Namespace, cfg: dict[str, Any], root: Path, results: dict[str, Any]) -> None:
+    """First answer of a fresh Engine (imports done before the clock) from nginx and s3rver,
+    on each data path: what the byte path is for. ``cicada_async.bench.remote``'s worker."""
+    from cicada_async.bench.remote import _spawn as spawn_remote
+
+    model = root / "c"
+    model.mkdir()
+    for f in args.model_dir.iterdir():
+        if f.is_file():
+            shutil.copyfile(f, model / f.name)
+            os.chmod(model / f.name, 0o644)
+    os.chmod(model, 0o755)
+    upload_s3(cfg["s3"], cfg["creds"], {"c": model})
+    rows = results.setdefault("cold_start", {})
+    for rep in range(args.repeat):
+        for kind in ("http", "s3"):
+            for data_path in ("threads", "loop") if rep % 2 == 0 else ("loop", "threads"):
+                if kind == "http":
+                    uri, storage = f"{cfg['http']}/c/", {"http": {"data_path": data_path}}
+                else:
+                    uri = f"s3://{BUCKET}/c"
+                    storage = {"s3": _s3_settings(cfg, data_path, {})}
+                r = spawn_remote(["--worker", "cicada", uri, str(model), json.dumps(storage)])
+                r = {"total_s": r["total_s"], "fetch_s": r.get("parts", {}).get("fetch")} if "error" not in r else r
+                rows.setdefault(f"{kind}-{data_path}", []).append(r)
+                print("cold start", kind, data_path, json.dumps(r)[:200], flush=True)
+                _save(args.json, results)
+    for name, runs in rows.items():
+        totals = [r["total_s"] for r in runs if "total_s" in r]
+        results["cold_start_median_s"] = {**results.get("cold_start_median_s", {}),
+                                          name: round(statistics.median(totals), 3) if totals else None}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "command": " ".join(["python -m cicada_async.bench.client_cpu", *sys.argv[1:]]),
@@ -242,6 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results["strategies"].setdefault(name, {"runs": []})["runs"].append(run_)
                 print(name, json.dumps(run_)[:200], flush=True)
                 _save(args.json, results)  # a run cut short keeps what it measured
+        if args.cold_start:
+            _cold_starts(args, cfg, root, results)
         if args.sweep:
             for kind in ("http", "s3"):
                 for conc in (2, 4, 8, 16):
@@ -270,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--sweep", action="store_true", help="also concurrency x chunk size of our threads")
     p.add_argument("--sweep-repeat", type=int, default=2)
+    p.add_argument("--cold-start", action="store_true", help="also a fresh Engine's first answer, per data path")
     p.add_argument("--json", type=Path, default=Path("bench-results/client-cpu-per-gb.json"))
     args = p.parse_args(argv)
     _save(args.json, run(args))
