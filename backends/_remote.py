@@ -66,11 +66,15 @@ class RemoteSettings:
     backoff_s: float = 0.1
     """First retry delay; doubles each time, with jitter, capped at ``backoff_max_s``."""
     backoff_max_s: float = 2.0
+    data_path: str = "threads"
+    """"threads": bodies land from worker threads by recv_into (backends._threadfetch);
+    "loop": the library client (aiohttp, aiobotocore) on the event loop, the older path."""
 
     @classmethod
-    def take(cls, settings: dict[str, Any]) -> "RemoteSettings":
-        """Pop the shared keys from ``settings`` (so leftovers can be flagged as unknown)."""
-        values: dict[str, Any] = {}
+    def take(cls, settings: dict[str, Any], **defaults: Any) -> "RemoteSettings":
+        """Pop the shared keys from ``settings`` (so leftovers can be flagged as unknown);
+        ``defaults`` are a backend's own defaults (measured per backend, docs/storage.md)."""
+        values: dict[str, Any] = dict(defaults)
         for name, default in cls.__dataclass_fields__.items():
             if name in settings:
                 raw = settings.pop(name)
@@ -84,6 +88,8 @@ class RemoteSettings:
             raise ConfigError("concurrency, chunk_bytes and max_attempts must be at least 1")
         if made.resume_attempts < 0 or made.connect_timeout_s <= 0 or made.read_timeout_s <= 0:
             raise ConfigError("timeouts must be positive and resume_attempts not negative")
+        if made.data_path not in ("threads", "loop"):
+            raise ConfigError(f"data_path must be 'threads' or 'loop', not {made.data_path!r}")
         return made
 
     def backoff(self, attempt: int) -> float:

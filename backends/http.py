@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -22,6 +22,8 @@ from backends._remote import (
     gather_chunks,
     reject_unknown,
 )
+from backends._threadfetch import ThreadFetch
+from backends._wireresp import Response
 from protocols.errors import (
     ConfigError,
     IntegrityError,
@@ -66,11 +68,11 @@ def _status_error(status: int, what: str) -> StorageError:
     return StorageError(f"{what}: HTTP {status}")
 
 
-def _version_of(resp: aiohttp.ClientResponse) -> str | None:
-    etag = resp.headers.get("ETag")
+def _version_of(headers: Mapping[str, str]) -> str | None:
+    etag = headers.get("ETag")
     if etag:
         return etag
-    modified = resp.headers.get("Last-Modified")
+    modified = headers.get("Last-Modified")
     return _LM_PREFIX + modified if modified else None
 
 
@@ -109,6 +111,11 @@ class HTTPBackend:
         # None until the origin has answered a ranged GET: True if it sends 206, False if it
         # ignores Range (200), after which each read_into streams the object once.
         self.ranges_supported: bool | None = None
+        # Bodies land from worker threads (backends._threadfetch); HEAD and the rest stay on
+        # aiohttp. trust_env means proxies from the environment, which only aiohttp speaks.
+        self._threads: ThreadFetch | None = None
+        if s.data_path == "threads" and not trust_env:
+            self._threads = ThreadFetch(s, name="cicada-http", max_redirects=max_redirects)
 
     @classmethod
     def from_uri(cls, uri: str, settings: dict[str, Any]) -> "HTTPBackend":
@@ -118,7 +125,7 @@ class HTTPBackend:
         if parts.query:
             raise ConfigError(f"the root URL {uri!r} must not carry a query")
         rest = dict(settings)
-        shared = RemoteSettings.take(rest)
+        shared = RemoteSettings.take(rest, concurrency=16)  # measured: docs/storage.md
         headers = rest.pop("headers", None) or {}
         if not isinstance(headers, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
@@ -200,7 +207,7 @@ class HTTPBackend:
             length = resp.headers.get("Content-Length")
             encoded = resp.headers.get("Content-Encoding", "identity") != "identity"
             if resp.status == 200 and length is not None and not encoded:
-                return ObjectInfo(key=key, size=int(length), version=_version_of(resp))
+                return ObjectInfo(key=key, size=int(length), version=_version_of(resp.headers))
             if resp.status not in _HEAD_REFUSED and resp.status != 200:
                 raise _status_error(resp.status, what)
         finally:
@@ -211,7 +218,7 @@ class HTTPBackend:
         what = f"GET {url} bytes=0-0 (HEAD refused)"
         resp = await self._request("GET", url, {"Range": "bytes=0-0"}, what)
         try:
-            version = _version_of(resp)
+            version = _version_of(resp.headers)
             if resp.status == 206:
                 m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", ""))
                 if m is None or m[3] == "*":
@@ -270,35 +277,44 @@ class HTTPBackend:
             # ignore If-Match but honour If-Range (they send the new object whole, with 200).
             headers["If-Match"] = version
             headers["If-Range"] = version
+        if self._threads is not None:
+
+            def check(resp: Response) -> int:  # in the worker thread, before the body
+                return self._check_answer(resp.status, resp.headers, first, last, version, what)
+
+            await self._threads.get_into(str(url), {**self.headers, **headers}, fill, check, what)
+            return
         resp = await self._request("GET", url, headers, what)
         try:
-            if resp.status not in (200, 206):
-                raise _status_error(resp.status, what)
-            got_version = _version_of(resp)
-            if version is not None and got_version is not None and got_version != version:
-                raise ObjectChanged(f"{what}: version {got_version} is no longer {version}")
-            if resp.headers.get("Content-Encoding", "identity") != "identity":
-                raise IntegrityError(
-                    f"{what}: origin sent Content-Encoding {resp.headers['Content-Encoding']}"
-                )
-            if resp.status == 206:
-                self._check_content_range(resp, first, last, what)
-                self.ranges_supported = True
-                skip = 0
-            else:
-                # The origin ignored Range and sends the object from byte 0: skip to our
-                # offset, land our slice and hang up (see docs/storage.md for the cost).
-                self.ranges_supported = False
-                skip = first
+            skip = self._check_answer(resp.status, resp.headers, first, last, version, what)
             await self._stream_body(resp, fill, skip)
         finally:
             resp.close()
 
+    def _check_answer(
+        self, status: int, headers: Mapping[str, str], first: int, last: int,
+        version: str | None, what: str,
+    ) -> int:
+        """Raises for an unusable answer; else the body bytes before ``first`` (0 for a 206)."""
+        if status not in (200, 206):
+            raise _status_error(status, what)
+        got_version = _version_of(headers)
+        if version is not None and got_version is not None and got_version != version:
+            raise ObjectChanged(f"{what}: version {got_version} is no longer {version}")
+        if headers.get("Content-Encoding", "identity") != "identity":
+            raise IntegrityError(f"{what}: origin sent Content-Encoding {headers['Content-Encoding']}")
+        if status == 206:
+            self._check_content_range(headers, first, last, what)
+            self.ranges_supported = True
+            return 0
+        # The origin ignored Range and sends the object from byte 0: skip to our offset, land
+        # our slice and hang up (see docs/storage.md for the cost).
+        self.ranges_supported = False
+        return first
+
     @staticmethod
-    def _check_content_range(
-        resp: aiohttp.ClientResponse, first: int, last: int, what: str
-    ) -> None:
-        header = resp.headers.get("Content-Range", "")
+    def _check_content_range(headers: Mapping[str, str], first: int, last: int, what: str) -> None:
+        header = headers.get("Content-Range", "")
         m = _CONTENT_RANGE.fullmatch(header)
         if m is None:
             raise IntegrityError(f"{what}: 206 without a usable Content-Range ({header!r})")
@@ -307,7 +323,7 @@ class HTTPBackend:
                 f"{what}: asked bytes {first}-{last}, Content-Range says {header!r}"
                 + (" (object shorter than expected)" if int(m[1]) == first else "")
             )
-        length = resp.headers.get("Content-Length")
+        length = headers.get("Content-Length")
         if length is not None and int(length) > last - first + 1:
             raise IntegrityError(f"{what}: Content-Length {length} exceeds the range asked")
 
@@ -334,5 +350,7 @@ class HTTPBackend:
         async with self._lock:
             self._closed = True
             session, self._session = self._session, None
+        if self._threads is not None:
+            await self._threads.aclose()
         if session is not None:
             await session.close()

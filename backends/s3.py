@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,6 +32,8 @@ from backends._remote import (
     gather_chunks,
     reject_unknown,
 )
+from backends._threadfetch import ThreadFetch
+from backends._wireresp import Response
 from protocols.errors import (
     ConfigError,
     IntegrityError,
@@ -46,6 +51,29 @@ _READ_PIECE = 1 * MiB
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _CHANGED = {"PreconditionFailed", "412"}
+# Presigned GET URLs: valid an hour, reused for ten minutes (temporary credentials that
+# botocore refreshes stay valid well past that), so a URL never expires under a load.
+_URL_EXPIRES_S = 3600
+_URL_REUSE_S = 600
+_XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</")
+
+
+def _error(status: int, code: str, message: str, what: str) -> StorageError:
+    if code in _NOT_FOUND or status == 404:
+        return ObjectNotFound(f"{what}: not found ({code or status})")
+    if code in _CHANGED or status == 412:
+        return ObjectChanged(f"{what}: the object was replaced (ETag no longer matches)")
+    if code == "InvalidRange" or status == 416:
+        return IntegrityError(f"{what}: the object is shorter than the range asked")
+    return StorageError(f"{what}: S3 error {code or status}: {message}")
+
+
+def _proxied(url: str) -> bool:
+    """Whether the environment routes ``url`` through a proxy (which only botocore speaks)."""
+    parts = urlsplit(url)
+    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(
+        parts.hostname or ""
+    )
 
 
 @contextlib.contextmanager
@@ -55,15 +83,8 @@ def map_exceptions(what: str) -> Iterator[None]:
         yield
     except ClientError as e:
         err = e.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-        if code in _NOT_FOUND or status == "404":
-            raise ObjectNotFound(f"{what}: not found ({code})") from e
-        if code in _CHANGED or status == "412":
-            raise ObjectChanged(f"{what}: the object was replaced (ETag no longer matches)") from e
-        if code == "InvalidRange" or status == "416":
-            raise IntegrityError(f"{what}: the object is shorter than the range asked") from e
-        raise StorageError(f"{what}: S3 error {code or status}: {err.get('Message', '')}") from e
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        raise _error(int(status), str(err.get("Code", "")), err.get("Message", ""), what) from e
     except (ReadTimeoutError, ConnectTimeoutError, TimeoutError) as e:
         raise StorageTimeout(f"{what}: timed out ({type(e).__name__})") from e
     except (BotoCoreError, aiohttp.ClientError, OSError) as e:
@@ -114,6 +135,15 @@ class S3Backend:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._closed = False
+        # Bodies land from worker threads on presigned URLs (backends._threadfetch); HEAD,
+        # signing and credentials stay with aiobotocore.
+        self._threads: ThreadFetch | None = None
+        if s.data_path == "threads":
+            from botocore.httpsession import get_cert_path
+
+            cafile = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
+            self._threads = ThreadFetch(s, name="cicada-s3", cafile=cafile or None)
+        self._urls: dict[str, tuple[str, float]] = {}
 
     @classmethod
     def from_uri(cls, uri: str, settings: dict[str, Any]) -> "S3Backend":
@@ -121,7 +151,7 @@ class S3Backend:
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
             raise ConfigError(f"expected s3://bucket/prefix, got {uri!r}")
         rest = dict(settings)
-        shared = RemoteSettings.take(rest)
+        shared = RemoteSettings.take(rest, concurrency=16, chunk_bytes=32 * MiB)  # docs/storage.md
         creds = {
             k: str(rest.pop(k))
             for k in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
@@ -170,6 +200,9 @@ class S3Backend:
                     retries={"mode": self.retry_mode, "total_max_attempts": s.max_attempts},
                     max_pool_connections=max(10, s.concurrency + 2),
                     s3={"addressing_style": self.addressing_style},
+                    # Presigned GETs carry the data path: SigV4, which every region accepts
+                    # (botocore would presign with SigV2 by default).
+                    signature_version="s3v4",
                     # Ranged GETs carry no full-object checksum, so botocore must not try to
                     # validate one (and must not wrap the body, which would add a copy).
                     response_checksum_validation="when_required",
@@ -209,17 +242,50 @@ class S3Backend:
         if not len(buf):
             return
         client = await self._get_client()
+        url = await self._presigned(client, obj, key) if self._threads is not None else None
 
         async def read_chunk(fill: Fill) -> None:
             what = f"GET {self._where(key)} bytes {fill.offset}-{fill.offset + len(fill.view) - 1}"
-            await fill_resuming(
-                fill,
-                lambda f: self._read_once(client, obj, f, version, what),
-                self.settings,
-                what,
-            )
+            if url is not None:
+                once = lambda f: self._read_threaded(url, f, version, what)  # noqa: E731
+            else:
+                once = lambda f: self._read_once(client, obj, f, version, what)  # noqa: E731
+            await fill_resuming(fill, once, self.settings, what)
 
         await gather_chunks(buf.cast("B"), offset, self.settings, self._sem, read_chunk)
+
+    async def _presigned(self, client: Any, obj: str, key: str) -> str | None:
+        """A presigned GET URL for ``obj`` (Range and If-Match go unsigned as headers), or
+        None when a proxy from the environment applies and the data must go via botocore."""
+        now = time.monotonic()
+        cached = self._urls.get(obj)
+        if cached is not None and now - cached[1] < _URL_REUSE_S:
+            return cached[0]
+        with map_exceptions(f"presigning GET {self._where(key)}"):
+            async with asyncio.timeout(self.op_timeout_s):
+                url = await client.generate_presigned_url(
+                    "get_object", Params={"Bucket": self.bucket, "Key": obj}, ExpiresIn=_URL_EXPIRES_S
+                )
+        if _proxied(url):
+            return None
+        self._urls[obj] = (url, now)
+        return url
+
+    async def _read_threaded(self, url: str, fill: Fill, version: str | None, what: str) -> None:
+        first, last = fill.pos, fill.offset + len(fill.view) - 1
+        headers = {"Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"}
+        if version is not None:
+            headers["If-Match"] = version
+
+        def check(resp: Response) -> int:  # in the worker thread, before the body
+            if resp.status not in (200, 206):
+                fields = dict(_XML_FIELD.findall(resp.read_small().decode("utf-8", "replace")))
+                raise _error(resp.status, fields.get("Code", ""), fields.get("Message", ""), what)
+            self._check_response(resp.headers, first, last, version, what)
+            return 0
+
+        assert self._threads is not None
+        await self._threads.get_into(url, headers, fill, check, what)
 
     async def _read_once(
         self, client: Any, obj: str, fill: Fill, version: str | None, what: str
@@ -234,7 +300,10 @@ class S3Backend:
                 resp = await client.get_object(**args)
         body = resp["Body"]
         try:
-            self._check_response(resp, first, last, version, what)
+            fields = {"ETag": resp.get("ETag"), "Content-Range": resp.get("ContentRange"),
+                      "Content-Length": resp.get("ContentLength")}
+            self._check_response({k: str(v) for k, v in fields.items() if v is not None},
+                                 first, last, version, what)
             await self._stream_body(body, fill, what)
         finally:
             # Closing an unfinished body drops its connection rather than reusing a dirty one.
@@ -242,15 +311,16 @@ class S3Backend:
 
     @staticmethod
     def _check_response(
-        resp: dict[str, Any], first: int, last: int, version: str | None, what: str
+        headers: Mapping[str, str], first: int, last: int, version: str | None, what: str
     ) -> None:
-        if version is not None and resp.get("ETag") not in (None, version):
+        """The answer's HTTP headers (ETag, Content-Range, Content-Length) against the ask."""
+        if version is not None and headers.get("ETag") not in (None, version):
             # Servers that ignore If-Match (s3rver, some gateways) still tell us the ETag.
-            raise ObjectChanged(f"{what}: ETag {resp.get('ETag')} is no longer {version}")
-        m = _CONTENT_RANGE.fullmatch(str(resp.get("ContentRange") or ""))
+            raise ObjectChanged(f"{what}: ETag {headers.get('ETag')} is no longer {version}")
+        m = _CONTENT_RANGE.fullmatch(str(headers.get("Content-Range") or ""))
         if m is None:
             raise IntegrityError(
-                f"{what}: no usable Content-Range in the answer ({resp.get('ContentRange')!r}); "
+                f"{what}: no usable Content-Range in the answer ({headers.get('Content-Range')!r}); "
                 "the server or a proxy ignored the Range header"
             )
         got_first, got_last = int(m[1]), int(m[2])
@@ -261,7 +331,7 @@ class S3Backend:
                 f"{what}: object is shorter than expected (answer ends at byte {got_last}, "
                 f"total {m[3]})"
             )
-        length = resp.get("ContentLength")
+        length = headers.get("Content-Length")
         if length is not None and int(length) > last - first + 1:
             raise IntegrityError(f"{what}: Content-Length {length} exceeds the range asked")
 
@@ -284,5 +354,7 @@ class S3Backend:
         async with self._lock:
             self._closed = True
             stack, self._stack, self._client = self._stack, None, None
+        if self._threads is not None:
+            await self._threads.aclose()
         if stack is not None:
             await stack.aclose()
