@@ -252,13 +252,34 @@ class Executor:
                     self._cv.wait()
                 self._holder = me
                 self._idle -= 1
-            self._run_turn(key, call, fut)
+            try:
+                self._run_turn(key, call, fut)
+            except BaseException as e:  # noqa: BLE001 - only what escapes containment (SystemExit)
+                self._die(e, fut)
+                return
             # This frame waits for the next job: it must not keep the last one's outputs alive.
             call = fut = None
             with self._cv:
                 self._idle += 1
                 self._holder = None
                 self._cv.notify_all()
+
+    def _die(self, e: BaseException, current: concurrent.futures.Future[Any] | None) -> None:
+        """A worker was killed: nothing may wait for it. Queued jobs fail, waiting ones wake and
+        fail, and ``alive`` turns False so that the server's watchdog replaces the executor."""
+        log.error("executor worker died: %s: %s", type(e).__name__, e, exc_info=e)
+        with self._cv:
+            self._stopping = True
+            jobs, self._jobs = self._jobs, []
+            self._holder = None
+            self._threads.pop(threading.get_ident(), None)
+            self._cv.notify_all()
+        futs = [fut for _, _, fut in jobs] + ([current] if current is not None else [])
+        for fut in futs:
+            if fut.done():
+                continue
+            if fut.running() or fut.set_running_or_notify_cancel():
+                fut.set_exception(ExecutorDead(f"the executor died ({type(e).__name__}: {e}) before this job ran"))
 
     def _run_turn(self, key: Key, call: Callable[[], Any] | None,
                   fut: concurrent.futures.Future[Any] | None) -> None:

@@ -83,3 +83,36 @@ async def test_failed_posted_work_fails_the_load_at_once(model_dirs: dict[str, P
     finally:
         await backend.aclose()
         ex.stop()
+
+
+def test_a_killed_worker_fails_queued_and_waiting_work_instead_of_hanging() -> None:
+    """What escapes containment (SystemExit from posted work) kills a worker: the executor then
+    reports dead, the job waiting for weights fails, the queued job fails, nothing hangs."""
+    ex = Executor()
+    ex.start()
+    try:
+        waiting = threading.Event()
+
+        def gated() -> None:
+            waiting.set()
+            ex.wait_until(lambda: False, time.monotonic() + 30)
+
+        def hold() -> None:
+            time.sleep(0.2)  # holds the turn, so the kill lands in the next worker's applies
+
+        first = ex.submit(gated)
+        assert waiting.wait(5)
+        busy = ex.submit(hold)
+        time.sleep(0.05)
+        queued = ex.submit(lambda: "never", priority=5)
+        ex.post_apply(lambda: (_ for _ in ()).throw(SystemExit("killed")))
+        t0 = time.monotonic()
+        busy.result(timeout=5)
+        with pytest.raises(Exception) as e:
+            first.result(timeout=10)
+        assert "stopped" in str(e.value) or "died" in str(e.value)
+        with pytest.raises(Exception, match="died"):
+            queued.result(timeout=10)
+        assert time.monotonic() - t0 < 10 and not ex.alive
+    finally:
+        ex.stop(5)
