@@ -99,8 +99,16 @@ async def test_fills_any_buffer_format(s3: S3Backend, s3_model: S3Model) -> None
     assert floats.tobytes() == data[4 : 4 + 4096 * 4]
 
 
-async def test_empty_read_sends_nothing(s3: S3Backend) -> None:
-    await s3.read_into(BIG, 10, memoryview(bytearray()))
+async def test_empty_read_sends_nothing(s3_model: S3Model, fault_proxy_factory: Any) -> None:
+    proxy = await fault_proxy_factory(s3_model.endpoint)  # counts what reaches the origin
+    backend = open_backend(s3_model.uri, settings(s3_model, endpoint_url=proxy.url))
+    try:
+        await backend.read_into(BIG, 10, memoryview(bytearray()))
+        assert proxy.log == []
+        await read(backend, BIG, 10, 16)  # the proxy does see a real read: the check can fail
+        assert proxy.log
+    finally:
+        await backend.aclose()
 
 
 async def test_missing_key_and_bucket(s3: S3Backend, s3_model: S3Model) -> None:
