@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before anything imports torch (seconds): start reading the weights the command will need.
+    from cicada_async.engine.prefetch import start_for_cli
+
+    start_for_cli([a for a in argv if a != "--traceback"])
     if argv and argv[0] == "serve":
         from cicada_async.service.server import main as serve_main
 
