@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--repeat", type=int, default=30)
     w.add_argument("--dir", type=Path, default=Path("models"))
 
+    bsub.add_parser("process-start", add_help=False,
+                    help="spawn of a fresh cicada serve to its first answer, against torch + one forward")
+
     p = sub.add_parser("pack", help="rewrite a checkpoint in execution order with a sha256 manifest")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
@@ -83,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before anything imports torch (seconds): start reading the weights the command will need.
+    from cicada_async.engine.prefetch import start_for_cli
+
+    start_for_cli([a for a in argv if a != "--traceback"])
+    if argv[:2] == ["bench", "process-start"]:
+        from cicada_async.bench.process_start import main as process_start
+
+        return _guard(lambda: process_start(argv[2:]), "--traceback" in argv)
     if argv and argv[0] == "serve":
         from cicada_async.service.server import main as serve_main
 

@@ -136,3 +136,47 @@ def make_warm(model_dir: Path, tries: int = 2) -> Residency:
         if r.resident_bytes >= r.total_bytes:
             break
     return r
+
+
+# -- whole-path helpers (the process-start benchmark and the prefetch tests) --------------------
+PAGE = _PAGE
+
+
+def files_of(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` (a file) in the page cache now: whole pages, capped at its size."""
+    return min(path.stat().st_size, resident_pages(path)[0] * _PAGE)
+
+
+def evict(path: Path) -> None:
+    drop_page_cache(path)
+
+
+def evict_checked(path: Path, *, tolerance_bytes: int = 1 << 20) -> int:
+    """Evict, then verify with mincore; raises if more than ``tolerance_bytes`` stayed resident.
+
+    As root, the kernel's whole clean page cache is dropped too when DONTNEED left pages.
+    Returns the bytes still resident (at most the tolerance).
+    """
+    evict(path)
+    left = sum(resident_bytes(f) for f in files_of(path))
+    if left > tolerance_bytes and os.geteuid() == 0:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")
+        except OSError:
+            pass
+        left = sum(resident_bytes(f) for f in files_of(path))
+    if left > tolerance_bytes:
+        raise RuntimeError(f"{path}: {left} bytes still in the page cache after eviction; the run would not be cold")
+    return left
+
+
+def warm(path: Path) -> int:
+    """Read every file under ``path`` into the page cache; returns the bytes now resident."""
+    files = files_of(path)
+    read_all(files)
+    return sum(resident_bytes(f) for f in files)

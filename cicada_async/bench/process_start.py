@@ -1,28 +1,32 @@
 """Process cold start: from spawning ``cicada serve`` to the first answer of an infer request.
 
-    python -m cicada_async.bench.process_start --model gpt2-medium --repeat 3
+    flock /tmp/cicada-bench.lock python -m cicada_async.bench.process_start --model gpt2-medium --repeat 3
+    (or: cicada bench process-start ...)
 
-Each repetition drops the weights from the page cache, spawns a fresh ``cicada serve`` (its
-config names just this model), polls ``/v2/health/live`` until it answers, sends one infer
-request and waits for the answer. The time is split into:
+Each repetition runs, interleaved and in an order rotated per repetition:
 
-- ``to_start_log``: spawn to the server's ``"event": "start"`` log line: interpreter start,
-  imports (torch, aiohttp, the server's modules) and config;
-- ``start_to_live``: the app and engine set up, the socket listening, the first live answer;
-- ``first_response``: the infer request sent to its answer; within it ``cold_start`` (the
-  server's ``"event": "cold_start"`` log line, load start to weights resident; it includes the
-  transformers import when nothing imported it before) and the rest (request decoding, queueing,
-  the forward's tail, encoding).
+- the **baseline**: a fresh ``python -c`` that imports torch and transformers, builds the model
+  on meta, assigns the mmapped safetensors (weights warm in the page cache, checked with
+  mincore) and runs one forward of the same 128 tokens; timed from spawn to the forward's end;
+- a fresh ``cicada serve`` per mode (``--prefetch on/off``: the weights read into the page
+  cache from the CLI's first statement, ``CICADA_PREFETCH``), its weights evicted first and the
+  eviction verified with mincore; spawn to the first answer, split into:
 
-Import costs are also measured on their own in the same run, each in a fresh interpreter:
-``python -c pass``, ``import cicada_async.service.server``, and transformers with the model's class
-on top of torch. After the first answer the model is unloaded, its pages dropped again and the
-same request sent: that second cold response, in a process whose imports are done, is the
-model's own cost; ``process_overhead`` is the total minus it.
+  - ``to_start_log``: spawn to the server's ``"event": "start"`` log line (imports, config);
+  - ``start_to_live``: the app and engine set up, the socket listening, the first live answer;
+  - ``first_response``: the infer request sent to its answer; within it ``cold_start`` (the
+    server's ``"event": "cold_start"`` line, load start to weights resident) and the rest.
 
-``--warm-imports both`` runs every repetition with the engine's import of transformers on its
-idle executor thread at start (``Engine(warm_imports=True)``, what ``cicada serve`` does) and
-without it.
+  After the first answer the model is unloaded, its pages dropped again and the same request
+  sent: that second cold response, in a process whose imports are done, is the model's own
+  cost; ``process_overhead`` is the total minus it.
+
+Beside each time, the memory-time a platform bills for it: the child's VmRSS sampled every
+10 ms from spawn to answer, as peak x duration (``gb_seconds``) and as the integral
+(``gb_seconds_held``), GB = 2**30 bytes; and the server's own figure for the load alone (its
+cold start line's ``memory``, what /metrics reports). Import times of fresh interpreters are
+measured in the same run. Failed runs are counted, listed in the JSON and make the exit
+status 1. The JSON records the command, the commit and the machine.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cicada_async.bench.cold_start import drop_page_cache
+from cicada_async.bench.pagecache import evict, evict_checked, files_of, resident_bytes, warm
+from cicada_async.bench.procinfo import ChildRss, commit, machine
 
 
 def free_port() -> int:
@@ -139,22 +144,64 @@ _NO_WARM_IMPORTS = (
     "from cicada_async.service.server import main; sys.exit(main(sys.argv[1:]))"
 )
 
+# The reference: a fresh process that only imports torch and transformers, builds the model on
+# meta, assigns the mmapped (page-cache-warm) weights and runs one forward of the same request.
+_BASELINE = r"""
+import json, sys, time
+import torch, transformers
+from safetensors.torch import load_file
+d = sys.argv[1]
+cls = getattr(transformers, json.load(open(d + "/config.json"))["architectures"][0])
+t_imports = time.time()
+config = transformers.AutoConfig.from_pretrained(d)
+with torch.device("meta"):
+    model = cls(config)
+model.load_state_dict(load_file(d + "/model.safetensors"), strict=False, assign=True)
+model.tie_weights()
+model.eval()
+ids = torch.tensor([[(i * 7919) % config.vocab_size for i in range(128)]])
+with torch.inference_mode():
+    out = model(input_ids=ids)
+t_done = time.time()
+print(json.dumps({"t_imports": t_imports, "t_done": t_done, "threads": torch.get_num_threads(),
+                  "shape": list(out.logits.shape)}), flush=True)
+"""
 
-def one_run(model: str, model_dir: Path, *, warm_imports: bool, drop: bool, poll_s: float = 0.005) -> dict[str, Any]:
-    if drop:
-        drop_page_cache(model_dir)
+
+def baseline_run(model_dir: Path) -> dict[str, Any]:
+    """Spawn to the forward's end of the reference process, weights warm in the page cache."""
+    resident = warm(model_dir)
+    t_spawn = time.time()
+    proc = subprocess.Popen([sys.executable, "-c", _BASELINE, str(model_dir.resolve())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rss = ChildRss(proc.pid)
+    out, err = proc.communicate(timeout=600)
+    rss.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"baseline exited with {proc.returncode}: {err.decode()[-500:]}")
+    doc = json.loads(out.decode().strip().splitlines()[-1])
+    return {"kind": "baseline", "resident_before_bytes": resident, "total_s": doc["t_done"] - t_spawn,
+            "to_imports_s": doc["t_imports"] - t_spawn, "threads": doc["threads"],
+            "cost": rss.cost(t_spawn, doc["t_done"])}
+
+
+def one_run(model: str, model_dir: Path, *, warm_imports: bool, prefetch: bool, drop: bool,
+            poll_s: float = 0.005) -> dict[str, Any]:
+    resident = evict_checked(model_dir) if drop else sum(resident_bytes(f) for f in files_of(model_dir))
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cicada.toml"
         cfg.write_text(f'[models.{json.dumps(model)}]\nuri = {json.dumps(str(model_dir.resolve()))}\n')
         port = free_port()
-        env = dict(os.environ, PORT=str(port))
+        env = dict(os.environ, PORT=str(port), CICADA_PREFETCH="1" if prefetch else "0")
         body = example_request(model_dir)
         if warm_imports:
             cmd = [sys.executable, "-m", "cicada_async", "serve", "--config", str(cfg)]
         else:
+            # (bypasses the CLI entry, so it is never combined with the prefetch)
             cmd = [sys.executable, "-c", _NO_WARM_IMPORTS, "--config", str(cfg)]
         t_spawn = time.time()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rss = ChildRss(proc.pid)
         reader = _LogReader(proc.stderr)
         reader.start()
         try:
@@ -171,6 +218,7 @@ def one_run(model: str, model_dir: Path, *, warm_imports: bool, drop: bool, poll
             t_live = time.time()
             status, out = _http(port, "POST", f"/v2/models/{model}/infer", body)
             t_answer = time.time()
+            rss.stop()
             if status != 200:
                 raise RuntimeError(f"infer answered {status}: {out[:300]!r}")
             start = reader.wait_event("start", 10)
@@ -181,7 +229,8 @@ def one_run(model: str, model_dir: Path, *, warm_imports: bool, drop: bool, poll
             if status != 200:
                 raise RuntimeError(f"unload answered {status}: {out[:300]!r}")
             if drop:
-                drop_page_cache(model_dir)
+                evict(model_dir)
+            resident2 = sum(resident_bytes(f) for f in files_of(model_dir))
             t_req2 = time.time()
             status, out = _http(port, "POST", f"/v2/models/{model}/infer", body)
             t_answer2 = time.time()
@@ -197,8 +246,11 @@ def one_run(model: str, model_dir: Path, *, warm_imports: bool, drop: bool, poll
             reader.join(5)
     assert start is not None and cold is not None, "server logged no start/cold_start line"
     cold_s = float(cold["wall_s"])
+    timeline = cold.get("timeline") or {}
+    pf = start.get("prefetch") or {}
     r = {
-        "warm_imports": warm_imports,
+        "kind": "serve", "warm_imports": warm_imports, "prefetch": prefetch,
+        "resident_before_bytes": resident,
         "total_s": t_answer - t_spawn,
         "to_start_log_s": float(start["ts"]) - t_spawn,
         "start_to_live_s": t_live - float(start["ts"]),
@@ -206,9 +258,14 @@ def one_run(model: str, model_dir: Path, *, warm_imports: bool, drop: bool, poll
         "first_response_s": t_answer - t_live,
         "cold_start_s": cold_s,
         "rest_of_response_s": (t_answer - t_live) - cold_s,
-        "ttfc_s": (cold.get("timeline") or {}).get("time_to_first_compute_s"),
+        "ttfc_s": timeline.get("time_to_first_compute_s"),
+        "prefetch_started_s": pf["started_at"] - t_spawn if pf.get("started_at") else None,
+        "prefetch_torch_loaded_at_start": pf.get("torch_loaded_at_start"),
+        "cost": rss.cost(t_spawn, t_answer),  # the process, spawn to the first answer
+        "cold_start_memory": timeline.get("memory"),  # the load alone, as /metrics reports it
         # the model's own cold first response, measured in the warm process
         "model_cold_response_s": t_answer2 - t_req2,
+        "resident_before_second_bytes": resident2,
     }
     # Everything the process adds on top of the model's own cold start.
     r["process_overhead_s"] = r["total_s"] - r["model_cold_response_s"]
@@ -223,14 +280,24 @@ KEYS = ["total_s", "to_start_log_s", "start_to_live_s", "first_response_s", "col
         "rest_of_response_s", "model_cold_response_s", "process_overhead_s"]
 
 
+def _median(runs: list[dict[str, Any]], key: str, sub: str | None = None) -> float | None:
+    vals = [(r[key] or {}).get(sub) if sub else r[key] for r in runs]
+    vals = [v for v in vals if v is not None]
+    return statistics.median(vals) if vals else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cicada_async.bench.process_start", description=__doc__,
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="cicada bench process-start", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-medium", help="catalogue name (made with make-model if missing)")
     ap.add_argument("--dir", type=Path, default=Path("models"), help="where catalogue models live")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--warm-imports", dest="warm_imports", choices=["on", "off", "both"], default="both",
+    ap.add_argument("--prefetch", choices=["on", "off", "both"], default="both",
+                    help="the weights read into the page cache from the CLI's first statement (CICADA_PREFETCH)")
+    ap.add_argument("--warm-imports", dest="warm_imports", choices=["on", "off", "both"], default="on",
                     help="the engine's import of transformers on its idle thread at start (Engine(warm_imports))")
+    ap.add_argument("--import-repeat", type=int, default=1, help="fresh interpreters per import measurement")
     ap.add_argument("--no-drop", action="store_true", help="keep the weights in the page cache")
     ap.add_argument("--json", type=Path, default=Path("bench-results/process-start.json"))
     args = ap.parse_args(argv)
@@ -241,49 +308,79 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"making {args.model} with random weights in {model_dir} ...", flush=True)
         make_model(args.model, model_dir)
+    where = {"command": "python -m cicada_async.bench.process_start " + " ".join(argv), **commit(),
+             "machine": machine()}
 
     arch = _architecture(model_dir)
     # Imports on their own, fresh interpreters, this run's conditions (warm package files).
-    imports: dict[str, list[float]] = {"python -c pass": [], "import cicada_async.service.server": [],
-                                       "import torch": [], "import torch + transformers class": []}
+    imports: dict[str, list[float]] = {"python -c pass": [], "import cicada_async.cli": [],
+                                       "import cicada_async.service.server": [], "import torch": [],
+                                       "import torch + transformers class": []}
     hf = f"import torch, transformers; transformers.{arch}" if arch else "import torch, transformers"
-    for _ in range(args.repeat):
-        imports["python -c pass"].append(time_python("pass"))
-        imports["import torch"].append(time_python("import torch"))
-        imports["import cicada_async.service.server"].append(time_python("import cicada_async.service.server"))
-        imports["import torch + transformers class"].append(time_python(hf))
+    for _ in range(args.import_repeat):
+        for name, code in (("python -c pass", "pass"), ("import cicada_async.cli", "import cicada_async.cli"),
+                           ("import torch", "import torch"),
+                           ("import cicada_async.service.server", "import cicada_async.service.server"),
+                           ("import torch + transformers class", hf)):
+            imports[name].append(time_python(code))
 
-    modes = {"on": [True], "off": [False], "both": [False, True]}[args.warm_imports]
+    wi_modes = {"on": [True], "off": [False], "both": [False, True]}[args.warm_imports]
+    pf_modes = {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]
+    configs = [(pf, wi) for pf in pf_modes for wi in wi_modes if pf is False or wi]
     runs: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for i in range(args.repeat):
-        for pw in modes:  # interleaved, so drift hits both modes alike
-            r = one_run(args.model, model_dir, warm_imports=pw, drop=not args.no_drop)
-            r["rep"] = i
+        # Interleaved, and the order rotated per repetition, so drift hits every mode alike.
+        plan: list[tuple[bool, bool] | None] = [None, *configs]
+        plan = plan[i % len(plan):] + plan[: i % len(plan)]
+        for c in plan:
+            label = "baseline" if c is None else f"serve prefetch={'on' if c[0] else 'off'} warm-imports={'on' if c[1] else 'off'}"
+            try:
+                r = baseline_run(model_dir) if c is None else \
+                    one_run(args.model, model_dir, prefetch=c[0], warm_imports=c[1], drop=not args.no_drop)
+            except Exception as e:  # noqa: BLE001 - counted and shown, never dropped silently
+                failed.append({"rep": i, "run": label, "error": f"{type(e).__name__}: {e}"})
+                print(f"rep {i} {label}: FAILED {e}", flush=True)
+                continue
+            r["rep"], r["label"] = i, label
             runs.append(r)
-            print(f"rep {i} warm-imports={'on ' if pw else 'off'} " + "  ".join(f"{k[:-2]} {_fmt(r[k])}" for k in KEYS)
-                  + " ms", flush=True)
+            figs = [f"total {_fmt(r['total_s'])}"] + ([f"{k[:-2]} {_fmt(r[k])}" for k in KEYS[1:]] if c else [])
+            gbs = r["cost"]["gb_seconds"]
+            print(f"rep {i} {label:38s} " + "  ".join(figs) + f" ms  {gbs or 0:.2f} GB-s", flush=True)
 
-    print(f"\n{args.model}: medians of {args.repeat} (ms), page cache {'warm' if args.no_drop else 'dropped'} for the weights")
+    print(f"\n{args.model}: medians of {args.repeat} (ms)")
+    imports = {k: v for k, v in imports.items() if v}
     print("  imports, each in a fresh interpreter:")
     for k, v in imports.items():
         print(f"    {k:40s} {statistics.median(v) * 1e3:7.0f}")
-    summary: dict[str, Any] = {"model": args.model, "repeat": args.repeat, "drop": not args.no_drop,
-                               "imports_s": {k: statistics.median(v) for k, v in imports.items()}, "modes": {}}
-    for pw in modes:
-        sel = [r for r in runs if r["warm_imports"] == pw]
-        med = {k: statistics.median([r[k] for r in sel if r[k] is not None]) if any(r[k] is not None for r in sel)
-               else None for k in KEYS}
-        summary["modes"]["warm-imports" if pw else "no-warm-imports"] = med
-        setup = med["to_start_log_s"] + med["start_to_live_s"]
-        over = med["process_overhead_s"]
-        print(f"  warm imports {'on ' if pw else 'off'}: " + "  ".join(f"{k[:-2]} {_fmt(med[k])}" for k in KEYS))
-        print(f"      spawn to live {setup * 1e3:.0f} ms; process overhead (total - model's own cold response) "
-              f"{over * 1e3:.0f} ms = {100 * over / med['model_cold_response_s']:.0f}% of the model's cold response, "
-              f"{100 * over / med['total_s']:.0f}% of the total")
+    labels = sorted({r["label"] for r in runs}, key=lambda x: (x != "baseline", x))
+    medians: dict[str, Any] = {}
+    for label in labels:
+        sel = [r for r in runs if r["label"] == label]
+        keys = KEYS if label != "baseline" else ["total_s", "to_imports_s"]
+        med = {k: _median(sel, k) for k in keys}
+        med.update({f"cost_{k}": _median(sel, "cost", k) for k in ("gb_seconds", "gb_seconds_held", "rss_peak_bytes")})
+        if label != "baseline":
+            med["cold_start_gb_seconds"] = _median(sel, "cold_start_memory", "gb_seconds")
+        med["n"] = len(sel)
+        medians[label] = med
+        print(f"  {label:38s} " + "  ".join(f"{k[:-2]} {_fmt(med[k])}" for k in keys)
+              + f"  {med['cost_gb_seconds'] or 0:.2f} GB-s (peak RSS x spawn to answer)")
+    base = medians.get("baseline", {}).get("total_s")
+    ratios = {}
+    for label, med in medians.items():
+        if label != "baseline" and base and med["total_s"] is not None:
+            ratios[label] = med["total_s"] / base
+            print(f"  {label}: {ratios[label]:.2f}x the baseline (target: at most 1.1x)")
+    if failed:
+        print(f"  FAILED runs: {len(failed)} (listed in the JSON)")
+    summary = {"model": args.model, "repeat": args.repeat, "drop": not args.no_drop,
+               "imports_s": {k: statistics.median(v) for k, v in imports.items()},
+               "medians": medians, "ratio_to_baseline": ratios, "failed": len(failed)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+    args.json.write_text(json.dumps({**where, "summary": summary, "runs": runs, "failed_runs": failed}, indent=2))
     print(f"wrote {args.json}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

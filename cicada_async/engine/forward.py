@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +18,25 @@ if TYPE_CHECKING:
 
 V2_TYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16",
             torch.int64: "INT64", torch.int32: "INT32", torch.bool: "BOOL", torch.uint8: "UINT8"}
+
+
+@contextmanager
+def all_cores(enabled: bool = True) -> Iterator[None]:
+    """Torch intra-op threads = usable cores for the block, then back (this thread's setting).
+
+    The server keeps one core free of OpenMP's spinning workers for the event loop (torch
+    threads = cores - 1); a cold start's forward with nothing left to fetch needs no loop time.
+    """
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not enabled or cores <= before:
+        yield
+        return
+    torch.set_num_threads(cores)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -40,6 +40,9 @@ class LoadOptions:
     # Local files: map them and let the kernel read into the page cache that tensors view
     # (no copy, no zeroing). False reads into anonymous arenas with O_DIRECT instead.
     mapped: bool = True
+    # A gated forward that starts with every read landed (page cache warm, prefetched) has no
+    # fetch left to leave a core for: it computes on every core (forward.all_cores).
+    all_cores_when_landed: bool = True
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

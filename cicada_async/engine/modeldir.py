@@ -238,6 +238,8 @@ def import_model_libraries() -> None:
         import transformers
 
         transformers.PreTrainedModel  # noqa: B018 - the lazy module loads on first access
-        import_conversion_mapping()
+        # Not import_conversion_mapping(): its rules are built only for checkpoints whose
+        # names need them (skeleton.index_skeleton), and in a scale-from-zero this import is
+        # on the first request's path.
     except ImportError:  # plain-PyTorch models need no transformers
         pass

@@ -23,7 +23,7 @@ from protocols.storage import StorageBackend
 
 from cicada_async.engine.executor import Executor
 from cicada_async.engine.fetch import Fetcher, FetchScheduler, FetchSettings
-from cicada_async.engine.forward import run_forward
+from cicada_async.engine.forward import all_cores, run_forward
 from cicada_async.engine.headers import all_tensors, read_header
 from cicada_async.engine.job import LoadJob, LoadOptions
 from cicada_async.engine.landing import Landing, landing_for
@@ -98,6 +98,7 @@ class ColdStart:
         self._held: list[int] = []
         self._early_error: BaseException | None = None  # posted work that failed before the job
         self._known_plan: asyncio.Future[Plan | None] | None = None
+        self._fetched = False
 
     async def run(self) -> tuple[nn.Module, Outputs, LoadJob]:
         """Returns the loaded model, the gated forward's outputs and the job.
@@ -214,7 +215,7 @@ class ColdStart:
 
         def planning() -> tuple[SkeletonIndex, list[tuple[str, list[str]]], list[str], Plan | None]:
             with self.timeline.stage("plan"):
-                index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
+                index = index_skeleton(model, tensors, renamer=lambda: spec.checkpoint_renamer(model))
                 place_buffers(model, index, self.options.device)
                 planned = planned_modules(model, index)
                 known = cached if cached is not None and order_fits(cached, planned) else None
@@ -253,7 +254,8 @@ class ColdStart:
 
     async def gated_forward(self, job: LoadJob, inputs: dict[str, torch.Tensor]) -> Outputs:
         def forward() -> dict[str, torch.Tensor]:
-            with self.timeline.stage("forward"), job.computing():
+            spare = self.options.all_cores_when_landed and self._fetched and self.options.device.type == "cpu"
+            with self.timeline.stage("forward"), job.computing(), all_cores(spare):
                 return run_forward(job.model, inputs, self.options.device)
 
         try:
@@ -326,6 +328,7 @@ class ColdStart:
         try:
             with self.timeline.stage("fetch"):
                 await fetcher.run()
+            self._fetched = True  # read by the executor thread: a forward may use every core
         except BaseException as e:
             # Wake a forward blocked in a gate: it must fail with this error, not hang.
             if self.job is not None:
@@ -368,7 +371,7 @@ async def prepare(
 
     def planning() -> tuple[SkeletonIndex, Plan]:
         with timeline.stage("plan"):
-            index = index_skeleton(model, tensors, spec.checkpoint_renamer(model))
+            index = index_skeleton(model, tensors, renamer=lambda: spec.checkpoint_renamer(model))
             order = list(cached_plan.modules) if cached_plan is not None else None
             if order is None and not dry_run:
                 order = [n for n, _ in model.named_modules() if index.module_slots.get(n)]

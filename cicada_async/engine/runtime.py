@@ -25,6 +25,7 @@ from cicada_async.engine.pipeline import LoadRequest, cold_start, first_leaf
 from cicada_async.engine.plan import DEFAULT_READ_BYTES
 from cicada_async.engine.plancache import PlanCache
 from cicada_async.engine.ready import PREBUILD_PRIORITY, ReadySkeleton
+from cicada_async.engine.rss import RssSampler
 from cicada_async.engine.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -316,6 +317,7 @@ class ModelInstance:
         engine = self.engine
         timeline = Timeline()
         started = time.monotonic()
+        rss = RssSampler().start()  # what the load costs in GB-seconds (rss.py)
         try:
             options = self.options.load_options(engine.read_bytes, engine.load_timeout_s)
             backend = open_backend(self.uri, engine.storage.get(scheme_of(self.uri), {}), cache=engine.node_cache)
@@ -337,7 +339,9 @@ class ModelInstance:
             finally:
                 ready.refill(engine.executor)  # the spare this load took, after it (low priority)
                 await backend.aclose()
+                timeline.memory = rss.stop().as_dict()
         except BaseException as e:
+            rss.stop()
             cause = first_leaf(e)
             err = cause if isinstance(cause, CicadaError) else \
                 LoadError(f"loading {self.name} failed: {type(cause).__name__}: {cause}")

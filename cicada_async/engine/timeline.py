@@ -27,6 +27,7 @@ class Timeline:
     t0: float = field(default_factory=time.perf_counter)
     spans: list[Span] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    memory: dict[str, Any] | None = None  # rss.MemoryCost of the load, set when it ends
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -68,6 +69,7 @@ class Timeline:
                 "apply_s": sum(s.end - s.start for s in apply),
                 "compute_s": compute_busy,
             },
+            "memory": self.memory,
         }
 
     def to_json(self) -> bytes:

@@ -89,6 +89,11 @@ class ServerConfig:
     serialize_loads: bool = False
     """The baseline for benchmarks: a waiting cold start keeps all compute (no sharing) and read
     slots go in arrival order, not by priority. Never what you want in production."""
+    prefetch: bool = True
+    """Read the local models' weight files into the page cache from the process's first
+    millisecond, while torch imports (cicada_async/engine/prefetch.py). Models are taken in
+    config order while they fit half of MemAvailable (and memory_budget_bytes); remote ones are
+    skipped. $CICADA_PREFETCH=0 turns it off too."""
     torch_threads: int | None = None
     """Torch intra-op threads; None: usable cores minus one, so that OpenMP workers spinning
     after each op do not starve the event loop (measured: 7.5 ms -> 0.9 ms per warm request

@@ -17,6 +17,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 COLD_START_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Requests per model execution (dynamic batching); 1 without batching.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# GB-seconds (2**30 bytes x s) of one cold start: 0.5 GB for 0.2 s up to 16 GB for minutes.
+GB_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 STATES = ("unloaded", "loading", "ready", "failed")
 
 Labels = tuple[tuple[str, str], ...]
@@ -103,6 +105,11 @@ class Metrics:
         self.cold_batch = add("cicada_cold_start_batch_size", "gauge", "Requests answered by the last cold start's pipelined forward")
         self.cold_starts = add("cicada_cold_starts_total", "counter", "Cold starts (loads of an unloaded model), by outcome")
         self.cold_start_s = add("cicada_cold_start_seconds", "histogram", "Cold start duration: load start to weights resident", COLD_START_BUCKETS)
+        self.gb_seconds = add("cicada_cold_start_gb_seconds", "histogram",
+                              "Memory-time of a cold start as billed: peak sampled process RSS (GiB) x its duration (s)",
+                              GB_SECONDS_BUCKETS)
+        self.peak_rss = add("cicada_cold_start_peak_rss_bytes", "gauge",
+                            "Peak sampled process RSS during the last cold start (process-wide)")
         self.cold_stage_s = add("cicada_cold_start_stage_seconds", "gauge", "Stage breakdown of the last cold start")
         self.ttfc_s = add("cicada_cold_start_time_to_first_compute_seconds", "gauge", "Load start to first layer computed, last cold start")
         self.bytes_fetched = add("cicada_bytes_fetched_total", "counter", "Weight bytes fetched from storage")
@@ -137,6 +144,10 @@ class Metrics:
                          (self.utilization, "utilization"), (self.gbps, "gbps")):
             if summary.get(key) is not None:
                 fam.set(float(summary[key]), model=model)
+        memory = summary.get("memory") or {}
+        if memory.get("gb_seconds") is not None:
+            self.gb_seconds.observe(float(memory["gb_seconds"]), model=model)
+            self.peak_rss.set(int(memory["rss_peak_bytes"]), model=model)
         if summary.get("bytes"):
             self.bytes_fetched.inc(int(summary["bytes"]), model=model)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from cicada_async.engine.prefetch import current as current_prefetch
 from cicada_async.service import auth
 from cicada_async.service.appkeys import (
     BUDGET_KEY, CONFIG_KEY, ENGINE_KEY, GRPC_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, STATS_KEY, TOKENS_KEY,
@@ -264,8 +265,10 @@ def main(argv: list[str]) -> int:
 
         # Set before the engine's thread starts; the intra-op pool is process-wide.
         torch.set_num_threads(threads)
+    prefetch = current_prefetch()
     log.info("starting", extra={"event": "start", "host": config.server.host, "port": config.server.port,
-                                "models": sorted(config.models), "torch_threads": threads})
+                                "models": sorted(config.models), "torch_threads": threads,
+                                "prefetch": prefetch.summary() if prefetch is not None else None})
     access_log = logging.getLogger("aiohttp.access") if args.access_log else None
     asyncio.run(serve(build_app(config), config, access_log))
     # Everything is answered and torn down. The interpreter's own finalization with torch
