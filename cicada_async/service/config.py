@@ -87,8 +87,7 @@ class ServerConfig:
     keep_alive_check_s: float = 1.0
     """How often idle models are checked against keep_alive_s and the memory budget."""
     serialize_loads: bool = False
-    """The baseline for benchmarks: a waiting cold start keeps all compute (no sharing) and read
-    slots go in arrival order, not by priority. Never what you want in production."""
+    """Benchmark baseline only: a waiting cold start keeps all compute; read slots go FIFO."""
     prefetch: bool = True
     """Read the local models' weight files into the page cache from the process's first
     millisecond, while torch imports (cicada_async/engine/prefetch.py). Models are taken in
@@ -238,7 +237,7 @@ def _server(table: dict[str, Any]) -> ServerConfig:
             _typed(value, (int,), where, minimum=1)
         elif key == "torch_threads":
             _typed(value, (int,), where, minimum=0)
-        elif key == "serialize_loads":
+        elif key in ("serialize_loads", "prefetch"):
             _typed(value, (bool,), where)
         elif key in ("max_request_bytes", "max_queue_total", "max_connections", "max_body_bytes_in_flight",
                      "max_open_connections", "max_connections_per_peer"):

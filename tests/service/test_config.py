@@ -87,3 +87,13 @@ def test_model_repository_args_and_port_env(tmp_path: Path, monkeypatch: pytest.
 def test_main_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--model-repository", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_boolean_server_switches_parse_and_refuse_other_types() -> None:
+    from cicada_async.service.config import parse_config
+    from protocols.errors import ConfigError
+
+    cfg = parse_config({"server": {"prefetch": False, "serialize_loads": True}})
+    assert cfg.server.prefetch is False and cfg.server.serialize_loads is True
+    with pytest.raises(ConfigError, match="prefetch"):
+        parse_config({"server": {"prefetch": 0}})
