@@ -108,6 +108,40 @@ def _origin_dir(origin: Path, name: str, d: Path) -> Path:
     return out
 
 
+def _save(path: Path, results: dict[str, Any]) -> None:
+    from cicada_async.bench.remote_report import targets
+
+    for e in results["models"].values():
+        for cfg in e["configs"].values():
+            cfg["targets"] = targets(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+
+
+def _summarize(entry: dict[str, Any], runs: dict[tuple[str, float | None, str], list[dict[str, Any]]]) -> None:
+    """Medians per (storage, rate, strategy) into ``entry["configs"]``; failures counted, kept."""
+    all_bytes = entry["files_bytes"]
+    for (kind, cap, strategy), rs in runs.items():
+        if not rs:  # a rate not run yet (the JSON is saved after every rate)
+            continue
+        ok = [r for r in rs if "total_s" in r]
+        key = kind if cap is None else f"{kind}@{cap:g}"
+        cfg = entry["configs"].setdefault(key, {"storage": kind, "cap_mbps": cap, "strategies": {}})
+        if cap:
+            cfg["wire_s"] = all_bytes / (cap * MB)
+            cfg["bound_s"] = max(cfg["wire_s"], entry["warm_forward_s"]) + entry["skeleton_s"]
+        st: dict[str, Any] = {"n_ok": len(ok), "n": len(rs), "errors": [r["error"] for r in rs if "error" in r]}
+        if ok:
+            st.update(_stats([r["total_s"] for r in ok]))
+            st["parts"] = {k: statistics.median(r["parts"][k] for r in ok if k in r["parts"])
+                           for k in ok[0].get("parts", {})
+                           if isinstance(ok[0]["parts"][k], (int, float)) and k != "outputs_at"}
+            if "summary" in ok[0]:
+                st["timeline"] = {k: statistics.median(r["summary"][k] for r in ok if k in r["summary"])
+                                  for k in ok[0]["summary"]}
+        cfg["strategies"][strategy] = st
+
+
 def remote_cold_start_bench(args: argparse.Namespace) -> int:
     from cicada_async.bench.cold_start import drop_page_cache
     from cicada_async.bench.netns import ShapedLink, available, drop_tree
@@ -195,26 +229,13 @@ def remote_cold_start_bench(args: argparse.Namespace) -> int:
                         label = kind if cap is None else f"{kind} @{cap:g} MB/s" if cap else f"{kind} unshaped"
                         shown = f"{r['total_s'] * 1e3:8.0f} ms" if "total_s" in r else f"FAILED: {r['error']}"
                         print(f"  {name:10s} {label:18s} {strategy:18s} rep {rep + 1}: {shown}", flush=True)
-            for (kind, cap, strategy), rs in runs.items():
-                ok = [r for r in rs if "total_s" in r]
-                key = kind if cap is None else f"{kind}@{cap:g}"
-                cfg = entry["configs"].setdefault(key, {"storage": kind, "cap_mbps": cap, "strategies": {}})
-                if cap:
-                    cfg["wire_s"] = all_bytes / (cap * MB)
-                    cfg["bound_s"] = max(cfg["wire_s"], entry["warm_forward_s"]) + entry["skeleton_s"]
-                st: dict[str, Any] = {"n_ok": len(ok), "n": len(rs), "errors": [r["error"] for r in rs if "error" in r]}
-                if ok:
-                    st.update(_stats([r["total_s"] for r in ok]))
-                    st["parts"] = {k: statistics.median(r["parts"][k] for r in ok if k in r["parts"])
-                                   for k in ok[0].get("parts", {}) if isinstance(ok[0]["parts"][k], (int, float))}
-                    if "summary" in ok[0]:
-                        st["timeline"] = {k: statistics.median(r["summary"][k] for r in ok if k in r["summary"])
-                                          for k in ok[0]["summary"]}
-                cfg["strategies"][strategy] = st
+                # Saved after every rate, so a run cut short keeps what it measured.
+                _summarize(entry, runs)
+                results["models"][name] = entry
+                _save(args.json, results)
             results["models"][name] = entry
     # every server is stopped and the namespace deleted here
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
+    _save(args.json, results)
     png = args.json.with_suffix(".png")
     try:
         plot(results, png)
