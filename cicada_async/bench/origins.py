@@ -3,8 +3,13 @@
 - an HTTP origin: nginx, else an aiohttp static route (in a child process);
 - an S3 server: s3rver (``npm install s3rver`` into a cache directory, run with node), or moto
   with a warning when node/npm are missing (moto slices the whole object for every ranged GET);
-- per bandwidth cap, a throttling TCP proxy (its own process, one token bucket for all
-  connections: the cap is on the link) in front of each server.
+- a throttling TCP proxy (its own process, one token bucket for all connections). The remote
+  benchmark no longer uses it: a Python relay spends the CPU being measured, so the benchmark
+  shapes a veth link with tc instead (``netns.py``). It stays for tests that want a slow origin;
+  fault injection lives in ``tests/fixtures/faultproxy.py``.
+
+Each start function takes an optional ``link`` (``netns.ShapedLink``) to run the server inside
+its network namespace, listening on the link's origin address.
 """
 
 from __future__ import annotations

@@ -46,11 +46,12 @@ def _gone(link: netns.ShapedLink) -> bool:
     return link.ns not in netns.namespaces() and link.host_dev not in links
 
 
-def test_shaped_link_runs_at_its_rate_and_is_removed() -> None:
-    with netns.ShapedLink(1e9) as link:
+@pytest.mark.parametrize("gbit", [1, 4])
+def test_shaped_link_runs_at_its_rate_and_is_removed(gbit: int) -> None:
+    with netns.ShapedLink(gbit * 1e9) as link:
         rate = _receive(link)
         assert link.ns in netns.namespaces()
-    assert 0.75e9 <= rate <= 1.25e9, f"measured {rate / 1e9:.3f} Gbit/s on a 1 Gbit/s link"
+    assert 0.75 * gbit * 1e9 <= rate <= 1.25 * gbit * 1e9, f"measured {rate / 1e9:.3f} Gbit/s on {gbit} Gbit/s"
     assert _gone(link)
 
 
