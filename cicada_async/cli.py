@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every strategy computes")
     b.add_argument("--storage", default="local",
                    help="comma list of local,http,s3; remote storage adds download-then-load")
-    b.add_argument("--bandwidth-mbps", default="100,500",
-                   help="bandwidth caps in MB/s for remote storage (a throttling proxy)")
+    b.add_argument("--bandwidth-mbps", default="0,125,500",
+                   help="link rates in MB/s for remote storage, shaped by tc in a network namespace; 0 = unshaped")
 
     mm = bsub.add_parser("multi-model", help="many models, a heavy-tailed trace, shared vs serialized loads")
     mm.add_argument("--duration", type=float, default=60.0, help="seconds of trace")

@@ -3,8 +3,13 @@
 - an HTTP origin: nginx, else an aiohttp static route (in a child process);
 - an S3 server: s3rver (``npm install s3rver`` into a cache directory, run with node), or moto
   with a warning when node/npm are missing (moto slices the whole object for every ranged GET);
-- per bandwidth cap, a throttling TCP proxy (its own process, one token bucket for all
-  connections: the cap is on the link) in front of each server.
+- a throttling TCP proxy (its own process, one token bucket for all connections). The remote
+  benchmark no longer uses it: a Python relay spends the CPU being measured, so the benchmark
+  shapes a veth link with tc instead (``netns.py``). It stays for tests that want a slow origin;
+  fault injection lives in ``tests/fixtures/faultproxy.py``.
+
+Each start function takes an optional ``link`` (``netns.ShapedLink``) to run the server inside
+its network namespace, listening on the link's origin address.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+Popen = Callable[..., "subprocess.Popen[Any]"]
 
 BUCKET = "cicada-bench"
 S3RVER_KEY = "S3RVER"
@@ -106,17 +113,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
+def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server {proc.args} exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
 def stop_process(proc: subprocess.Popen[Any]) -> None:
@@ -148,7 +155,7 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen {host}:{port};
         root {root};
         location / {{ }}
     }}
@@ -160,31 +167,36 @@ def find_nginx() -> str | None:
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
 
-def spawn_nginx(nginx: str, root: Path, tmp: Path, port: int) -> subprocess.Popen[bytes]:
-    """nginx serving ``root`` on 127.0.0.1:``port`` (ranges, If-Range), state under ``tmp``."""
+def spawn_nginx(nginx: str, root: Path, tmp: Path, port: int, host: str = "127.0.0.1",
+                popen: Popen = subprocess.Popen) -> subprocess.Popen[bytes]:
+    """nginx serving ``root`` on ``host``:``port`` (ranges, If-Range), state under ``tmp``;
+    ``popen`` is a ``ShapedLink``'s to start it inside its network namespace."""
     conf = tmp / "nginx.conf"
     # As root, nginx workers drop to "nobody", who cannot read 0700 temp dirs.
     user = "user root;" if os.geteuid() == 0 else ""
-    conf.write_text(_NGINX_CONF.format(user=user, tmp=tmp, port=port, root=root.resolve()))
-    return subprocess.Popen([nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
+    conf.write_text(_NGINX_CONF.format(user=user, tmp=tmp, host=host, port=port, root=root.resolve()))
+    return popen([nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_http_origin(root: Path, tmp: Path, stack: ExitStack) -> tuple[str, str]:
-    """(base URL, server name): nginx when installed, else aiohttp static in a child process."""
+def start_http_origin(root: Path, tmp: Path, stack: ExitStack, link: Any = None) -> tuple[str, str]:
+    """(base URL, server name): nginx when installed, else aiohttp static in a child process;
+    inside ``link`` (a ``netns.ShapedLink``) when given, listening on its origin address."""
     nginx = find_nginx()
     port = free_port()
+    host = link.origin_ip if link is not None else "127.0.0.1"
+    popen = link.popen if link is not None else subprocess.Popen
     if nginx:
-        proc = spawn_nginx(nginx, root, tmp, port)
+        proc = spawn_nginx(nginx, root, tmp, port, host, popen)
         name = "nginx"
     else:
         print("warning: nginx not installed; the HTTP origin is an aiohttp static route", flush=True)
-        proc = subprocess.Popen([sys.executable, "-m", "cicada_async.bench.origins", "--static", str(root), str(port)],
+        proc = popen([sys.executable, "-m", "cicada_async.bench.origins", "--static", str(root), str(port), host],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         name = "aiohttp-static"
     stack.callback(stop_process, proc)
-    wait_port(port, proc)
-    return f"http://127.0.0.1:{port}", name
+    wait_port(port, proc, host=host)
+    return f"http://{host}:{port}", name
 
 
 def _s3rver_js() -> Path | None:
@@ -206,15 +218,18 @@ def _s3rver_js() -> Path | None:
     return js
 
 
-def start_s3(tmp: Path, stack: ExitStack) -> tuple[str, str, dict[str, str]]:
-    """(endpoint, server name, credentials): s3rver when node is there, else moto."""
+def start_s3(tmp: Path, stack: ExitStack, link: Any = None) -> tuple[str, str, dict[str, str]]:
+    """(endpoint, server name, credentials): s3rver when node is there, else moto; inside
+    ``link`` when given. s3rver keeps its objects under ``tmp/s3rver-data``."""
     js = _s3rver_js()
     port = free_port()
+    host = link.origin_ip if link is not None else "127.0.0.1"
+    popen = link.popen if link is not None else subprocess.Popen
     if js is not None:
         data = tmp / "s3rver-data"
         data.mkdir()
-        proc = subprocess.Popen(
-            [shutil.which("node") or "node", str(js), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "-s",
+        proc = popen(
+            [shutil.which("node") or "node", str(js), "-d", str(data), "-a", host, "-p", str(port), "-s",
              "--configure-bucket", BUCKET],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -223,13 +238,13 @@ def start_s3(tmp: Path, stack: ExitStack) -> tuple[str, str, dict[str, str]]:
     else:
         print("warning: node/npm or s3rver unavailable; using moto, whose ranged GETs slice the whole "
               "object each time: S3 throughput figures will describe moto, not the loaders", flush=True)
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        proc = popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         name = "moto"
         creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
     stack.callback(stop_process, proc)
-    wait_port(port, proc)
-    return f"http://127.0.0.1:{port}", name, creds
+    wait_port(port, proc, host=host)
+    return f"http://{host}:{port}", name, creds
 
 
 def start_proxy(upstream: str, rate_bps: float, stack: ExitStack) -> str:
@@ -279,7 +294,8 @@ def _main(argv: list[str]) -> int:
 
         app = web.Application()
         app.router.add_static("/", Path(argv[1]), show_index=False)
-        web.run_app(app, host="127.0.0.1", port=int(argv[2]), print=None, access_log=None)
+        host = argv[3] if len(argv) > 3 else "127.0.0.1"
+        web.run_app(app, host=host, port=int(argv[2]), print=None, access_log=None)
     else:
         raise SystemExit("usage: python -m cicada_async.bench.origins --proxy HOST PORT BPS | --static ROOT PORT")
     return 0

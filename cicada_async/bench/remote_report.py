@@ -6,37 +6,48 @@ from pathlib import Path
 from typing import Any
 
 
+PEERS = ["tensorizer", "runai", "download-then-load", "meta-mmap"]
+
+
+def _cell(st: dict[str, Any] | None) -> str:
+    """Median with its run count; no median when any run failed (a survivor median hides it)."""
+    if not st:
+        return "-"
+    if st.get("n_ok", 0) < st.get("n", 0) or "median_s" not in st:
+        return f"FAILED {st.get('n_ok', 0)}/{st.get('n', 0)}"
+    return f"{st['median_s']:.3f}"
+
+
+def targets(cfg: dict[str, Any]) -> dict[str, float | None]:
+    """cicada / best peer (target <= 0.8) and, shaped, cicada / (max(wire, fwd) + skeleton) (<= 1.2)."""
+    s = cfg["strategies"]
+    ok = {k: v["median_s"] for k, v in s.items() if "median_s" in v and v.get("n_ok") == v.get("n")}
+    cic = ok.get("cicada")
+    peers = [ok[p] for p in PEERS if p in ok and not (cfg["storage"] != "local" and p == "meta-mmap")]
+    best = min(peers) if peers else None
+    return {"cicada_s": cic, "best_peer_s": best,
+            "vs_best_peer": cic / best if cic and best else None,
+            "vs_bound": cic / cfg["bound_s"] if cic and cfg.get("bound_s") else None}
+
+
 def format_table(results: dict[str, Any]) -> str:
     lines = [
-        f"servers: {results['servers']}; medians of {results['repeat']} runs, each a fresh process",
+        f"servers: {results['servers']}; medians of {results['repeat']} runs, each a fresh process; seconds",
         "",
-        "| model | storage | cap MB/s | wire s | warm fwd s | cicada s | x max(wire, fwd) | download-then-load s | speedup | local meta-mmap s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | storage | rate MB/s | wire s | bound s | cicada | tensorizer | runai | download-then-load "
+        "| meta-mmap | cicada / best peer | cicada / bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results["models"].items():
-        for key, cfg in e["configs"].items():
-            s = cfg["strategies"]
-            cic = s.get("cicada", {}).get("median_s")
-            if cfg["cap_mbps"] is None:
-                mm = s.get("meta-mmap", {}).get("median_s")
-                lines.append(f"| {name} | local (cold cache) | - | - | {e['warm_forward_s']:.3f} | "
-                             f"{_f(cic)} | - | - | - | {_f(mm)} |")
-                continue
-            dtl = s.get("download-then-load", {}).get("median_s")
+        for cfg in e["configs"].values():
+            s, t = cfg["strategies"], targets(cfg)
+            rate = "-" if cfg["cap_mbps"] is None else ("unshaped" if not cfg["cap_mbps"] else f"{cfg['cap_mbps']:g}")
             lines.append(
-                f"| {name} | {cfg['storage']} | {cfg['cap_mbps']:g} | {cfg['wire_s']:.3f} | {e['warm_forward_s']:.3f} | "
-                f"{_f(cic)} | {_f(cic / cfg['bound_s'] if cic else None, 2)} | {_f(dtl)} | "
-                f"{_f(dtl / cic if cic and dtl else None, 2)}x | - |"
-            )
-    fetch_rows = [(n, e["fetch"]) for n, e in results["models"].items() if "fetch" in e]
-    if fetch_rows:
-        lines += ["", f"Fetch into memory from {results['servers'].get('s3')} (uncapped), GB/s (median):", "",
-                  "| model | bytes | cicada S3 backend | Run:ai Model Streamer | ratio |", "|---|---|---|---|---|"]
-        for n, f in fetch_rows:
-            a = f.get("cicada-s3", {}).get("median_gbps")
-            b = f.get("runai", {}).get("median_gbps")
-            nbytes = f.get("cicada-s3", {}).get("bytes") or 0
-            lines.append(f"| {n} | {nbytes / 1e6:.0f} MB | {_f(a)} | {_f(b)} | {_f(a / b if a and b else None, 2)} |")
+                f"| {name} | {cfg['storage']} | {rate} | {_f(cfg.get('wire_s'))} | {_f(cfg.get('bound_s'))} | "
+                + " | ".join(_cell(s.get(k)) for k in ["cicada", *PEERS])
+                + f" | {_f(t['vs_best_peer'], 2)} | {_f(t['vs_bound'], 2)} |")
+        lines.append(f"\n{name}: warm forward {e['warm_forward_s']:.3f} s, skeleton {e['skeleton_s']:.3f} s; "
+                     "bound = max(wire, warm forward) + skeleton")
     return "\n".join(lines)
 
 
@@ -52,18 +63,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     names = list(results["models"])
     fig, axes = plt.subplots(len(names), 1, figsize=(11, 3.8 * len(names)), squeeze=False)
-    colors = {"cicada": "#ff7f0e", "download-then-load": "#1f77b4", "meta-mmap": "#2ca02c"}
+    colors = {"cicada": "#ff7f0e", "download-then-load": "#1f77b4", "meta-mmap": "#2ca02c",
+              "tensorizer": "#9467bd", "runai": "#8c564b"}
     for ax, name in zip(axes[:, 0], names):
         e = results["models"][name]
         keys = list(e["configs"])
-        strategies = ["cicada", "download-then-load", "meta-mmap"]
-        width = 0.27
+        strategies = ["cicada", *PEERS]
+        width = 0.16
         for j, s in enumerate(strategies):
             xs, ys, errs = [], [], []
             for i, k in enumerate(keys):
                 st = e["configs"][k]["strategies"].get(s)
                 if st and "median_s" in st:
-                    xs.append(i + (j - 1) * width)
+                    xs.append(i + (j - 2) * width)
                     ys.append(st["median_s"])
                     errs.append([[st["median_s"] - st["min_s"]], [st["max_s"] - st["median_s"]]])
             if xs:
@@ -72,11 +84,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for i, k in enumerate(keys):
             b = e["configs"][k].get("bound_s")
             if b:
-                ax.hlines(b, i - 1.5 * width, i + 1.5 * width, colors="k", linestyles="dashed",
-                          label="max(wire, warm forward)" if i == next(
+                ax.hlines(b, i - 2.5 * width, i + 2.5 * width, colors="k", linestyles="dashed",
+                          label="max(wire, warm forward) + skeleton" if i == next(
                               n for n, kk in enumerate(keys) if e["configs"][kk].get("bound_s")) else None)
         ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels([k.replace("@", " @ ") + ("" if "@" not in k else " MB/s") for k in keys])
+        ax.set_xticklabels([k.replace("@", " @ ") + ("" if "@" not in k else " MB/s") for k in keys], fontsize=7)
         ax.set_ylabel("cold start (s), median")
         ax.set_title(f"{name}: cold start to first output ({e['weights_bytes'] / 1e6:.0f} MB weights)")
         ax.legend(fontsize=8)

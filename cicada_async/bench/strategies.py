@@ -96,7 +96,9 @@ def eager(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dty
 
 
 def meta_mmap(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dtype: torch.dtype | None,
-              device: str = "cpu") -> Result:
+              device: str = "cpu", load: Callable[[], dict[str, torch.Tensor]] | None = None) -> Result:
+    """Parameters on meta, then the checkpoint's tensors assigned; ``load`` (the remote peers:
+    tensorizer, Run:ai) supplies the tensors in the checkpoint's names instead of mmapped files."""
     from cicada_async.engine.skeleton import skeleton_mode
 
     t: dict[str, float] = {}
@@ -109,7 +111,11 @@ def meta_mmap(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor],
     ]
     t["construct_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    sd = _state_dict(model_dir, spec, model)
+    if load is None:
+        sd = _state_dict(model_dir, spec, model)
+    else:
+        rename = spec.checkpoint_renamer(model)
+        sd = {rename(k): v for k, v in load().items()} if rename else load()
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     for group in ties:  # assign=True replaces parameters, which unties them
         (m0, n0), *rest = group
