@@ -41,8 +41,11 @@ class LoadOptions:
     # (no copy, no zeroing). False reads into anonymous arenas with O_DIRECT instead.
     mapped: bool = True
     # A gated forward that starts with every read landed (page cache warm, prefetched) has no
-    # fetch left to leave a core for: it computes on every core (forward.all_cores).
-    all_cores_when_landed: bool = True
+    # fetch left to leave a core for: it may compute on every core (forward.all_cores). Off by
+    # default: with other models' work sharing the executor, OpenMP workers spinning on the
+    # loop's core made `cicada bench multi-model` worse in every latency (tiny-mlp's warm p99
+    # during cold starts 660 ms with it, 141 ms without, same trace, quiet machine).
+    all_cores_when_landed: bool = False
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
