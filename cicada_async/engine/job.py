@@ -42,9 +42,10 @@ class LoadOptions:
     mapped: bool = True
     # A gated forward that starts with every read landed (page cache warm, prefetched) has no
     # fetch left to leave a core for: it may compute on every core (forward.all_cores). Off by
-    # default: with other models' work sharing the executor, OpenMP workers spinning on the
-    # loop's core made `cicada bench multi-model` worse in every latency (tiny-mlp's warm p99
-    # during cold starts 660 ms with it, 141 ms without, same trace, quiet machine).
+    # default: other models' work shares the executor and the loop, and the multi-model run
+    # with it on (bench-results/multi-model-all-cores.json) was worse than the next one without
+    # it (multi-model-run2.json); a third run without it (multi-model.json) varied as much, so
+    # the effect is not proven either way.
     all_cores_when_landed: bool = False
 
 
