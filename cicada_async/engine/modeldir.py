@@ -18,7 +18,7 @@ import orjson
 import torch
 from torch import nn
 
-from protocols.errors import CheckpointError, ConfigError, ObjectNotFound
+from protocols.errors import CheckpointError, CicadaError, ConfigError, ObjectNotFound
 from protocols.storage import StorageBackend
 
 SMALL_FILE_LIMIT = 16 << 20  # config and index files; anything larger is not a config
@@ -132,13 +132,16 @@ def example_inputs_for(kind: str, config: Mapping[str, Any]) -> dict[str, tuple[
     return {"input_ids": ((-1, -1), torch.int64)}
 
 
-async def _read_small(backend: StorageBackend, key: str) -> bytes | None:
+async def read_small(backend: StorageBackend, key: str, *, limit: int = SMALL_FILE_LIMIT,
+                     too_large: Callable[[str], CicadaError] | None = None) -> bytes | None:
+    """A small object whole (config, index, manifest, plan file), or None when it is absent."""
     try:
         info = await backend.stat(key)
     except ObjectNotFound:
         return None
-    if info.size > SMALL_FILE_LIMIT:
-        raise ConfigError(f"{key} is {info.size} bytes; that is not a config file")
+    if info.size > limit:
+        msg = f"{key} is {info.size} bytes"
+        raise too_large(msg) if too_large is not None else ConfigError(f"{msg}; that is not a config file")
     buf = bytearray(info.size)
     if info.size:
         await backend.read_into(key, 0, memoryview(buf), version=info.version)
@@ -158,11 +161,11 @@ def _json(raw: bytes, key: str) -> dict[str, Any]:
 async def read_model_spec(backend: StorageBackend) -> ModelSpec:
     """Read the small files of a model directory (concurrently: each is a round trip remotely)."""
     cicada_raw, config_raw, index_raw, single, manifest_raw = await asyncio.gather(
-        _read_small(backend, "cicada.json"),
-        _read_small(backend, "config.json"),
-        _read_small(backend, "model.safetensors.index.json"),
+        read_small(backend, "cicada.json"),
+        read_small(backend, "config.json"),
+        read_small(backend, "model.safetensors.index.json"),
         _exists(backend, "model.safetensors"),
-        _read_small(backend, "cicada.manifest.json"),
+        read_small(backend, "cicada.manifest.json"),
     )
     if cicada_raw is not None:
         cfg = _json(cicada_raw, "cicada.json")

@@ -33,12 +33,12 @@ from typing import Any
 import orjson
 import torch
 
-from protocols.errors import CheckpointError, CicadaError, ObjectNotFound
+from protocols.errors import CheckpointError, CicadaError
 from protocols.manifest import FileHeader, Plan, TensorEntry
 from protocols.storage import StorageBackend
 
 import cicada_async
-from cicada_async.engine.modeldir import ModelSpec
+from cicada_async.engine.modeldir import ModelSpec, read_small
 
 log = logging.getLogger(__name__)
 
@@ -236,16 +236,8 @@ class PlanFiles:
 
     async def _read_stored(self, key: str) -> bytes | None:
         """A plan file in the model's own storage (local directory, packed layout on S3/HTTP)."""
-        try:
-            info = await self.backend.stat(key)
-        except ObjectNotFound:
-            return None
-        if info.size > MAX_PLAN_BYTES:
-            raise CheckpointError(f"{key} is {info.size} bytes, too large for a plan file")
-        buf = bytearray(info.size)
-        if info.size:
-            await self.backend.read_into(key, 0, memoryview(buf), version=info.version)
-        return bytes(buf)
+        return await read_small(self.backend, key, limit=MAX_PLAN_BYTES,
+                                too_large=lambda m: CheckpointError(f"{m}, too large for a plan file"))
 
 
 def _read_local(path: Path) -> bytes | None:

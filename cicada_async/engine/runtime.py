@@ -130,6 +130,7 @@ class ModelInstance:
         self.state = "unloaded"
         self.nbytes: int | None = None
         self.weight_bytes: int | None = None  # the weight files' sizes, before any load
+        self._describing: asyncio.Future[ModelSpec] | None = None
         self.last_error: str | None = None
         self.last_timeline: Timeline | None = None
         self.last_used = time.monotonic()
@@ -284,7 +285,17 @@ class ModelInstance:
         await self.engine.executor.run(self._ready.build, spec, dtype, priority=PREBUILD_PRIORITY)
 
     async def describe(self) -> ModelSpec:
-        """Read the model's config files (not its weights) so metadata has its inputs."""
+        """Read the model's config files (not its weights) so metadata has its inputs.
+
+        Read once: the startup describe and the skeleton prebuild share one read (a failed one
+        is tried again). Loads read the spec afresh; the kept skeleton is checked against that.
+        """
+        task = self._describing
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._describing = asyncio.ensure_future(self._describe())
+        return await asyncio.shield(task)
+
+    async def _describe(self) -> ModelSpec:
         backend = open_backend(self.uri, self.engine.storage.get(scheme_of(self.uri), {}), cache=self.engine.node_cache)
         try:
             spec = await read_model_spec(backend)
