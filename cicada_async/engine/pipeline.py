@@ -32,7 +32,7 @@ from cicada_async.engine.modeldir import ModelSpec, read_model_spec
 from cicada_async.engine.plan import (
     build_plan,
     execution_order,
-    file_order_reads,
+    first_reads,
     make_plan,
     planned_modules,
     shard_groups,
@@ -117,7 +117,7 @@ class ColdStart:
             raise
         if spec.manifest is not None and hasattr(landing, "hold_releases"):
             landing.hold_releases()  # converted spans stay resident until the files verify
-        fetcher = self.start_fetch(hdrs, landing)
+        fetcher = await self.start_fetch(hdrs, landing)
         outputs: Outputs = None
         try:
             async with asyncio.TaskGroup() as tg:
@@ -194,15 +194,19 @@ class ColdStart:
             return await asyncio.to_thread(make)  # pinned slabs and device buffers: off the loop
         return make()
 
-    def start_fetch(self, hdrs: dict[str, FileHeader], landing: Landing) -> Fetcher:
-        """Reads in file order until the plan exists; the plan re-orders what is not admitted."""
+    async def start_fetch(self, hdrs: dict[str, FileHeader], landing: Landing) -> Fetcher:
+        """Reads in a stored plan's order (else file order); the plan re-orders the rest."""
         # Before the plan exists, read in larger pieces (4 read sizes, at most 32 MiB): the
         # skeleton build (and, in a fresh process, the transformers import) holds the GIL, and
         # each read costs the loop a GIL hand-over of up to 5 ms. Staging slabs fix the size.
         read_bytes = self.options.read_bytes
         if not hasattr(landing, "slab_bytes"):
             read_bytes = max(read_bytes, min(4 * read_bytes, PREFETCH_READ_BYTES))
-        reads = tuple(file_order_reads(hdrs, read_bytes=read_bytes, alignment=self.alignment))
+        known = self.request.cached_plan
+        if known is None and self._known_plan is not None:
+            known = await self._known_plan  # a small local file, read while the skeleton builds
+        reads = tuple(first_reads(hdrs, known.modules if known else None, read_bytes=read_bytes,
+                                  alignment=self.alignment))
         return Fetcher(Plan((), (), reads, "file", ()), self.backend, hdrs, landing,
                        settings=self.request.fetch, scheduler=self.scheduler,
                        priority=self.request.priority, on_landed=self._landed, timeline=self.timeline)

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from protocols.manifest import Plan, ReadRange, Shard, TensorEntry
+from protocols.manifest import FileHeader, Plan, ReadRange, Shard, TensorEntry
 
+from cicada_async.engine.headers import all_tensors
 from cicada_async.engine.patches import ScopedPatch
 from cicada_async.engine.skeleton import SkeletonIndex
 from cicada_async.engine.modeldir import ModelSpec
@@ -309,6 +310,42 @@ def _coalesce(
     if window:
         flush()
     return out
+
+
+def first_reads(
+    headers: Mapping[str, FileHeader], modules: Sequence[str] | None, *, read_bytes: int, alignment: int,
+) -> list[ReadRange]:
+    """Reads before the skeleton exists: in the module order of a stored plan (``modules``),
+    else in file order. gpt2's 154 MB embedding, which its first layer needs, is last in its
+    file: file order would put every other layer on the wire before it."""
+    if not modules:
+        return file_order_reads(headers, read_bytes=read_bytes, alignment=alignment)
+    return hinted_reads(all_tensors(headers), {k: h.size for k, h in headers.items()}, modules,
+                        read_bytes=read_bytes, alignment=alignment)
+
+
+def hinted_reads(
+    tensors: Mapping[str, TensorEntry], file_sizes: Mapping[str, int], modules: Sequence[str],
+    *, read_bytes: int, alignment: int,
+) -> list[ReadRange]:
+    """Reads in the module order a stored plan recorded.
+
+    A tensor goes with the innermost planned module its checkpoint name starts with; names
+    that match none (a checkpoint saved under legacy names) are read last, in file order. Only
+    a guess until the plan is checked against the skeleton: a wrong one costs speed, not bytes
+    (the real plan keeps these reads and fetches whatever they missed).
+    """
+    rank = {m: i for i, m in enumerate(modules)}
+    groups: list[list[str]] = [[] for _ in range(len(modules) + 1)]
+    for name in sorted(tensors, key=lambda n: (tensors[n].file, tensors[n].start)):
+        owner = name.rpartition(".")[0]
+        while owner and owner not in rank:
+            owner = owner.rpartition(".")[0]
+        groups[rank.get(owner, len(modules))].append(name)
+    parts = [(i, [(tensors[t].file, tensors[t].start, tensors[t].end) for t in names])
+             for i, names in enumerate(groups) if names]
+    return [ReadRange(f, lo, hi, ()) for f, lo, hi, _ in
+            _coalesce(parts, file_sizes, read_bytes=read_bytes, alignment=alignment)]
 
 
 def file_order_reads(

@@ -204,3 +204,42 @@ async def test_pack_writes_the_plan_into_the_packed_layout(model_dirs, tmp_path,
         assert "dry-run" not in st, uri
         assert_equal_outputs(reference(src, inputs), out)
     assert not (tmp_path / "empty").exists()
+
+
+async def test_known_plan_orders_the_first_reads(model_dirs, tmp_path):
+    """Reads issued before the skeleton exists follow the stored order: gpt2's embedding (last
+    in its file, needed by the first layer) is read first, not after every other layer."""
+    from cicada_async.engine.headers import all_tensors
+    from cicada_async.engine.plan import first_reads
+    from cicada_async.engine.pipeline import read_headers
+    from cicada_async.engine.modeldir import read_model_spec
+    from backends.local import LocalBackend
+
+    d = private_copy(model_dirs, "tiny-gpt2", tmp_path)
+    inputs = inputs_for(d)
+    _, _, plan = await cold_infer(str(d), inputs, read_bytes=4096)
+    backend = LocalBackend(d)
+    hdrs = await read_headers(backend, await read_model_spec(backend))
+    await backend.aclose()
+    tensors = all_tensors(hdrs)
+    wte = tensors["transformer.wte.weight"]
+    assert wte.start == max(e.start for e in tensors.values()), "fixture: the embedding is last in its file"
+    before = first_reads(hdrs, None, read_bytes=16384, alignment=1)
+    hinted = first_reads(hdrs, plan.modules, read_bytes=16384, alignment=1)
+    assert before[0].start < wte.start <= hinted[0].start < wte.end
+    # Every tensor byte is read, in either order.
+    for reads in (before, hinted):
+        for name, e in tensors.items():
+            spans = sorted((r.start, r.end) for r in reads if r.file == e.file and r.start < e.end and r.end > e.start)
+            assert spans[0][0] <= e.start and spans[-1][1] >= e.end
+            assert all(a[1] >= b[0] for a, b in zip(spans, spans[1:])), f"a hole in {name}"
+    # Names no planned module owns (legacy checkpoint names) are read after the planned ones.
+    odd = first_reads(hdrs, [m for m in plan.modules if m != "transformer.wte"], read_bytes=16384, alignment=1)
+    assert odd[-1].end > wte.start and odd[0].start != hinted[0].start
+
+    # In a cold start: the second one (the plan file is known) issues the embedding's read first.
+    _, st, used = await cold_infer(str(d), inputs, read_bytes=4096)
+    assert "dry-run" not in st
+    first = used.reads[0]
+    assert first.file == wte.file and wte.start <= first.start + 4096 and first.start < wte.end
+    assert plan.reads[0].start < wte.start, "without a plan file the first read is the file's start"
