@@ -1,7 +1,7 @@
 """What a kept skeleton costs: memory of one model's ReadySkeleton (pristine + spare), and the
 times of a warm skeleton build and of a deepcopy of the meta skeleton. Configs only, no weights.
 
-    .venv/bin/python scripts/skeleton-memory.py gpt2 bert-base   # prints JSON
+    .venv/bin/python scripts/skeleton-memory.py gpt2 bert-base [--json PATH]   # prints JSON
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def ms(fn, n: int = 5) -> float:  # type: ignore[no-untyped-def]
     return round(statistics.median(times) * 1e3, 1)
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], json_path: str | None = None) -> None:
     torch.set_num_threads(1)
     import_conversion_mapping()
     out = {}
@@ -70,9 +70,24 @@ def main(names: list[str]) -> None:
                      "kept_traced_kib": round(traced / 1024), "kept_rss_delta_kib": round((r1 - r0) / 1024)}
         del ready
         gc.collect()
-    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
-                      "cores": os.cpu_count(), "models": out}, indent=1))
+    doc = {"torch": torch.__version__, "transformers": transformers.__version__,
+           "cores": os.cpu_count(), "models": out}
+    print(json.dumps(doc, indent=1))
+    if json_path:
+        from cicada_async.bench.cold_start_report import provenance
+
+        prov = provenance(["scripts/skeleton-memory.py", *sys.argv[1:]])
+        prov.pop("clock", None)
+        prov["machine"]["loadavg_end"] = list(os.getloadavg())
+        with open(json_path, "w") as f:
+            json.dump({**prov, **doc}, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["gpt2", "bert-base"])
+    argv = sys.argv[1:]
+    path = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        path = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    main(argv or ["gpt2", "bert-base"], path)
