@@ -152,8 +152,34 @@ def test_every_library_rejection_is_ours_too(case: Case, tmp_path: Path) -> None
         pytest.fail(f"{case.name}: accepted by our parser")
 
 
-def test_corpus_has_at_least_15_kinds() -> None:
-    assert len({c.name for c in CASES}) >= 15
+def test_every_header_check_is_reached_by_a_case() -> None:
+    """Each ``raise CheckpointError`` of the header parser is where some corpus file stops: a
+    check added without a hostile file to prove it, or one no file can reach, fails here."""
+    import ast
+    import traceback
+
+    import cicada_async.engine.headers as headers
+
+    src = Path(headers.__file__)
+    parsers = {"header_length", "_no_duplicates", "parse_header", "_entry"}
+    sites = {
+        node.lineno
+        for fn in ast.walk(ast.parse(src.read_text()))
+        if isinstance(fn, ast.FunctionDef) and fn.name in parsers
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Raise) and node.exc is not None and "CheckpointError" in ast.unparse(node.exc)
+    }
+    reached = set()
+    for case in CASES:
+        err = ours(case.blob)
+        assert err is not None, case.name
+        e: BaseException | None = err
+        while e is not None:  # a check inside json.loads is re-raised with the file's name
+            frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(src)]
+            if frames:
+                reached.add(frames[-1].lineno)
+            e = e.__context__
+    assert sites and sites <= reached, f"header checks no case reaches: lines {sorted(sites - reached)} of {src.name}"
 
 
 def test_valid_files_accepted_by_both(tmp_path: Path) -> None:
