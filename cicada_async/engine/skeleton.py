@@ -258,7 +258,11 @@ def materialize(slot: Slot, value: torch.Tensor) -> None:
 
 def build_skeleton(spec: ModelSpec, dtype: torch.dtype | None) -> nn.Module:
     """The model with parameters on meta and real buffers, in eval mode."""
-    with skeleton_mode(), torch.device("cpu"):
+    # Buffers are made on the CPU even under another default device. The device context is a
+    # Python torch-function mode under every op of __init__ (about a quarter of the build):
+    # entered only when it changes something.
+    on_cpu = torch.get_default_device().type == "cpu"
+    with skeleton_mode(), contextlib.nullcontext() if on_cpu else torch.device("cpu"):
         model = spec.build()
     if dtype is not None:
         cast_for_serving(model, dtype)

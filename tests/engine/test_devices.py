@@ -91,3 +91,22 @@ async def test_cuda_concurrent_cold_starts_on_their_own_streams_are_exact(model_
                                     *(warm.infer(inputs_for(model_dirs["tiny-mlp"])) for _ in range(5)))
     for n, out in zip(names, outs):
         assert_equal_outputs(reference_on(model_dirs[n], inputs_for(model_dirs[n]), "cuda"), out)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_skeleton_buffers_are_real_under_another_default_device(model_dirs: dict[str, Path], name: str) -> None:
+    """The CPU device context is entered only when the default device is not the CPU: under a
+    ``meta`` default, ``__init__``'s buffers (position ids, rotary frequencies) are still real."""
+    spec = local_spec(model_dirs[name])
+    baseline = build_skeleton(spec, None)
+    before = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        model = build_skeleton(spec, None)
+    finally:
+        torch.set_default_device(before)
+    bufs = dict(model.named_buffers())
+    assert bufs and all(b.device.type == "cpu" for b in bufs.values()), {k: b.device for k, b in bufs.items()}
+    for k, b in dict(baseline.named_buffers()).items():
+        assert torch.equal(bufs[k], b), k
+    assert all(p.is_meta for p in model.parameters())
