@@ -62,16 +62,11 @@ def main() -> int:
           f"ratio {hit / local:.3f} (medians of {args.repeat}, alternating)")
     if args.json is not None:
         import json
-        import os
-        import sys
 
-        from cicada_async.bench.cold_start_report import provenance
+        from cicada_async.bench.cold_start_report import script_provenance
 
-        prov = provenance(["scripts/node-cache-figure.py", *sys.argv[1:]])
-        prov.pop("clock", None)
-        prov["machine"]["loadavg_end"] = list(os.getloadavg())
         args.json.write_text(json.dumps({
-            **prov, "model": model.name, "repeat": args.repeat, "miss_fill_s": fill,
+            **script_provenance("scripts/node-cache-figure.py"), "model": model.name, "repeat": args.repeat, "miss_fill_s": fill,
             "runs_s": times, "median_local_s": local, "median_hit_s": hit, "hit_over_local": hit / local,
             "clock": "a fresh Engine per cold start in one process, imports done, page cache warm; from just before the first infer() to its return",
         }, indent=1))

@@ -74,13 +74,10 @@ def main(names: list[str], json_path: str | None = None) -> None:
            "cores": os.cpu_count(), "models": out}
     print(json.dumps(doc, indent=1))
     if json_path:
-        from cicada_async.bench.cold_start_report import provenance
+        from cicada_async.bench.cold_start_report import script_provenance
 
-        prov = provenance(["scripts/skeleton-memory.py", *sys.argv[1:]])
-        prov.pop("clock", None)
-        prov["machine"]["loadavg_end"] = list(os.getloadavg())
         with open(json_path, "w") as f:
-            json.dump({**prov, **doc}, f, indent=1)
+            json.dump({**script_provenance("scripts/skeleton-memory.py"), **doc}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cicada_async.engine.procfs import kib_field
+
 CLOCK = {
     "starts": "immediately before the strategy's function is called, in a fresh process, after: "
               "imports (torch, the model's transformers class, the engine's modules), reading the "
@@ -202,10 +204,13 @@ def detail_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def _git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+                              cwd=REPO).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -221,13 +226,7 @@ def _cpu_model() -> str | None:
 
 
 def _mem_total() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return kib_field("/proc/meminfo", b"MemTotal:")
 
 
 def provenance(argv: list[str]) -> dict[str, Any]:
@@ -251,6 +250,20 @@ def provenance(argv: list[str]) -> dict[str, Any]:
                     "kernel": platform.release(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": ver("torch"),
                     "transformers": ver("transformers"), "loadavg_start": list(os.getloadavg())},
-        "python_executable": sys.executable,
+        # Repository-relative (".venv/bin/python"): no machine's paths in committed JSON.
+        "python_executable": _repo_relative(sys.executable),
         "clock": CLOCK,
     }
+
+
+def script_provenance(script: str) -> dict[str, Any]:
+    """``provenance`` for a measuring script (no cold-start clock), with the load at its end."""
+    prov = provenance([script, *sys.argv[1:]])
+    del prov["clock"]
+    prov["machine"]["loadavg_end"] = list(os.getloadavg())
+    return prov
+
+
+def _repo_relative(path: str) -> str:
+    p = Path(path).absolute()
+    return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name

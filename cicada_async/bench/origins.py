@@ -126,11 +126,12 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30, host:
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def stop_process(proc: subprocess.Popen[Any]) -> None:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """SIGTERM, up to ``timeout`` seconds to exit (a server drains), then SIGKILL."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=5)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)

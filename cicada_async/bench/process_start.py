@@ -35,7 +35,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -46,6 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cicada_async.bench.origins import stop_process
 from cicada_async.bench.pagecache import evict, evict_checked, files_of, resident_bytes, warm
 from cicada_async.bench.procinfo import ChildRss, commit, machine
 
@@ -237,12 +237,7 @@ def one_run(model: str, model_dir: Path, *, warm_imports: bool, prefetch: bool, 
             if status != 200:
                 raise RuntimeError(f"second infer answered {status}: {out[:300]!r}")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=60)
             reader.join(5)
     assert start is not None and cold is not None, "server logged no start/cold_start line"
     cold_s = float(cold["wall_s"])

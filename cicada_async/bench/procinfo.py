@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cicada_async.engine.procfs import kib_field
+
 GIB = 1 << 30
 
 
@@ -22,12 +24,7 @@ def machine() -> dict[str, Any]:
                     if line.startswith("model name")), "")
     except OSError:
         pass
-    mem = 0
-    try:
-        mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal:"))
-    except (OSError, StopIteration):
-        pass
+    mem = kib_field("/proc/meminfo", b"MemTotal:") or 0
     versions = {}
     for pkg in ("torch", "transformers", "safetensors", "aiohttp"):
         try:

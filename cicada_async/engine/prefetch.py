@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from cicada_async.engine.procfs import kib_field
+
 CHUNK_BYTES = 32 << 20  # one GIL hand-over per 32 MiB read: rare enough not to slow the imports
 THREADS = 2  # measured on 2 cores: 2 readers beat 1 and 4 (the disk, not the CPU, limits)
 _MADV_POPULATE_READ = 22  # Linux 5.14+
@@ -163,14 +165,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def available_bytes() -> int:
     """MemAvailable from /proc/meminfo (0 where unknown: then nothing is prefetched)."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return kib_field("/proc/meminfo", b"MemAvailable:") or 0
 
 
 def local_dir(uri: str) -> Path | None:

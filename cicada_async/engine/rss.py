@@ -24,20 +24,15 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cicada_async.engine.procfs import kib_field
+
 GIB = 1 << 30
 INTERVAL_S = 0.02  # 50 reads of a small /proc file per second: invisible next to a load
 
 
 def rss_bytes() -> int:
     """This process's resident set size now (0 where /proc is unavailable)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return kib_field("/proc/self/status", b"VmRSS:") or 0
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cicada_async.bench.origins import stop_process
 from cicada_async.bench.pagecache import evict_checked, resident_bytes
 from cicada_async.engine.prefetch import prefetch_dirs, start_for_cli, weight_files
 
@@ -47,12 +47,7 @@ def _serve_start_line(config: Path, **env: str) -> dict:
                 return doc
         raise AssertionError(f"no start line (exit {proc.poll()})")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=30)
 
 
 def test_serve_starts_prefetch_before_torch_is_imported(model_dirs, tmp_path):
