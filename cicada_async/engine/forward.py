@@ -39,10 +39,12 @@ def all_cores(enabled: bool = True) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A forward on the executor thread; outputs named and on the CPU."""
+def run_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,
+                every_core: bool = False) -> dict[str, torch.Tensor]:
+    """A forward on the executor thread; outputs named and on the CPU. ``every_core``: on the
+    CPU, torch's intra-op threads = usable cores for this forward (all_cores)."""
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), all_cores(every_core and device.type == "cpu"):
             if device.type != "cpu":
                 inputs = {k: v.to(device) for k, v in inputs.items()}
             out = output_dict(model(**inputs))

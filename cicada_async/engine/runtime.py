@@ -50,7 +50,10 @@ class Engine:
         node_cache: Mapping[str, Any] | None = None,
         plan_dir: str | os.PathLike[str] | None = None,
         plan_files: bool = True,
+        every_core_when_idle: bool = False,
     ) -> None:
+        # A warm forward while no load fetches anywhere: every usable core, not torch's setting.
+        self.every_core_when_idle = every_core_when_idle
         self.node_cache = dict(node_cache or {})  # the [cache] table's dir and max_bytes
         self.warm_imports = warm_imports
         # False: the serialized baseline (a waiting load keeps all compute; reads FIFO).
@@ -158,10 +161,11 @@ class ModelInstance:
             if self.state == "ready" and self._model is not None and self._files_changed():
                 await self.unload()  # the next lines cold-start it from the files as they are now
             if self.state == "ready" and self._model is not None:
-                batch = inputs() if callable(inputs) else inputs
-                return await self.engine.executor.run(
-                    run_forward, self._model, batch, torch.device(self.options.device), priority=priority
-                )
+                batch, engine = inputs() if callable(inputs) else inputs, self.engine
+                every = engine.every_core_when_idle and all(i._load is None or i._load.done()
+                                                            for i in engine.instances.values())
+                return await engine.executor.run(
+                    run_forward, self._model, batch, torch.device(self.options.device), every, priority=priority)
             if self._load is None:
                 # This request's inputs ride along with the load: it computes while loading.
                 self._start_load(priority, inputs)
@@ -392,5 +396,4 @@ class ModelInstance:
 
 
 def _set(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
+    fut.done() or fut.set_result(value)

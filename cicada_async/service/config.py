@@ -94,9 +94,9 @@ class ServerConfig:
     config order while they fit half of MemAvailable (and memory_budget_bytes); remote ones are
     skipped. $CICADA_PREFETCH=0 turns it off too."""
     torch_threads: int | None = None
-    """Torch intra-op threads; None: usable cores minus one, so that OpenMP workers spinning
-    after each op do not starve the event loop (measured: 7.5 ms -> 0.9 ms per warm request
-    on 2 cores). 0 leaves torch's default."""
+    """Torch intra-op threads; None: usable cores minus one while any load fetches (the fetch
+    and the loop keep a core), every usable core for warm forwards while none does. 0 leaves
+    torch's default; any value set is used for every forward."""
     max_body_bytes_in_flight: int = 1 << 30
     """Infer body bytes the server holds at once (being read, queued or running). A request
     whose Content-Length does not fit is refused with 503 before its body is read; a chunked

@@ -96,7 +96,7 @@ def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
     from cicada_async.engine.runtime import Engine  # deferred: heavy imports only when serving
 
     return Engine(storage=config.storage, node_cache=config.node_cache, plan_dir=config.cache.plan_dir,
-                  shared=not config.server.serialize_loads)
+                  shared=not config.server.serialize_loads, every_core_when_idle=config.server.torch_threads is None)
 
 
 def executed(app: web.Application, model: str, size: int, ns: int, cold: bool) -> None:
