@@ -1,17 +1,20 @@
 """Peer comparison: KServe's own Python ModelServer against ``cicada serve``, same client, same load.
 
-  flock /tmp/cicada-bench.lock python loadtest/kserve_compare.py [--duration 15] \
-      [--models bert-base,resnet-50] [--json bench-results/kserve-compare.json]
+  flock /tmp/cicada-bench.lock python loadtest/kserve_compare.py [--duration 15] [--rounds 2] \
+      [--models bert-base,resnet-50] [--http-gbit 1] [--json bench-results/kserve-compare.json]
 
 For each model (``cicada make-model``: real architectures, random weights): the peer
 (``loadtest/kserve_peer.py``, a ``kserve.Model`` over ``from_pretrained``) and cicada (dynamic
-batching on: ``max_batch_size = 32``, no queue delay) are started in turn as subprocesses on
-127.0.0.1 and driven by one closed-loop client (aiohttp, one pre-encoded binary V2 body, binary
-outputs) at concurrency 1 and 8 for ``--duration`` seconds each, after a warm-up. Latencies are
-raw client-side times per request. Every 10th answer of both servers is decoded and compared
-with a plain PyTorch forward of the same input, so that a broken peer cannot flatter us. Then,
-on cicada: one cold request to the unloaded model, timed, against a burst of 32 to the unloaded
-model (each after an unload, so both find the skeleton and plan file kept ready).
+batching on: ``max_batch_size`` 32, 8 for resnet-50, no queue delay) run side by side as
+subprocesses on 127.0.0.1, and one closed-loop client (aiohttp, one pre-encoded binary V2 body,
+binary outputs) drives one of them at a time at concurrency 1 and 8 for ``--duration`` seconds
+per cell, after a warm-up; the cells interleave over ``--rounds`` rounds (the order reversed
+every other round) and medians are reported. Latencies are raw client-side times per request.
+Every 10th answer of both servers is decoded and compared with a plain PyTorch forward of the
+same input, so that a broken peer cannot flatter us. Then, on cicada: one cold request to the
+unloaded model against a cold burst of 32, and a warm burst of 32 (the compute alone, a floor
+for any burst); then the same with the weights on nginx behind a tc-shaped veth link
+(``--http-gbit``), the origin's page cache dropped before each cold start.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,9 @@ sys.path.insert(0, str(ROOT))
 from loadtest.run_locust import free_port, wait_ready  # noqa: E402
 
 BURST = 32
+# resnet-50 costs more per image in batches past 8 on this CPU (forward ms per image, 1 thread:
+# 153 at batch 1, 156 at 4 and 8, 258 at 32); bert-base less and less up to 32 (117, 56, 42, 43).
+MAX_BATCH = {"resnet-50": 8}
 CHECK_EVERY = 10
 
 
@@ -179,59 +186,122 @@ def machine() -> dict[str, Any]:
             "loadavg_before": os.getloadavg()}
 
 
-def run_model(model: str, path: Path, duration: float, logs: Path) -> dict[str, Any]:
+def cicada_cmd(model: str, uri: str, port: int, logs: Path, tag: str, server_toml: str) -> list[str]:
+    cfg = logs / f"{model}-{tag}.toml"
+    cfg.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n{server_toml}\n[models.{model}]\nuri = "{uri}"\n'
+                   f"keep_alive_s = 0\nmax_batch_size = {MAX_BATCH.get(model, BURST)}\n")
+    return [sys.executable, "-m", "cicada_async", "serve", "--config", str(cfg)]
+
+
+def bursts(url: str, model: str, payload: tuple[bytes, dict[str, str]], want: dict[str, np.ndarray],
+           drop: Any = None) -> dict[str, Any]:
+    """One cold request against a cold burst of 32, three times each, every one after an unload
+    (both find the skeleton and plan file kept ready); ``drop`` evicts the origin's page cache
+    first. Then a warm burst of 32: the compute alone, a floor for any cold burst."""
+    cold, rides = [], []
+    for _ in range(3):
+        for n in (1, BURST):
+            post(url, f"/v2/repository/models/{model}/unload")
+            if drop is not None:
+                drop()
+            before = scrape(url, model)
+            t = asyncio.run(burst(url, model, payload, want, n))
+            after = scrape(url, model)
+            if n == 1:
+                cold.append(t)
+            else:
+                rides.append({"s": round(t, 4), "executions": after["exec"] - before["exec"],
+                              "cold_start_batch": after["cold_batch"]})
+    warm = [asyncio.run(burst(url, model, payload, want, BURST)) for _ in range(3)]
+    cold_s, burst_s = statistics.median(cold), statistics.median(b["s"] for b in rides)
+    return {"one_cold_request_s": [round(c, 4) for c in cold], "burst_of_32": rides,
+            "warm_burst_of_32_s": [round(w, 4) for w in warm], "median_one_cold_s": round(cold_s, 4),
+            "median_burst_s": round(burst_s, 4), "burst_over_cold": round(burst_s / cold_s, 3),
+            "warm_burst_over_cold": round(statistics.median(warm) / cold_s, 3)}
+
+
+def median_cell(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the rounds of each figure; the rounds themselves kept beside them."""
+    out = {k: round(statistics.median(r[k] for r in rounds), 2) for k in ("rps", "p50_ms", "p99_ms")}
+    out["errors"] = sum(r["errors"] for r in rounds)
+    out["checked"] = sum(r["checked"] for r in rounds)
+    out["max_abs_diff"] = max(r["max_abs_diff"] for r in rounds)
+    if "mean_batch" in rounds[0]:
+        out["mean_batch"] = round(statistics.median(r["mean_batch"] for r in rounds), 2)
+    return {**out, "rounds": rounds}
+
+
+def run_model(model: str, path: Path, duration: float, rounds: int, logs: Path, servers: tuple[str, ...],
+              server_toml: str, http_rate_bps: float | None) -> dict[str, Any]:
     name, x = make_input(model)
     want = reference(path, name, x)
     payload = body(name, x)
     res: dict[str, Any] = {"input": {"name": name, "shape": list(x.shape)}}
-    for server in ("kserve", "cicada"):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        if server == "kserve":
-            cmd = [sys.executable, str(ROOT / "loadtest/kserve_peer.py"), str(path), model, str(port)]
-        else:
-            cfg = logs / f"{model}.toml"
-            cfg.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n\n[models.{model}]\nuri = "{path}"\n'
-                           f"keep_alive_s = 0\nmax_batch_size = {BURST}\n")
-            cmd = [sys.executable, "-m", "cicada_async", "serve", "--config", str(cfg)]
-        proc = start(cmd, logs / f"{server}-{model}.log", url, model)
-        try:
+    urls: dict[str, str] = {}
+    with ExitStack() as stack:
+        # Both servers up at once, idle but for the cell being measured: the cells interleave, so
+        # the machine's drift between minutes falls on both alike.
+        for server in servers:
+            port = free_port()
+            urls[server] = f"http://127.0.0.1:{port}"
+            cmd = ([sys.executable, str(ROOT / "loadtest/kserve_peer.py"), str(path), model, str(port)]
+                   if server == "kserve" else cicada_cmd(model, str(path), port, logs, "local", server_toml))
+            stack.callback(stop, start(cmd, logs / f"{server}-{model}.log", urls[server], model))
+        for url in urls.values():
             asyncio.run(closed_loop(url, model, payload, want, 1, 0.5))  # cicada: the cold start
             asyncio.run(closed_loop(url, model, payload, want, 8, 3.0))  # warm-up
-            cells: dict[str, Any] = {}
+        cells: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"c1": [], "c8": []} for s in servers}
+        for r in range(rounds):
             for c in (1, 8):
-                before = scrape(url, model) if server == "cicada" else None
-                cells[f"c{c}"] = asyncio.run(closed_loop(url, model, payload, want, c, duration))
-                if before is not None:
-                    after = scrape(url, model)
-                    cells[f"c{c}"]["executions"] = after["exec"] - before["exec"]
-                    cells[f"c{c}"]["mean_batch"] = round((after["requests"] - before["requests"]) / max(1, after["exec"] - before["exec"]), 2)
-            if server == "cicada":
-                cold, bursts = [], []
-                for _ in range(3):
-                    post(url, f"/v2/repository/models/{model}/unload")
-                    cold.append(asyncio.run(burst(url, model, payload, want, 1)))
-                    post(url, f"/v2/repository/models/{model}/unload")
-                    before = scrape(url, model)
-                    t = asyncio.run(burst(url, model, payload, want, BURST))
-                    after = scrape(url, model)
-                    bursts.append({"s": round(t, 4), "executions": after["exec"] - before["exec"],
-                                   "cold_start_batch": after["cold_batch"]})
-                cold_s = statistics.median(cold)
-                burst_s = statistics.median(b["s"] for b in bursts)
-                cells["cold_burst"] = {"one_cold_request_s": [round(c, 4) for c in cold], "burst_of_32": bursts,
-                                       "median_one_cold_s": round(cold_s, 4), "median_burst_s": round(burst_s, 4),
-                                       "burst_over_cold": round(burst_s / cold_s, 3)}
-            res[server] = cells
-        finally:
-            stop(proc)
+                for server in (servers if r % 2 == 0 else servers[::-1]):
+                    url = urls[server]
+                    before = scrape(url, model) if server == "cicada" else None
+                    cell = asyncio.run(closed_loop(url, model, payload, want, c, duration))
+                    if before is not None:
+                        after = scrape(url, model)
+                        cell["executions"] = after["exec"] - before["exec"]
+                        cell["mean_batch"] = round((after["requests"] - before["requests"]) / max(1, after["exec"] - before["exec"]), 2)
+                    cells[server][f"c{c}"].append(cell)
+        for server in servers:
+            res[server] = {c: median_cell(v) for c, v in cells[server].items()}
+        if "cicada" in servers:
+            res["cicada"]["cold_burst"] = bursts(urls["cicada"], model, payload, want)
+    if "cicada" in servers and http_rate_bps is not None:
+        res["cicada"]["cold_burst_http"] = http_bursts(model, path, payload, want, logs, server_toml, http_rate_bps)
+    if set(servers) != {"kserve", "cicada"}:
+        return res
     k, c = res["kserve"], res["cicada"]
     res["targets"] = {
         "c8_rps_ratio": round(c["c8"]["rps"] / k["c8"]["rps"], 3), "c8_rps_at_least_2x": c["c8"]["rps"] >= 2 * k["c8"]["rps"],
         "c8_p99_no_worse": c["c8"]["p99_ms"] <= k["c8"]["p99_ms"], "c1_p50_at_or_below": c["c1"]["p50_ms"] <= k["c1"]["p50_ms"],
         "burst_within_1.5x_cold": c["cold_burst"]["burst_over_cold"] <= 1.5,
     }
+    if "cold_burst_http" in c:
+        res["targets"]["http_burst_within_1.5x_cold"] = c["cold_burst_http"]["burst_over_cold"] <= 1.5
     return res
+
+
+def http_bursts(model: str, path: Path, payload: tuple[bytes, dict[str, str]], want: dict[str, np.ndarray],
+                logs: Path, server_toml: str, rate_bps: float) -> dict[str, Any]:
+    """The same bursts with the weights on an HTTP origin (nginx in a network namespace behind a
+    veth pair shaped by tc to ``rate_bps``), its page cache dropped before each: scale from zero
+    as it happens when the weights are not on the node."""
+    from cicada_async.bench.netns import ShapedLink, available, drop_tree
+    from cicada_async.bench.origins import start_http_origin
+
+    why = available()
+    if why is not None:
+        return {"skipped": why}
+    with ExitStack() as stack:
+        link = stack.enter_context(ShapedLink(rate_bps))
+        origin, server_name = start_http_origin(path.parent, Path(tempfile.mkdtemp(dir=logs, prefix="nginx-")), stack, link)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = cicada_cmd(model, f"{origin}/{path.name}/", port, logs, "http", server_toml)
+        stack.callback(stop, start(cmd, logs / f"cicada-http-{model}.log", url, model))
+        asyncio.run(closed_loop(url, model, payload, want, 1, 0.5))  # first load: plan file written
+        out = bursts(url, model, payload, want, drop=lambda: drop_tree(path))
+    return {"origin": f"{server_name} in a network namespace, tc tbf {rate_bps / 1e9:g} Gbit/s", **out}
 
 
 def main() -> int:
@@ -240,7 +310,12 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=15.0, help="seconds per cell (concurrency 1 and 8)")
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "cicada-kserve-models")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results/kserve-compare.json")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per cell (medians reported)")
+    ap.add_argument("--http-gbit", type=float, default=1.0, help="link rate of the HTTP-origin bursts; 0: skip them")
+    ap.add_argument("--servers", default="kserve,cicada", help="a subset, for experiments (no targets then)")
+    ap.add_argument("--torch-threads", type=int, default=None, help="cicada's [server] torch_threads (default: its own)")
     args = ap.parse_args()
+    server_toml = f"torch_threads = {args.torch_threads}\n" if args.torch_threads is not None else ""
     from cicada_async.models.catalogue import make_model
 
     logs = Path(tempfile.mkdtemp(prefix="cicada-kserve-compare-"))
@@ -248,13 +323,16 @@ def main() -> int:
         "command": " ".join(["python", "loadtest/kserve_compare.py", *sys.argv[1:]]),
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
         "machine": machine(), "duration_s_per_cell": args.duration, "client": "aiohttp closed loop, binary V2 in and out",
-        "cicada_config": f"max_batch_size = {BURST}, max_queue_delay_us = 0, defaults otherwise", "models": {},
+        "cicada_config": f"max_batch_size = {BURST} ({', '.join(f'{m}: {n}' for m, n in MAX_BATCH.items())}), "
+                         f"max_queue_delay_us = 0, {server_toml.strip() or 'torch_threads unset'}, defaults otherwise",
+        "rounds": args.rounds, "models": {},
     }
     for model in args.models.split(","):
         path = args.model_dir / model
         if not (path / "config.json").exists():
             make_model(model, path)
-        out["models"][model] = run_model(model, path, args.duration, logs)
+        out["models"][model] = run_model(model, path, args.duration, args.rounds, logs, tuple(args.servers.split(",")), server_toml,
+                                       args.http_gbit * 1e9 if args.http_gbit else None)
         print(model, json.dumps(out["models"][model], indent=1), flush=True)
     out["machine"]["loadavg_after"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
