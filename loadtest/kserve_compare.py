@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 from loadtest.run_locust import free_port, wait_ready  # noqa: E402
 
 BURST = 32
-# resnet-50 costs more per image in batches past 8 on this CPU (forward ms per image, 1 thread:
-# 153 at batch 1, 156 at 4 and 8, 258 at 32); bert-base less and less up to 32 (117, 56, 42, 43).
+# On this CPU resnet-50 costs more per image in batches past 8, bert-base less and less up to
+# 32 (loadtest/batch_curve.py, bench-results/batch-curve.json).
 MAX_BATCH = {"resnet-50": 8}
 CHECK_EVERY = 10
 
@@ -156,6 +156,7 @@ def scrape(url: str, model: str) -> dict[str, float]:
         m = parse_text(r.read().decode())
     lab = f'{{model="{model}",version="1"}}'
     return {"exec": m.get(f"nv_inference_exec_count{lab}", 0), "requests": m.get(f"nv_inference_request_success{lab}", 0),
+            "compute_us": m.get(f"nv_inference_compute_infer_duration_us{lab}", 0),
             "cold_batch": m.get(f'cicada_cold_start_batch_size{{model="{model}"}}', 0)}
 
 
@@ -226,8 +227,9 @@ def median_cell(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     out["errors"] = sum(r["errors"] for r in rounds)
     out["checked"] = sum(r["checked"] for r in rounds)
     out["max_abs_diff"] = max(r["max_abs_diff"] for r in rounds)
-    if "mean_batch" in rounds[0]:
-        out["mean_batch"] = round(statistics.median(r["mean_batch"] for r in rounds), 2)
+    for k in ("mean_batch", "server_compute_ms"):
+        if k in rounds[0]:
+            out[k] = round(statistics.median(r[k] for r in rounds), 2)
     return {**out, "rounds": rounds}
 
 
@@ -260,7 +262,10 @@ def run_model(model: str, path: Path, duration: float, rounds: int, logs: Path, 
                     if before is not None:
                         after = scrape(url, model)
                         cell["executions"] = after["exec"] - before["exec"]
-                        cell["mean_batch"] = round((after["requests"] - before["requests"]) / max(1, after["exec"] - before["exec"]), 2)
+                        served = max(1, after["requests"] - before["requests"])
+                        cell["mean_batch"] = round(served / max(1, after["exec"] - before["exec"]), 2)
+                        # The server's own clock: a batch's compute counts once per request in it.
+                        cell["server_compute_ms"] = round((after["compute_us"] - before["compute_us"]) / served / 1e3, 2)
                     cells[server][f"c{c}"].append(cell)
         for server in servers:
             res[server] = {c: median_cell(v) for c, v in cells[server].items()}

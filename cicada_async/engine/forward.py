@@ -24,8 +24,9 @@ V2_TYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"
 def all_cores(enabled: bool = True) -> Iterator[None]:
     """Torch intra-op threads = usable cores for the block, then back (this thread's setting).
 
-    The server keeps one core free of OpenMP's spinning workers for the event loop (torch
-    threads = cores - 1); a cold start's forward with nothing left to fetch needs no loop time.
+    The server keeps one core for the fetch threads and the event loop while a load fetches
+    (torch threads = cores - 1); a forward with nothing left to fetch needs neither. Set on the
+    thread that computes only: the loop's own small tensor ops stay on one thread.
     """
     before = torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -198,7 +198,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="port (default: config, then $PORT, then 8080)")
     p.add_argument("--grpc-port", type=int, help="also serve V2 over gRPC on this port (default: config, else off)")
     p.add_argument("--memory-budget-bytes", type=int, help="resident weight budget; idle models evicted LRU")
-    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: cores - 1; 0: torch default)")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads for every forward (default: cores - 1 while a load fetches, every core otherwise; 0: torch default)")
     p.add_argument("--keep-alive-s", type=float, help="idle seconds before unload, for --model-repository models")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs latency)")
