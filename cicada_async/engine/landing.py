@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import mmap
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -228,6 +229,7 @@ class StagingLanding(_BufferFill):
             # kernels (another model's forward) are still queued: copies wait for them.
             self.stream.wait_stream(torch.cuda.current_stream(device))
         self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+        self._converting = False  # a serving dtype was asked: no tensor views device_files
         self._poller: asyncio.Task[None] | None = None
         self._loop = loop or asyncio.get_running_loop()
 
@@ -273,10 +275,15 @@ class StagingLanding(_BufferFill):
 
     def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int, dtype: torch.dtype | None) -> torch.Tensor:
         raw = self.device_files[entry.file][entry.start : entry.end]
-        if self.stream is None:
-            return tensor_from_bytes(raw, entry, dtype=dtype, device=self.device)
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             t = tensor_from_bytes(raw, entry, dtype=dtype, device=self.device)
+            if dtype is not None and not is_copy(t, raw):
+                # A converting load frees the raw file buffers after it (aclose): a tensor left
+                # in its file dtype (integers, fp32-kept modules) must not pin a whole file.
+                t = t.clone()
+            self._converting |= dtype is not None
+        if self.stream is None:
+            return t
         if is_copy(t, raw):
             # A conversion or clone allocated on the copy stream; the forward uses it on the
             # compute stream, which the allocator must know of before reusing the block.
@@ -316,6 +323,8 @@ class StagingLanding(_BufferFill):
         self._free = asyncio.Queue()
         self.slabs.clear()
         self._pending.clear()
+        if self._converting:
+            self.device_files = {}  # every tensor was copied out: the raw bytes go now
 
 
 def landing_for(

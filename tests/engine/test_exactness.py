@@ -196,6 +196,34 @@ async def test_staging_path_equals_eager(model_dirs, name, dtype):
     assert job.landing._free.qsize() == 0 and not job.landing.slabs
 
 
+async def test_converting_staging_load_keeps_no_raw_device_bytes(model_dirs):
+    """Serving fp32 weights as bf16 through the staging path (the CUDA path, here on the CPU):
+    once loaded, the file-shaped device buffers the bytes landed in are gone, and no tensor the
+    model keeps (BatchNorm's int64 ``num_batches_tracked`` included, which is not converted)
+    is a view that would keep a whole raw file alive on the device beside its converted copy."""
+    from cicada_async.engine.fetch import FetchSettings
+    from cicada_async.engine.job import LoadOptions
+
+    d = model_dirs["tiny-resnet"]
+    inputs = _pixels_in(inputs_for(d), torch.bfloat16)
+    ex = Executor()
+    ex.start()
+    backend = LocalBackend(d)
+    try:
+        model, out, job = await cold_start(backend, ex, FetchScheduler(2), LoadRequest(
+            inputs=inputs, options=LoadOptions(read_bytes=8192, staging=True, dtype=torch.bfloat16),
+            fetch=FetchSettings(queue_bytes=64 << 10)))
+    finally:
+        await backend.aclose()
+        ex.stop()
+    assert_equal_outputs(reference(d, inputs, dtype=torch.bfloat16), out)
+    assert job.landing.device_files == {}
+    kept = [*model.parameters(), *model.buffers()]
+    assert any(t.dtype == torch.int64 for t in kept)  # the case that used to view the raw file
+    for t in kept:
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), t.shape
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-resnet", "tiny-bert"])
 async def test_cuda_equals_eager_on_cuda(model_dirs, name):
