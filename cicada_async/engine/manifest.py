@@ -77,5 +77,10 @@ async def verify_files(landing: Landing, hdrs: dict[str, FileHeader], manifest: 
     files = getattr(landing, "file_bytes", None)
     if files is None:
         raise IntegrityError(f"{type(landing).__name__} cannot verify the manifest's checksums")
-    # hashlib releases the GIL on large buffers: files hash in parallel with compute.
-    await asyncio.gather(*(asyncio.to_thread(verify, k, files(k, h), manifest) for k, h in hdrs.items()))
+    # hashlib releases the GIL on large buffers: files hash in parallel with compute. The bytes
+    # are fetched in the thread too: on CUDA that is a stream synchronize and a device-to-host
+    # copy, which must not block the loop.
+    def check(key: str, header: FileHeader) -> None:
+        verify(key, files(key, header), manifest)
+
+    await asyncio.gather(*(asyncio.to_thread(check, k, h) for k, h in hdrs.items()))
