@@ -262,16 +262,15 @@ class StagingLanding(_BufferFill):
             self._poller = self._loop.create_task(self._recycle())
 
     async def _recycle(self) -> None:
+        # The copies run in order on one stream, so the oldest event completes first. It is
+        # waited for in a worker thread (CUDA releases the GIL while it blocks), not polled on
+        # the loop, which took the GIL every half millisecond from the thread launching kernels.
         while self._pending:
-            still = []
-            for ev, slab in self._pending:
-                if ev.query():
-                    self._free.put_nowait(slab)
-                else:
-                    still.append((ev, slab))
-            self._pending = still
-            if still:
-                await asyncio.sleep(0.0005)
+            ev, slab = self._pending[0]
+            if not ev.query():
+                await asyncio.to_thread(ev.synchronize)
+            self._pending.pop(0)
+            self._free.put_nowait(slab)
 
     def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int, dtype: torch.dtype | None) -> torch.Tensor:
         raw = self.device_files[entry.file][entry.start : entry.end]
