@@ -190,7 +190,11 @@ class LoadJob:
 
     def _device_wait(self, shards: list[int]) -> None:
         # On CUDA the shard's copies may still be queued: compute waits on the device for its
-        # own copies only, without blocking the host.
+        # own copies only, without blocking the host. An event is waited for once, then
+        # dropped: later forwards through the gate are ordered after it because every forward
+        # of this load computes on one stream (computing()), and remove_gates orders the warm
+        # forwards' stream after the load's. Code that switches streams inside a forward
+        # would need the events kept.
         if self.events:
             stream = torch.cuda.current_stream(self.options.device)
             for i in shards:
