@@ -188,6 +188,17 @@ class ArenaLanding(_HostLanding, _BufferFill):
             self.arenas[read.file].release(lo, hi)
 
 
+def slab_pool(slab_bytes: int, pool_bytes: int, *, pinned: bool) -> tuple[int, int]:
+    """(slab size, slab count) for a staging pool of about ``pool_bytes``, at least two slabs.
+
+    torch's pinned host allocator rounds every block up to a power of two: pinned slabs are
+    sized so, and counted at that size, so that the pool really stays near ``pool_bytes``.
+    """
+    if pinned:
+        slab_bytes = 1 << max(0, slab_bytes - 1).bit_length()
+    return slab_bytes, max(2, pool_bytes // max(slab_bytes, 1))
+
+
 class StagingLanding(_BufferFill):
     """Reads land in a bounded pool of reused host slabs and are copied to the device at once.
 
@@ -212,10 +223,10 @@ class StagingLanding(_BufferFill):
         self.device = device
         self.cuda = device.type == "cuda"
         self.post = post
-        self.slab_bytes = slab_bytes
-        count = max(2, pool_bytes // max(slab_bytes, 1))
+        self.slab_bytes, count = slab_pool(slab_bytes, pool_bytes, pinned=self.cuda)
         # Pinned memory makes host-to-device copies asynchronous and faster; pinning is costly,
-        # so the slabs are allocated once per load and reused.
+        # so the slabs are allocated once per load and reused (and torch's host allocator keeps
+        # the pinned blocks for the next load).
         self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
         for _ in range(count):
             self._free.put_nowait(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self.cuda))
