@@ -229,7 +229,7 @@ class StagingLanding(_BufferFill):
         # the pinned blocks for the next load).
         self._free: asyncio.Queue[torch.Tensor] = asyncio.Queue()
         for _ in range(count):
-            self._free.put_nowait(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=self.cuda))
+            self._free.put_nowait(torch.empty(self.slab_bytes, dtype=torch.uint8, pin_memory=self.cuda))
         self.slabs: dict[int, torch.Tensor] = {}
         self.device_files = {
             k: torch.empty(h.size, dtype=torch.uint8, device=device) for k, h in headers.items()

@@ -396,4 +396,5 @@ class ModelInstance:
 
 
 def _set(fut: asyncio.Future[Any], value: Any) -> None:
-    fut.done() or fut.set_result(value)
+    if not fut.done():
+        fut.set_result(value)
