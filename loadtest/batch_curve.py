@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from loadtest.kserve_compare import machine  # noqa: E402
 
 BATCHES = (1, 4, 8, 32)
 
@@ -56,16 +56,16 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "cicada-kserve-models")
     ap.add_argument("--json", type=Path, default=ROOT / "bench-results/batch-curve.json")
     args = ap.parse_args()
+    from cicada_async.bench.cold_start_report import script_provenance
     from cicada_async.models.catalogue import make_model
 
-    out = {"command": " ".join(["python", "loadtest/batch_curve.py", *sys.argv[1:]]),
-           "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-           "machine": machine(), "models": {}}
+    out: dict[str, Any] = {**script_provenance("loadtest/batch_curve.py"), "models": {}}
     for model in args.models.split(","):
         path = args.model_dir / model
         if not (path / "config.json").exists():
             make_model(model, path)
         out["models"][model] = curve(path, model)
+    out["machine"]["loadavg_end"] = list(os.getloadavg())
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0

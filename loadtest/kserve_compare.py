@@ -176,17 +176,6 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    mem = next(line.split(":", 1)[1].strip() for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal"))
-    import torch
-    # The machine is shared: the load average says how much else ran on its cores meanwhile.
-    return {"nproc": os.cpu_count(), "cpu": cpu, "mem_total": mem, "torch": torch.__version__,
-            "loadavg_before": os.getloadavg()}
-
-
 def cicada_cmd(model: str, uri: str, port: int, logs: Path, tag: str, server_toml: str) -> list[str]:
     cfg = logs / f"{model}-{tag}.toml"
     cfg.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n{server_toml}\n[models.{model}]\nuri = "{uri}"\n'
@@ -321,13 +310,14 @@ def main() -> int:
     ap.add_argument("--torch-threads", type=int, default=None, help="cicada's [server] torch_threads (default: its own)")
     args = ap.parse_args()
     server_toml = f"torch_threads = {args.torch_threads}\n" if args.torch_threads is not None else ""
+    from cicada_async.bench.cold_start_report import script_provenance
     from cicada_async.models.catalogue import make_model
 
     logs = Path(tempfile.mkdtemp(prefix="cicada-kserve-compare-"))
     out: dict[str, Any] = {
-        "command": " ".join(["python", "loadtest/kserve_compare.py", *sys.argv[1:]]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
-        "machine": machine(), "duration_s_per_cell": args.duration, "client": "aiohttp closed loop, binary V2 in and out",
+        # The commit, whether the tree was dirty, the machine and the load average around the
+        # run (it is shared: the load says how much else ran on its cores meanwhile).
+        **script_provenance("loadtest/kserve_compare.py"), "duration_s_per_cell": args.duration, "client": "aiohttp closed loop, binary V2 in and out",
         "cicada_config": f"max_batch_size = {BURST} ({', '.join(f'{m}: {n}' for m, n in MAX_BATCH.items())}), "
                          f"max_queue_delay_us = 0, {server_toml.strip() or 'torch_threads unset'}, defaults otherwise",
         "rounds": args.rounds, "models": {},
@@ -339,7 +329,7 @@ def main() -> int:
         out["models"][model] = run_model(model, path, args.duration, args.rounds, logs, tuple(args.servers.split(",")), server_toml,
                                        args.http_gbit * 1e9 if args.http_gbit else None)
         print(model, json.dumps(out["models"][model], indent=1), flush=True)
-    out["machine"]["loadavg_after"] = os.getloadavg()
+    out["machine"]["loadavg_end"] = list(os.getloadavg())
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json} (server logs in {logs})")
