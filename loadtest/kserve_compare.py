@@ -37,7 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from loadtest.run_locust import free_port, wait_ready  # noqa: E402
+from cicada_async.bench.origins import free_port, stop_process  # noqa: E402
+from loadtest.run_locust import wait_ready  # noqa: E402
 
 BURST = 32
 # On this CPU resnet-50 costs more per image in batches past 8, bert-base less and less up to
@@ -167,15 +168,6 @@ def start(cmd: list[str], log: Path, url: str, model: str) -> subprocess.Popen[b
     return proc
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 def cicada_cmd(model: str, uri: str, port: int, logs: Path, tag: str, server_toml: str) -> list[str]:
     cfg = logs / f"{model}-{tag}.toml"
     cfg.write_text(f'[server]\nhost = "127.0.0.1"\nport = {port}\n{server_toml}\n[models.{model}]\nuri = "{uri}"\n'
@@ -237,7 +229,7 @@ def run_model(model: str, path: Path, duration: float, rounds: int, logs: Path, 
             urls[server] = f"http://127.0.0.1:{port}"
             cmd = ([sys.executable, str(ROOT / "loadtest/kserve_peer.py"), str(path), model, str(port)]
                    if server == "kserve" else cicada_cmd(model, str(path), port, logs, "local", server_toml))
-            stack.callback(stop, start(cmd, logs / f"{server}-{model}.log", urls[server], model))
+            stack.callback(stop_process, start(cmd, logs / f"{server}-{model}.log", urls[server], model))
         for url in urls.values():
             asyncio.run(closed_loop(url, model, payload, want, 1, 0.5))  # cicada: the cold start
             asyncio.run(closed_loop(url, model, payload, want, 8, 3.0))  # warm-up
@@ -292,7 +284,7 @@ def http_bursts(model: str, path: Path, payload: tuple[bytes, dict[str, str]], w
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = cicada_cmd(model, f"{origin}/{path.name}/", port, logs, "http", server_toml)
-        stack.callback(stop, start(cmd, logs / f"cicada-http-{model}.log", url, model))
+        stack.callback(stop_process, start(cmd, logs / f"cicada-http-{model}.log", url, model))
         asyncio.run(closed_loop(url, model, payload, want, 1, 0.5))  # first load: plan file written
         out = bursts(url, model, payload, want, drop=lambda: drop_tree(path))
     return {"origin": f"{server_name} in a network namespace, tc tbf {rate_bps / 1e9:g} Gbit/s", **out}

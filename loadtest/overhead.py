@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from loadtest.run_locust import free_port, wait_ready  # noqa: E402
+from cicada_async.bench.origins import free_port  # noqa: E402
+from loadtest.run_locust import wait_ready  # noqa: E402
 
 
 def plain_forward_p50(path: Path, ids: "object", n: int) -> float:

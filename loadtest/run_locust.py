@@ -16,7 +16,6 @@ import argparse
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from cicada_async.bench.origins import free_port  # noqa: E402
 
 
 def wait_ready(url: str, timeout: float = 60) -> None:

@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,14 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from cicada_async.bench.origins import free_port
+
 RSS_BOUND_MB = 50.0
 SLACK = 2  # threads/fds above the warm-up value still counted as flat
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

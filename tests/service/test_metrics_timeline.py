@@ -16,6 +16,7 @@ import pytest
 
 from cicada_async.service.metrics import parse_text
 from tests.fixtures.server import live_server, real_config, with_model
+from tests.fixtures.triton import get_text
 
 httpclient = pytest.importorskip("tritonclient.http")
 
@@ -46,7 +47,7 @@ def test_cold_start_metrics_are_the_real_timeline(tmp_path: Path) -> None:
         for _ in range(2):  # two cold starts: gauges follow the last one, counters add up
             c.infer("tiny-gpt2", [inp])
             s = server.repo.get("tiny-gpt2").instance.last_timeline.summary()
-            m = parse_text(server.call(lambda: _metrics(server)))
+            m = parse_text(server.call(lambda: get_text(server, "/metrics")))
             runs.append((s, m))
             c.unload_model("tiny-gpt2")
         c.close()
@@ -74,10 +75,3 @@ def test_cold_start_metrics_are_the_real_timeline(tmp_path: Path) -> None:
     (s1, _), (s2, m2) = runs
     assert m2[f"cicada_cold_start_seconds_sum{LAB}"] == pytest.approx(s1["total_s"] + s2["total_s"])
 
-
-async def _metrics(server) -> str:  # type: ignore[no-untyped-def]
-    import aiohttp
-
-    async with aiohttp.ClientSession(server.http_url) as s:
-        async with s.get("/metrics") as r:
-            return await r.text()

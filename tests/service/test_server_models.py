@@ -19,6 +19,7 @@ import torch
 from cicada_async.service.config import ModelConfig
 from cicada_async.service.metrics import parse_text
 from tests.fixtures.server import LiveServer, live_server, real_config
+from tests.fixtures.triton import get_text
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -114,19 +115,11 @@ def test_single_flight_50_concurrent_cold(server: LiveServer, reference: dict[st
     for i, got in enumerate(outs):
         want = ref_outputs(reference["tiny-gpt2"], {"input_ids": torch.from_numpy(ids(i))})["logits"]
         np.testing.assert_array_equal(got, want)
-    text = server.call(lambda: _metrics(server))
+    text = server.call(lambda: get_text(server, "/metrics"))
     m = parse_text(text)
     assert m['cicada_cold_starts_total{model="tiny-gpt2",outcome="success"}'] == 1
     assert m['nv_inference_request_success{model="tiny-gpt2",version="1"}'] == 50
     assert m['cicada_bytes_fetched_total{model="tiny-gpt2"}'] >= inst.nbytes  # + header, alignment
-
-
-async def _metrics(server: LiveServer) -> str:
-    import aiohttp
-
-    async with aiohttp.ClientSession(server.http_url) as s:
-        async with s.get("/metrics") as r:
-            return await r.text()
 
 
 def test_priority_order_with_real_engine(server: LiveServer) -> None:
@@ -184,7 +177,7 @@ def test_keep_alive_and_memory_budget_real(zoo: dict[str, Path]) -> None:
         s.wait_until(lambda: s.repo.get("tiny-bert").state == "unloaded", timeout=10)
         assert s.repo.get("tiny-gpt2").state == "ready"
         assert s.sync(s.repo.resident_bytes) <= budget
-        text = s.call(lambda: _metrics(s))
+        text = s.call(lambda: get_text(s, "/metrics"))
         assert 'cicada_evictions_total{model="tiny-bert",reason="memory_budget"} 1' in text
         assert 'cicada_evictions_total{model="tiny-mlp",reason="keep_alive"} 1' in text
         c.close()
