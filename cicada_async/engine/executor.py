@@ -59,7 +59,10 @@ class Executor:
         self._holder: int | None = None  # thread ident holding the turn
         self._seq = itertools.count()
         self._threads: dict[int, threading.Thread] = {}
-        self._idle = 0
+        # Idle workers, the most recently idle last: it takes the next job. torch's OpenMP
+        # gives every thread that computes its own team of helper threads; always computing on
+        # the same worker keeps one team warm instead of several contending for the cores.
+        self._idle: list[int] = []
         self._started = False
         self._stopping = False
         self._local = threading.local()
@@ -105,7 +108,7 @@ class Executor:
             if self._stopping or not self._started:
                 raise ExecutorDead("the executor is not running")
             heapq.heappush(self._jobs, ((priority, next(self._seq)), lambda: fn(*args), fut))
-            if self._idle == 0:
+            if not self._idle:
                 self._spawn_locked()
             self._cv.notify_all()
         return fut
@@ -199,11 +202,11 @@ class Executor:
 
     def _idle_or_spawn_locked(self) -> bool:
         """True when a worker can start the queued job once the turn is free."""
-        return self._idle > 0 or self._spawn_locked()
+        return bool(self._idle) or self._spawn_locked()
 
     def _release_locked(self) -> None:
         self._holder = None
-        if self._jobs and self._idle == 0:
+        if self._jobs and not self._idle:
             self._spawn_locked()
         self._cv.notify_all()
 
@@ -214,7 +217,7 @@ class Executor:
         entry = (key, me)
         heapq.heappush(self._wanting, entry)
         while (self._holder is not None or self._wanting[0] != entry
-               or (self._jobs and self._jobs[0][0] < key and self._idle > 0 and not self._stopping)):
+               or (self._jobs and self._jobs[0][0] < key and self._idle and not self._stopping)):
             self._cv.wait()
         heapq.heappop(self._wanting)
         self._holder = me
@@ -230,7 +233,7 @@ class Executor:
         t = threading.Thread(target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True)
         t.start()
         self._threads[t.ident] = t  # type: ignore[index]
-        self._idle += 1
+        self._idle.append(t.ident)  # type: ignore[arg-type]
         return True
 
     def _worker(self) -> None:
@@ -239,19 +242,21 @@ class Executor:
             with self._cv:
                 while True:
                     if self._stopping and not self._jobs:
-                        self._idle -= 1
+                        self._idle.remove(me)
                         self._threads.pop(me, None)
                         self._cv.notify_all()
                         return
-                    if self._job_may_start_locked():
+                    if self._idle[-1] != me:
+                        pass  # another idle worker is next
+                    elif self._job_may_start_locked():
                         key, call, fut = heapq.heappop(self._jobs)
                         break
-                    if self._applies and self._holder is None:
+                    elif self._applies and self._holder is None:
                         key, call, fut = (float("-inf"), -1), None, None
                         break
                     self._cv.wait()
                 self._holder = me
-                self._idle -= 1
+                self._idle.pop()
             try:
                 self._run_turn(key, call, fut)
             except BaseException as e:  # noqa: BLE001 - only what escapes containment (SystemExit)
@@ -260,7 +265,7 @@ class Executor:
             # This frame waits for the next job: it must not keep the last one's outputs alive.
             call = fut = None
             with self._cv:
-                self._idle += 1
+                self._idle.append(me)
                 self._holder = None
                 self._cv.notify_all()
 

@@ -116,3 +116,34 @@ def test_a_killed_worker_fails_queued_and_waiting_work_instead_of_hanging() -> N
         assert time.monotonic() - t0 < 10 and not ex.alive
     finally:
         ex.stop(5)
+
+
+def test_jobs_after_a_wait_run_on_the_most_recently_idle_worker() -> None:
+    """torch's OpenMP gives each computing thread its own helper team: once several workers
+    exist (gated jobs waited and others ran meanwhile), later jobs still all run on one thread,
+    the one that finished last, instead of whichever of the idle workers woke first."""
+    ex = Executor()
+    ex.start()
+    try:
+        release = threading.Event()
+
+        def gated(started: threading.Event) -> int:
+            started.set()
+            ex.wait_until(release.is_set, time.monotonic() + 10)
+            return threading.get_ident()
+
+        waiting = []
+        for _ in range(3):  # each waits off the turn, so the next one needs a new worker
+            started = threading.Event()
+            waiting.append(ex.submit(gated, started))
+            assert started.wait(5)
+        assert ex.submit(threading.get_ident).result(timeout=5)
+        release.set()
+        ex.post_apply(lambda: None)  # wakes the gated jobs' checks
+        [f.result(timeout=5) for f in waiting]
+        assert ex.threads >= 4
+        time.sleep(0.05)  # every worker back in its idle wait
+        ran_on = {ex.submit(threading.get_ident).result(timeout=5) for _ in range(50)}
+        assert len(ran_on) == 1, f"50 jobs in a row ran on {len(ran_on)} threads"
+    finally:
+        ex.stop()
