@@ -34,6 +34,9 @@ class FetchScheduler:
         self._free = slots
         self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        # Loads whose fetch runs (Fetcher.run). Read by executor threads without a lock: a
+        # forward widens to every core once it is 0 (forward.Widening), a heuristic, not a promise.
+        self.fetching = 0
 
     async def acquire(self, priority: float) -> None:
         if self._free > 0 and not self._waiters:
@@ -192,6 +195,7 @@ class Fetcher:
 
     async def run(self) -> None:
         """Fetch everything; raises the first storage error (other reads are cancelled)."""
+        self.scheduler.fetching += 1
         try:
             async with asyncio.TaskGroup() as tg:
                 for _ in range(max(1, self.settings.concurrency)):
@@ -204,6 +208,8 @@ class Fetcher:
             ) from None
         except* OSError as eg:
             raise StorageError(f"weight read failed: {eg.exceptions[0]}") from None
+        finally:
+            self.scheduler.fetching -= 1
 
     async def _worker(self) -> None:
         held = False  # a read slot kept from the last read (see FetchScheduler.contested)

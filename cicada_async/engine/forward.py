@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ def all_cores(enabled: bool = True) -> Iterator[None]:
     thread that computes only: the loop's own small tensor ops stay on one thread.
     """
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if not enabled or cores <= before:
         yield
         return
@@ -38,6 +38,41 @@ def all_cores(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class Widening:
+    """Torch threads of a gated forward: as set while loads fetch, every usable core from the
+    first layer gate (``check``) at which ``idle()`` says none does, then back at the end.
+
+    The free core was kept for the fetch threads and the loop; a cold start's forward that
+    outlives the fetch (weights in the page cache or prefetched, or a batch of requests riding
+    the load) would otherwise finish on cores - 1 threads. On this executor thread only.
+    """
+
+    def __init__(self, idle: Callable[[], bool] | None) -> None:
+        self._idle = idle
+        self._before: int | None = None
+
+    def check(self) -> None:
+        if self._idle is None or self._before is not None or not self._idle():
+            return
+        cores = usable_cores()
+        if cores > torch.get_num_threads():
+            self._before = torch.get_num_threads()
+            torch.set_num_threads(cores)
+
+    def __enter__(self) -> "Widening":
+        self.check()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._before is not None:
+            torch.set_num_threads(self._before)
+            self._before = None
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def run_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,11 +21,15 @@ from protocols.errors import ConfigError, LoadError
 from protocols.manifest import Plan, TensorEntry
 
 from cicada_async.engine.executor import Executor
+from cicada_async.engine.forward import Widening
 from cicada_async.engine.landing import Landing
 from cicada_async.engine.modeldir import ModelSpec
 from cicada_async.engine.plan import DEFAULT_READ_BYTES
 from cicada_async.engine.skeleton import SkeletonIndex, materialize
 from cicada_async.engine.timeline import Timeline
+
+if TYPE_CHECKING:
+    from cicada_async.engine.fetch import FetchScheduler
 
 
 @dataclass
@@ -40,12 +44,9 @@ class LoadOptions:
     # Local files: map them and let the kernel read into the page cache that tensors view
     # (no copy, no zeroing). False reads into anonymous arenas with O_DIRECT instead.
     mapped: bool = True
-    # A gated forward that starts with every read landed (page cache warm, prefetched) has no
-    # fetch left to leave a core for: it may compute on every core (forward.all_cores). Off by
-    # default: other models' work shares the executor and the loop, and the multi-model run
-    # with it on (bench-results/multi-model-all-cores.json) was worse than the next one without
-    # it (multi-model-run2.json); a third run without it (multi-model.json) varied as much, so
-    # the effect is not proven either way.
+    # A gated forward widens to every usable core at the first layer gate at which no load of
+    # the engine fetches (forward.Widening): the core kept free was for the fetch. The engine
+    # turns it on with every_core_when_idle (the server's default, like its warm forwards).
     all_cores_when_landed: bool = False
 
 
@@ -61,7 +62,7 @@ class ModelOptions:
     device: str = "cpu"
     """"cpu" or "cuda[:N]"."""
 
-    def load_options(self, read_bytes: int, load_timeout_s: float) -> LoadOptions:
+    def load_options(self, read_bytes: int, load_timeout_s: float, every_core: bool = False) -> LoadOptions:
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
         try:
@@ -75,7 +76,7 @@ class ModelOptions:
             device = torch.device("cuda", torch.cuda.current_device())
         return LoadOptions(
             dtype=_DTYPES[self.dtype] if self.dtype else None, device=device,
-            read_bytes=read_bytes, load_timeout_s=load_timeout_s,
+            read_bytes=read_bytes, load_timeout_s=load_timeout_s, all_cores_when_landed=every_core,
         )
 
 
@@ -113,6 +114,7 @@ class LoadJob:
         self.error: BaseException | None = None
         self.deadline = time.monotonic() + options.load_timeout_s
         self._hooks: list[Any] = []
+        self._widening: Widening | None = None  # the gated forward's, checked at every gate
         # CUDA: this load computes on its own stream, ordered only after its own shards' copy
         # events, so loads of different models never queue behind each other on the device.
         self.stream = torch.cuda.Stream(options.device) if options.device.type == "cuda" else None
@@ -215,6 +217,8 @@ class LoadJob:
             def pre(_m: nn.Module, _a: Any) -> None:
                 self.executor.yield_turn()  # a layer boundary: more urgent work goes first
                 self.wait_for(shards, name)
+                if self._widening is not None:
+                    self._widening.check()
                 starts[name] = self.timeline.now()
 
             return pre
@@ -242,6 +246,17 @@ class LoadJob:
         self.executor.run_applies()
         if self.error is not None:
             raise self.error
+
+    @contextlib.contextmanager
+    def widening(self, scheduler: FetchScheduler | None) -> Iterator[None]:
+        """The gated forward's torch threads: every core once no load of ``scheduler`` fetches
+        (checked at each gate); None keeps the thread's setting."""
+        with Widening(None if scheduler is None else lambda: scheduler.fetching == 0) as w:
+            self._widening = w
+            try:
+                yield
+            finally:
+                self._widening = None
 
     def computing(self) -> Any:
         """Context for a forward on this load's model while it loads (its own CUDA stream)."""

@@ -23,7 +23,7 @@ from protocols.storage import StorageBackend
 
 from cicada_async.engine.executor import Executor
 from cicada_async.engine.fetch import Fetcher, FetchScheduler, FetchSettings
-from cicada_async.engine.forward import all_cores, run_forward
+from cicada_async.engine.forward import run_forward
 from cicada_async.engine.headers import all_tensors, read_header
 from cicada_async.engine.job import LoadJob, LoadOptions
 from cicada_async.engine.landing import Landing, landing_for
@@ -98,7 +98,6 @@ class ColdStart:
         self._held: list[int] = []
         self._early_error: BaseException | None = None  # posted work that failed before the job
         self._known_plan: asyncio.Future[Plan | None] | None = None
-        self._fetched = False
 
     async def run(self) -> tuple[nn.Module, Outputs, LoadJob]:
         """Returns the loaded model, the gated forward's outputs and the job.
@@ -258,8 +257,8 @@ class ColdStart:
 
     async def gated_forward(self, job: LoadJob, inputs: dict[str, torch.Tensor]) -> Outputs:
         def forward() -> dict[str, torch.Tensor]:
-            spare = self.options.all_cores_when_landed and self._fetched and self.options.device.type == "cpu"
-            with self.timeline.stage("forward"), job.computing(), all_cores(spare):
+            wide = self.options.all_cores_when_landed and self.options.device.type == "cpu"
+            with self.timeline.stage("forward"), job.computing(), job.widening(self.scheduler if wide else None):
                 return run_forward(job.model, inputs, self.options.device)
 
         try:
@@ -332,7 +331,6 @@ class ColdStart:
         try:
             with self.timeline.stage("fetch"):
                 await fetcher.run()
-            self._fetched = True  # read by the executor thread: a forward may use every core
         except BaseException as e:
             # Wake a forward blocked in a gate: it must fail with this error, not hang.
             if self.job is not None:

@@ -334,7 +334,7 @@ class ModelInstance:
         started = time.monotonic()
         rss = RssSampler().start()  # what the load costs in GB-seconds (rss.py)
         try:
-            options = self.options.load_options(engine.read_bytes, engine.load_timeout_s)
+            options = self.options.load_options(engine.read_bytes, engine.load_timeout_s, engine.every_core_when_idle)
             backend = open_backend(self.uri, engine.storage.get(scheme_of(self.uri), {}), cache=engine.node_cache)
             plans = engine.plans.for_load(self.name, backend, options.dtype)
             ready = self._ready

@@ -1,8 +1,9 @@
-"""Warm forwards take every usable core while nothing fetches, and torch's setting while a load does.
+"""Forwards take every usable core while nothing fetches, and torch's setting while a load does.
 
 The server sets torch's intra-op threads to cores - 1 so that a cold start's fetch keeps a core
 (``[server] torch_threads``); a warm forward with no load in flight anywhere in the engine has
-nothing to leave it for (``Engine(every_core_when_idle=True)``, the server's default).
+nothing to leave it for (``Engine(every_core_when_idle=True)``, the server's default), and a
+cold start's gated forward widens at the first layer gate after every fetch ended.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import torch
 
 from cicada_async.engine.job import ModelOptions
 from cicada_async.engine.runtime import Engine
-from tests.fixtures.odd_models import ThreadCount, write_model
+from tests.fixtures.odd_models import ThreadCount, ThreadsPerLayer, write_model
 
 pytestmark = pytest.mark.timeout(120)
 CORES = len(os.sched_getaffinity(0))
 X = {"x": torch.ones(2, 8)}
+X256 = {"x": torch.ones(2, 256)}
 
 
 @pytest.fixture
@@ -47,7 +49,7 @@ async def test_idle_warm_forward_takes_every_core_and_a_load_takes_them_back(tmp
     storage = {"memory": {"delay_s": 1.5}}  # every read of the other model waits: it stays loading
     async with Engine(every_core_when_idle=True, storage=storage) as engine:
         inst = engine.instance("threads", str(d), ModelOptions())
-        assert await threads_of(inst) == 1  # the cold start's gated forward: torch's setting
+        await inst.infer(dict(X))  # the cold start (its fetch may end before the only gate)
         assert await threads_of(inst) == CORES  # warm, nothing fetching
         other = engine.instance("slow", f"memory://{slow}", ModelOptions())
         loading = asyncio.ensure_future(other.load())
@@ -66,3 +68,23 @@ async def test_off_keeps_torch_setting(tmp_path: Path, one_thread: None) -> None
         inst = engine.instance("threads", str(d), ModelOptions())
         await inst.infer(dict(X))
         assert await threads_of(inst) == 1
+
+
+async def test_gated_forward_widens_once_the_fetch_is_over(tmp_path: Path, one_thread: None) -> None:
+    """First layer: the last layer's reads are still on the wire, torch's setting. Last layer
+    (after a pause longer than those reads): nothing fetches, every core. Off: torch's setting."""
+    d = write_model(ThreadsPerLayer, tmp_path / "layers", dim=256)  # 256 KiB per layer
+    # Reads of 64 KiB (4 x read_bytes before the plan), one at a time, 0.1 s each: about 0.4 s
+    # for the first layer's weights, 1 s for all, against the pause's 1.5 s.
+    storage = {"memory": {"delay_s": 0.1}}
+    for every_core, want in ((True, [1, CORES]), (False, [1, 1])):
+        async with Engine(every_core_when_idle=every_core, storage=storage, read_concurrency=1,
+                          read_bytes=16 << 10, plan_files=False, warm_imports=False) as engine:
+            inst = engine.instance("layers", f"memory://{d}", ModelOptions())
+            out = await inst.infer(dict(X256))
+            assert out["output"][0].tolist() == want
+            tl = inst.last_timeline
+            assert tl is not None
+            first = next(s for s in tl.spans if s.kind == "compute" and s.name == "first")
+            assert any(s.kind == "fetch" and s.end > first.start for s in tl.spans)  # still fetching
+        assert torch.get_num_threads() == 1  # the loop thread's setting was never touched
