@@ -1,7 +1,8 @@
 """The process's first millisecond: read the configured models' weights while torch imports.
 
-``cicada serve`` and ``cicada run`` call ``start_for_cli`` as their very first statement. It
-finds the local weight files of the models the command will serve (from the TOML config, the
+``cicada serve`` and ``cicada run`` call ``start_for_cli`` as their very first statement. When
+asked for (``[server] prefetch = true``, ``CICADA_PREFETCH=1``; off by default, measured in
+docs/process-start.md: the first load's fetch already overlaps the transformers import) it finds the local weight files of the models the command will serve (from the TOML config, the
 model repository or the ``run`` argument, with nothing but the standard library) and starts two
 threads that pull them into the page cache. The engine's mapped landing later finds the pages
 there, so a fresh process pays about imports + skeleton + forward, not that plus the read.
@@ -39,7 +40,7 @@ from cicada_async.engine.procfs import kib_field
 CHUNK_BYTES = 32 << 20  # one GIL hand-over per 32 MiB read: rare enough not to slow the imports
 THREADS = 2  # measured on 2 cores: 2 readers beat 1 and 4 (the disk, not the CPU, limits)
 _MADV_POPULATE_READ = 22  # Linux 5.14+
-ENV_SWITCH = "CICADA_PREFETCH"  # "0" turns the prefetch off (benchmarks compare both)
+ENV_SWITCH = "CICADA_PREFETCH"  # "1" on, "0" off, whatever the config says (benchmarks compare both)
 
 
 @dataclass
@@ -122,9 +123,15 @@ def current() -> Prefetch | None:
 def start_for_cli(argv: list[str]) -> Prefetch | None:
     """Start prefetching for ``cicada serve ...`` or ``cicada run MODEL``; never raises."""
     global _current
-    if os.environ.get(ENV_SWITCH, "1") == "0" or not argv or argv[0] not in ("serve", "run"):
+    env = os.environ.get(ENV_SWITCH)
+    if env == "0" or not argv or argv[0] not in ("serve", "run"):
         return None
     try:
+        # Off unless asked for: with the engine's warm import of transformers overlapping the
+        # first load's fetch, the prefetch only slowed the torch import it overlaps
+        # (docs/process-start.md).
+        if env != "1" and not (argv[0] == "serve" and _config_asks(argv[1:])):
+            return None
         dirs, skipped, budget = _serve_targets(argv[1:]) if argv[0] == "serve" else _run_targets(argv[1:])
         _current = prefetch_dirs(dirs, budget=budget, skipped=skipped)
     except Exception as e:  # noqa: BLE001 - a prefetch is an optimization: the command must run
@@ -188,8 +195,6 @@ def _serve_targets(argv: list[str]) -> tuple[list[Path], list[str], int | None]:
         with open(config, "rb") as f:
             doc = tomllib.load(f)
         server = doc.get("server") or {}
-        if server.get("prefetch", True) is False:
-            return [], ["[server] prefetch = false"], None
         if isinstance(server.get("memory_budget_bytes"), int):
             budget = min(server["memory_budget_bytes"], available_bytes() // 2)
         for name, table in (doc.get("models") or {}).items():
@@ -204,6 +209,15 @@ def _serve_targets(argv: list[str]) -> tuple[list[Path], list[str], int | None]:
     elif repo is not None:
         dirs = _repository(Path(repo))
     return dirs, skipped, budget
+
+
+def _config_asks(argv: list[str]) -> bool:
+    """``[server] prefetch = true`` in the ``--config`` file."""
+    config = _flag(argv, "--config")
+    if config is None:
+        return False
+    with open(config, "rb") as f:
+        return (tomllib.load(f).get("server") or {}).get("prefetch") is True
 
 
 def _repository(root: Path) -> list[Path]:

@@ -88,11 +88,12 @@ class ServerConfig:
     """How often idle models are checked against keep_alive_s and the memory budget."""
     serialize_loads: bool = False
     """Benchmark baseline only: a waiting cold start keeps all compute; read slots go FIFO."""
-    prefetch: bool = True
+    prefetch: bool = False
     """Read the local models' weight files into the page cache from the process's first
     millisecond, while torch imports (cicada_async/engine/prefetch.py). Models are taken in
     config order while they fit half of MemAvailable (and memory_budget_bytes); remote ones are
-    skipped. $CICADA_PREFETCH=0 turns it off too."""
+    skipped. Off by default: measured, it slowed the imports more than it saved (docs/process-start.md).
+    $CICADA_PREFETCH=1 or 0 overrides it."""
     torch_threads: int | None = None
     """Torch intra-op threads; None: usable cores minus one while any load fetches (the fetch
     and the loop keep a core), every usable core for warm forwards while none does. 0 leaves

@@ -53,7 +53,7 @@ def _serve_start_line(config: Path, **env: str) -> dict:
 def test_serve_starts_prefetch_before_torch_is_imported(model_dirs, tmp_path):
     d = model_dirs["tiny-gpt2"]
     cfg = tmp_path / "cicada.toml"
-    cfg.write_text(f'[models.g]\nuri = "{d}"\n[models.r]\nuri = "http://127.0.0.1:9/r"\n')
+    cfg.write_text(f'[server]\nprefetch = true\n[models.g]\nuri = "{d}"\n[models.r]\nuri = "http://127.0.0.1:9/r"\n')
     t_spawn = time.time()
     start = _serve_start_line(cfg)
     pf = start["prefetch"]
@@ -67,6 +67,9 @@ def test_serve_starts_prefetch_before_torch_is_imported(model_dirs, tmp_path):
 
     off = _serve_start_line(cfg, CICADA_PREFETCH="0")
     assert off["prefetch"] is None
+    default = tmp_path / "default.toml"  # no [server] prefetch: off
+    default.write_text(f'[models.g]\nuri = "{d}"\n')
+    assert _serve_start_line(default)["prefetch"] is None
 
 
 def test_prefetch_fills_the_page_cache(model_dirs):
@@ -82,16 +85,21 @@ def test_prefetch_fills_the_page_cache(model_dirs):
     assert pf.summary()["seconds"] is not None
 
 
-def test_budget_and_switches(model_dirs, tmp_path):
+def test_budget_and_switches(model_dirs, tmp_path, monkeypatch):
     d = model_dirs["tiny-gpt2"]
     size = (d / "model.safetensors").stat().st_size
     small = prefetch_dirs([d], budget=size - 1)
     assert small.wait(10) and small.files == [] and "budget" in small.skipped[0]
 
+    monkeypatch.delenv("CICADA_PREFETCH", raising=False)
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[server]\nprefetch = false\n[models.g]\nuri = "{d}"\n')
+    for setting in ("", "[server]\nprefetch = false\n"):  # off by default, and when said
+        cfg.write_text(f'{setting}[models.g]\nuri = "{d}"\n')
+        assert start_for_cli(["serve", "--config", str(cfg)]) is None
+    assert start_for_cli(["run", "--strategy", "cicada", str(d)]) is None
+    monkeypatch.setenv("CICADA_PREFETCH", "1")  # the environment overrides the config
     pf = start_for_cli(["serve", "--config", str(cfg)])
-    assert pf is not None and pf.files == [] and pf.skipped == ["[server] prefetch = false"]
+    assert pf is not None and pf.wait(30) and pf.files == [d / "model.safetensors"]
 
     pf = start_for_cli(["run", "--strategy", "cicada", str(d)])
     assert pf is not None and pf.wait(30) and pf.files == [d / "model.safetensors"]
@@ -103,6 +111,6 @@ def test_budget_and_switches(model_dirs, tmp_path):
 @pytest.mark.parametrize("uri", ["s3://bucket/m", "https://host/m"])
 def test_remote_models_are_skipped(tmp_path, uri):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[models.m]\nuri = "{uri}"\n')
+    cfg.write_text(f'[server]\nprefetch = true\n[models.m]\nuri = "{uri}"\n')
     pf = start_for_cli(["serve", "--config", str(cfg)])
     assert pf is not None and pf.files == [] and pf.skipped == [f"m: remote ({uri}); not prefetched"]

@@ -93,7 +93,7 @@ def test_boolean_server_switches_parse_and_refuse_other_types() -> None:
     from cicada_async.service.config import parse_config
     from protocols.errors import ConfigError
 
-    cfg = parse_config({"server": {"prefetch": False, "serialize_loads": True}})
-    assert cfg.server.prefetch is False and cfg.server.serialize_loads is True
+    cfg = parse_config({"server": {"prefetch": True, "serialize_loads": True}})
+    assert cfg.server.prefetch is True and cfg.server.serialize_loads is True
     with pytest.raises(ConfigError, match="prefetch"):
         parse_config({"server": {"prefetch": 0}})
