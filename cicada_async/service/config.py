@@ -92,8 +92,7 @@ class ServerConfig:
     """Read the local models' weight files into the page cache from the process's first
     millisecond, while torch imports (cicada_async/engine/prefetch.py). Models are taken in
     config order while they fit half of MemAvailable (and memory_budget_bytes); remote ones are
-    skipped. Off by default: measured, it slowed the imports more than it saved (docs/process-start.md).
-    $CICADA_PREFETCH=1 or 0 overrides it."""
+    skipped. Off by default (it cost more than it saved: docs/process-start.md); $CICADA_PREFETCH=1/0 overrides."""
     torch_threads: int | None = None
     """Torch intra-op threads; None: usable cores minus one while any load fetches (the fetch
     and the loop keep a core), every usable core for warm forwards while none does. 0 leaves
