@@ -47,7 +47,7 @@ class LoadOptions:
     # A gated forward widens to every usable core at the first layer gate at which no load of
     # the engine fetches (forward.Widening): the core kept free was for the fetch. The engine
     # turns it on with every_core_when_idle (the server's default, like its warm forwards).
-    all_cores_when_landed: bool = False
+    every_core_when_idle: bool = False
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +76,7 @@ class ModelOptions:
             device = torch.device("cuda", torch.cuda.current_device())
         return LoadOptions(
             dtype=_DTYPES[self.dtype] if self.dtype else None, device=device,
-            read_bytes=read_bytes, load_timeout_s=load_timeout_s, all_cores_when_landed=every_core,
+            read_bytes=read_bytes, load_timeout_s=load_timeout_s, every_core_when_idle=every_core,
         )
 
 

@@ -257,7 +257,7 @@ class ColdStart:
 
     async def gated_forward(self, job: LoadJob, inputs: dict[str, torch.Tensor]) -> Outputs:
         def forward() -> dict[str, torch.Tensor]:
-            wide = self.options.all_cores_when_landed and self.options.device.type == "cpu"
+            wide = self.options.every_core_when_idle and self.options.device.type == "cpu"
             with self.timeline.stage("forward"), job.computing(), job.widening(self.scheduler if wide else None):
                 return run_forward(job.model, inputs, self.options.device)
 
