@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cicada_async.engine.procfs import kib_field
+from cicada_async.engine.procfs import kib_field, usable_cores
 
 CLOCK = {
     "starts": "immediately before the strategy's function is called, in a fresh process, after: "
@@ -245,7 +245,7 @@ def provenance(argv: list[str]) -> dict[str, Any]:
         "commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None,
         "command": " ".join([prog, *argv[1:]]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "machine": {"nproc": usable_cores(),
                     "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "memory_bytes": _mem_total(),
                     "kernel": platform.release(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": ver("torch"),

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cicada_async.engine.procfs import kib_field
+from cicada_async.engine.procfs import kib_field, usable_cores
 
 GIB = 1 << 30
 
@@ -32,7 +32,7 @@ def machine() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "nproc": usable_cores(),
         "cpu_model": cpu,
         "memory_bytes": mem,
         "platform": platform.platform(),

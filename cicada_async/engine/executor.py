@@ -246,14 +246,13 @@ class Executor:
                         self._threads.pop(me, None)
                         self._cv.notify_all()
                         return
-                    if self._idle[-1] != me:
-                        pass  # another idle worker is next
-                    elif self._job_may_start_locked():
-                        key, call, fut = heapq.heappop(self._jobs)
-                        break
-                    elif self._applies and self._holder is None:
-                        key, call, fut = (float("-inf"), -1), None, None
-                        break
+                    if self._idle[-1] == me:  # the most recently idle worker is next
+                        if self._job_may_start_locked():
+                            key, call, fut = heapq.heappop(self._jobs)
+                            break
+                        if self._applies and self._holder is None:
+                            key, call, fut = (float("-inf"), -1), None, None
+                            break
                     self._cv.wait()
                 self._holder = me
                 self._idle.pop()

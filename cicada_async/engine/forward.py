@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import inspect
-import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from cicada_async.engine.procfs import usable_cores
 from protocols.errors import CicadaError, InferenceError
 
 if TYPE_CHECKING:
@@ -20,29 +19,10 @@ V2_TYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"
             torch.int64: "INT64", torch.int32: "INT32", torch.bool: "BOOL", torch.uint8: "UINT8"}
 
 
-@contextmanager
-def all_cores(enabled: bool = True) -> Iterator[None]:
-    """Torch intra-op threads = usable cores for the block, then back (this thread's setting).
-
-    The server keeps one core for the fetch threads and the event loop while a load fetches
-    (torch threads = cores - 1); a forward with nothing left to fetch needs neither. Set on the
-    thread that computes only: the loop's own small tensor ops stay on one thread.
-    """
-    before = torch.get_num_threads()
-    cores = usable_cores()
-    if not enabled or cores <= before:
-        yield
-        return
-    torch.set_num_threads(cores)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Widening:
-    """Torch threads of a gated forward: as set while loads fetch, every usable core from the
-    first layer gate (``check``) at which ``idle()`` says none does, then back at the end.
+    """Torch threads of a forward: as set until ``idle()`` says no load fetches, every usable
+    core from then on (checked on entry and at each ``check``: a gated forward's layer gates),
+    back to the setting at the end.
 
     The free core was kept for the fetch threads and the loop; a cold start's forward that
     outlives the fetch (weights in the page cache or prefetched, or a batch of requests riding
@@ -71,8 +51,14 @@ class Widening:
             self._before = None
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def all_cores(enabled: bool = True) -> Widening:
+    """Torch intra-op threads = usable cores for the block, then back (this thread's setting).
+
+    The server keeps one core for the fetch threads and the event loop while a load fetches
+    (torch threads = cores - 1); a forward with nothing left to fetch needs neither. Set on the
+    thread that computes only: the loop's own small tensor ops stay on one thread.
+    """
+    return Widening((lambda: True) if enabled else None)
 
 
 def run_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,

@@ -2,7 +2,8 @@
 
 ``cicada serve`` and ``cicada run`` call ``start_for_cli`` as their very first statement. When
 asked for (``[server] prefetch = true``, ``CICADA_PREFETCH=1``; off by default, measured in
-docs/process-start.md: the first load's fetch already overlaps the transformers import) it finds the local weight files of the models the command will serve (from the TOML config, the
+docs/process-start.md: the first load's fetch already overlaps the transformers import) it
+finds the local weight files of the models the command will serve (from the TOML config, the
 model repository or the ``run`` argument, with nothing but the standard library) and starts two
 threads that pull them into the page cache. The engine's mapped landing later finds the pages
 there, so a fresh process pays about imports + skeleton + forward, not that plus the read.
@@ -130,9 +131,14 @@ def start_for_cli(argv: list[str]) -> Prefetch | None:
         # Off unless asked for: with the engine's warm import of transformers overlapping the
         # first load's fetch, the prefetch only slowed the torch import it overlaps
         # (docs/process-start.md).
-        if env != "1" and not (argv[0] == "serve" and _config_asks(argv[1:])):
+        forced = env == "1"
+        if argv[0] == "serve":
+            targets = _serve_targets(argv[1:], forced)
+        else:
+            targets = _run_targets(argv[1:]) if forced else None
+        if targets is None:
             return None
-        dirs, skipped, budget = _serve_targets(argv[1:]) if argv[0] == "serve" else _run_targets(argv[1:])
+        dirs, skipped, budget = targets
         _current = prefetch_dirs(dirs, budget=budget, skipped=skipped)
     except Exception as e:  # noqa: BLE001 - a prefetch is an optimization: the command must run
         _current = Prefetch([], 0, error=f"{type(e).__name__}: {e}")
@@ -185,8 +191,9 @@ def local_dir(uri: str) -> Path | None:
     return Path(uri)
 
 
-def _serve_targets(argv: list[str]) -> tuple[list[Path], list[str], int | None]:
-    """Model directories of ``cicada serve --config F`` or ``--model-repository D``."""
+def _serve_targets(argv: list[str], forced: bool) -> tuple[list[Path], list[str], int | None] | None:
+    """Model directories of ``cicada serve --config F`` or ``--model-repository D``; None when
+    neither ``forced`` nor the config's ``[server] prefetch = true`` asks for a prefetch."""
     config, repo = _flag(argv, "--config"), _flag(argv, "--model-repository")
     dirs: list[Path] = []
     skipped: list[str] = []
@@ -195,6 +202,8 @@ def _serve_targets(argv: list[str]) -> tuple[list[Path], list[str], int | None]:
         with open(config, "rb") as f:
             doc = tomllib.load(f)
         server = doc.get("server") or {}
+        if not forced and server.get("prefetch") is not True:
+            return None
         if isinstance(server.get("memory_budget_bytes"), int):
             budget = min(server["memory_budget_bytes"], available_bytes() // 2)
         for name, table in (doc.get("models") or {}).items():
@@ -206,18 +215,11 @@ def _serve_targets(argv: list[str]) -> tuple[list[Path], list[str], int | None]:
                 dirs.append(d)
         if isinstance(doc.get("model_repository"), str):
             dirs += [d for d in _repository(Path(doc["model_repository"])) if d not in dirs]
+    elif not forced:
+        return None
     elif repo is not None:
         dirs = _repository(Path(repo))
     return dirs, skipped, budget
-
-
-def _config_asks(argv: list[str]) -> bool:
-    """``[server] prefetch = true`` in the ``--config`` file."""
-    config = _flag(argv, "--config")
-    if config is None:
-        return False
-    with open(config, "rb") as f:
-        return (tomllib.load(f).get("server") or {}).get("prefetch") is True
 
 
 def _repository(root: Path) -> list[Path]:
