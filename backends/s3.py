@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -56,6 +57,35 @@ _CHANGED = {"PreconditionFailed", "412"}
 _URL_EXPIRES_S = 3600
 _URL_REUSE_S = 600
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</")
+
+_LOADER: Any = None
+_LOADER_LOCK = threading.Lock()
+
+
+def shared_loader() -> Any:
+    """botocore's data loader with the S3 service model loaded, one per process (blocking).
+
+    Loading botocore's JSON data (the service model, endpoint rules, retry config) is about
+    0.2 s of GIL-bound parsing per session. Each backend's own session paid it again for every
+    model, and twice in a first request (the startup describe and the load each open a
+    backend: 0.5-1 s together on 2 cores). Sessions stay per backend (credentials are cached
+    per session); only this read-only data is shared.
+    """
+    global _LOADER
+    with _LOADER_LOCK:
+        if _LOADER is None:
+            from aiobotocore.session import get_session
+
+            loader = get_session().get_component("data_loader")
+            # What creating an S3 client reads (its paginators and waiters load on use), called
+            # as botocore calls it: the loader caches by the exact arguments.
+            for path in ("_retry", "endpoints", "sdk-default-configuration"):
+                loader.load_data_with_path(path)
+            loader.load_data("partitions")
+            for kind in ("service-2", "endpoint-rule-set-1"):
+                loader.load_service_model("s3", kind, api_version=None)
+            _LOADER = loader
+        return _LOADER
 
 
 def _error(status: int, code: str, message: str, what: str) -> StorageError:
@@ -192,6 +222,8 @@ class S3Backend:
                 from aiobotocore.config import AioConfig
                 from aiobotocore.session import get_session
 
+                session = get_session()
+                session.register_component("data_loader", await asyncio.to_thread(shared_loader))
                 s = self.settings
                 config = AioConfig(
                     connect_timeout=s.connect_timeout_s,
@@ -207,14 +239,14 @@ class S3Backend:
                     # validate one (and must not wrap the body, which would add a copy).
                     response_checksum_validation="when_required",
                     request_checksum_calculation="when_required",
-                    # Loading the service model reads JSON from disk: do it in a thread.
-                    warm_up_loader_caches=True,
+                    # shared_loader() loaded the service model, in a thread.
+                    warm_up_loader_caches=False,
                 )
                 stack = contextlib.AsyncExitStack()
                 with map_exceptions(f"creating an S3 client for s3://{self.bucket}"):
                     async with asyncio.timeout(self.op_timeout_s):
                         self._client = await stack.enter_async_context(
-                            get_session().create_client(
+                            session.create_client(
                                 "s3",
                                 region_name=self.region,
                                 endpoint_url=self.endpoint_url,

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 
 from backends import open_backend
-from backends.s3 import S3Backend
+from backends.s3 import S3Backend, shared_loader
 from protocols.errors import (
     ConfigError,
     IntegrityError,
@@ -206,6 +206,27 @@ async def test_explicit_credentials(s3_model: S3Model) -> None:
         assert (await backend.stat("config.json")).size == len(s3_model.files["config.json"])
     finally:
         await backend.aclose()
+
+
+async def test_backends_read_botocore_data_once(s3_model: S3Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each backend has its own session (its own credentials here), but the ~0.2 s of JSON the
+    # S3 service model costs is parsed once per process, not per backend and model.
+    from botocore.loaders import JSONFileLoader
+
+    shared_loader()
+    files: list[str] = []
+    load_file = JSONFileLoader.load_file
+    monkeypatch.setattr(JSONFileLoader, "load_file", lambda self, path: files.append(path) or load_file(self, path))
+    explicit = settings(s3_model, aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="secret")
+    for extra in (explicit, settings(s3_model)):
+        backend = open_backend(s3_model.uri, extra)
+        try:
+            assert (await backend.stat("config.json")).size == len(s3_model.files["config.json"])
+            creds = await backend._client._request_signer._credentials.get_frozen_credentials()  # type: ignore[attr-defined]
+            assert creds.access_key == extra.get("aws_access_key_id", "testing")
+        finally:
+            await backend.aclose()
+    assert files == [], files
 
 
 @pytest.mark.parametrize(
