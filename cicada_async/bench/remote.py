@@ -175,7 +175,7 @@ def remote_cold_start_bench(args: argparse.Namespace) -> int:
         "link": "origin in a network namespace behind a veth pair; tc tbf on its egress at each rate "
                 "(0 = no qdisc, unshaped); origin files and s3rver's data dropped from the page cache "
                 "(fsync + posix_fadvise DONTNEED) before every run",
-        "engine_settings": "Engine() defaults; backend defaults",
+        "engine_settings": "cicada serve's defaults: Engine(every_core_when_idle=True), torch threads = usable cores - 1 while fetching; backend defaults",
         "clock": "load start to the first forward's outputs on the host; teardown outside",
     }
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="cicada-bench-remote-") as tmpd:

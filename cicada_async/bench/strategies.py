@@ -13,8 +13,9 @@ strategy's clock stops (teardown is after it, for all of them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ def cicada(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dt
 
     async def go() -> Result:
         t0 = time.perf_counter()  # the engine's start (its thread) counts; its teardown does not
-        async with Engine(**engine_kwargs) as engine:
+        async with Engine(**served(engine_kwargs)) as engine:
             inst = engine.instance("model", str(model_dir), ModelOptions(dtype=dtype_name, device=device),
                                    describe=False)
             out = await inst.infer(inputs)
@@ -183,7 +184,28 @@ def cicada(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dt
             t["outputs_at"] = done
             return out, t
 
-    return asyncio.run(go())
+    with server_threads():
+        return asyncio.run(go())
+
+
+def served(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Engine settings as ``cicada serve`` has them by default (with ``server_threads``): the
+    forward widens to every core once nothing fetches."""
+    return {"every_core_when_idle": True, **engine_kwargs}
+
+
+@contextlib.contextmanager
+def server_threads() -> Iterator[None]:
+    """Torch threads as ``cicada serve`` sets them by default (``threads_while_fetching``),
+    for one cicada run; restored after."""
+    from cicada_async.engine.procfs import threads_while_fetching
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads_while_fetching())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _forward(model: nn.Module, inputs: dict[str, torch.Tensor], t: dict[str, float], device: str = "cpu") -> Result:

@@ -13,6 +13,13 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def threads_while_fetching() -> int:
+    """Torch's intra-op threads by default while loads fetch (``cicada serve``): every usable
+    core but one, kept for the event loop and the receiving threads; a forward widens to every
+    core once nothing fetches (``Engine(every_core_when_idle=True)``)."""
+    return max(1, usable_cores() - 1)
+
+
 def kib_field(path: str, key: bytes) -> int | None:
     """Bytes of the ``key: N kB`` line of ``path`` (/proc/self/status, /proc/meminfo), None
     where the file or the line is missing."""

@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from cicada_async.engine.prefetch import current as current_prefetch
-from cicada_async.engine.procfs import usable_cores
+from cicada_async.engine.procfs import threads_while_fetching
 from cicada_async.service import auth
 from cicada_async.service.appkeys import (
     BUDGET_KEY, CONFIG_KEY, ENGINE_KEY, GRPC_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, STATS_KEY, TOKENS_KEY,
@@ -260,7 +260,7 @@ def main(argv: list[str]) -> int:
     _few_malloc_arenas()
     threads = config.server.torch_threads
     if threads is None:
-        threads = max(1, usable_cores() - 1)
+        threads = threads_while_fetching()
     if threads:
         import torch
 
