@@ -283,6 +283,15 @@ def upload_s3(endpoint: str, creds: dict[str, str], models: dict[str, Path]) -> 
             for f in model_files(d):
                 with open(f, "rb") as fh:
                     client.put_object(Bucket=BUCKET, Key=f"{name}/{f.name}", Body=fh)
+        # Read every object back once, untimed: the first GETs after an upload of gigabytes
+        # ran 2-3x slower for every strategy (the first cells of a run: gpt2 at 1 Gbit/s took
+        # 15 s once instead of 4.7), whatever the page cache held.
+        os.sync()
+        for name, d in models.items():
+            for f in model_files(d):
+                body = client.get_object(Bucket=BUCKET, Key=f"{name}/{f.name}")["Body"]
+                while body.read(8 << 20):
+                    pass
     finally:
         client.close()
 

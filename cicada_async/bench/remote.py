@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -178,6 +179,8 @@ def remote_cold_start_bench(args: argparse.Namespace) -> int:
         "engine_settings": "cicada serve's defaults: Engine(every_core_when_idle=True), torch threads = usable cores - 1 while fetching; backend defaults",
         "clock": "load start to the first forward's outputs on the host; teardown outside",
     }
+    # SIGTERM (a timeout, kill) unwinds like Ctrl-C: the servers stop and the namespace goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="cicada-bench-remote-") as tmpd:
         tmp = Path(tmpd)
         os.chmod(tmp, 0o755)
