@@ -7,7 +7,7 @@ first forward's outputs are on the host (``strategies._forward``'s ``outputs_at`
 model, the temp directory and the engine come after, outside it.
 
 Strategies:
-- ``cicada``: ``Engine(storage=...)`` with ``cicada serve``'s default threads (``strategies.served``),
+- ``cicada``: ``Engine(storage=...)`` with ``cicada serve``'s default threads (``strategies.as_served``),
   first ``infer`` on the URI (fetch while computing);
 - ``meta-mmap``: parameters on meta, mmapped safetensors assigned, forward (local only);
 - ``download-then-load``: our backend (same settings) fetches every file in 8 MiB ranges, 8 in
@@ -57,7 +57,7 @@ def worker(strategy: str, uri: str, local_dir: Path, storage: dict[str, Any]) ->
     import torch  # noqa: F401
 
     from backends import open_backend, scheme_of
-    from cicada_async.bench.strategies import example_inputs, local_spec, meta_mmap, served, server_threads
+    from cicada_async.bench.strategies import as_served, example_inputs, local_spec, meta_mmap
     from cicada_async.engine.modeldir import prepare_imports
 
     spec = local_spec(local_dir)
@@ -74,8 +74,8 @@ def worker(strategy: str, uri: str, local_dir: Path, storage: dict[str, Any]) ->
     if strategy == "cicada":
         from cicada_async.engine.runtime import Engine
 
-        async def go() -> dict[str, Any]:
-            async with Engine(**served({"storage": storage})) as eng:
+        async def go(settings: dict[str, Any]) -> dict[str, Any]:
+            async with Engine(**settings) as eng:
                 inst = eng.instance("model", uri)
                 t0 = time.perf_counter()
                 await inst.infer(inputs)
@@ -85,8 +85,8 @@ def worker(strategy: str, uri: str, local_dir: Path, storage: dict[str, Any]) ->
                 return {"total_s": total, "summary": {k: v for k, v in s.items() if isinstance(v, (int, float))},
                         "parts": s.get("stages", {})}
 
-        with server_threads():
-            return asyncio.run(go())
+        with as_served({"storage": storage}) as settings:
+            return asyncio.run(go(settings))
     if strategy == "meta-mmap":
         t0 = time.perf_counter()
         _, parts = meta_mmap(local_dir, spec, inputs, None)

@@ -166,9 +166,9 @@ def cicada(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dt
 
     dtype_name = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}.get(dtype) if dtype else None
 
-    async def go() -> Result:
+    async def go(settings: dict[str, Any]) -> Result:
         t0 = time.perf_counter()  # the engine's start (its thread) counts; its teardown does not
-        async with Engine(**served(engine_kwargs)) as engine:
+        async with Engine(**settings) as engine:
             inst = engine.instance("model", str(model_dir), ModelOptions(dtype=dtype_name, device=device),
                                    describe=False)
             out = await inst.infer(inputs)
@@ -184,26 +184,21 @@ def cicada(model_dir: Path, spec: ModelSpec, inputs: dict[str, torch.Tensor], dt
             t["outputs_at"] = done
             return out, t
 
-    with server_threads():
-        return asyncio.run(go())
-
-
-def served(engine_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Engine settings as ``cicada serve`` has them by default (with ``server_threads``): the
-    forward widens to every core once nothing fetches."""
-    return {"every_core_when_idle": True, **engine_kwargs}
+    with as_served(engine_kwargs) as settings:
+        return asyncio.run(go(settings))
 
 
 @contextlib.contextmanager
-def server_threads() -> Iterator[None]:
-    """Torch threads as ``cicada serve`` sets them by default (``threads_while_fetching``),
-    for one cicada run; restored after."""
+def as_served(engine_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Torch threads and Engine settings as ``cicada serve`` has them by default, for one
+    cicada run: ``threads_while_fetching`` torch threads, and a forward that widens to every
+    core once nothing fetches. Yields the Engine's keyword arguments; threads restored after."""
     from cicada_async.engine.procfs import threads_while_fetching
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads_while_fetching())
     try:
-        yield
+        yield {"every_core_when_idle": True, **engine_kwargs}
     finally:
         torch.set_num_threads(before)
 
