@@ -158,3 +158,18 @@ def test_real_workers_failing_strategy_is_counted(model_dirs: dict[str, Path], t
     b = e["bound"]
     assert b["n_valid"] == 1 and set(b["read_methods_s"]) >= {"buffered", "direct"}
     assert b["cold"]["median_s"] >= b["warm"]["median_s"] > 0
+
+
+def test_cicada_is_measured_with_the_servers_threads() -> None:
+    # The benchmarks must run what `cicada serve` runs by default, not Engine() with torch on
+    # every core (which the server never does), and leave the process's setting as it was.
+    import torch
+
+    from cicada_async.bench.strategies import as_served
+    from cicada_async.engine.procfs import threads_while_fetching
+
+    before = torch.get_num_threads()
+    with as_served({"storage": {}}) as settings:
+        assert torch.get_num_threads() == threads_while_fetching()
+        assert settings == {"every_core_when_idle": True, "storage": {}}
+    assert torch.get_num_threads() == before
