@@ -1,0 +1,140 @@
+"""The serving seam: what the data plane needs of the engine and of a served model.
+
+The service (``cicada_async.service``) holds an engine and its model instances only through
+these types; the engine (``cicada_async.engine.runtime``) implements them, and so do the test
+doubles. One ``Priority`` scale runs from the wire to the executor and the fetch scheduler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import ClassVar, Literal, Protocol, TypedDict
+
+import torch
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Priority:
+    """Where work stands in line: a lower level runs first, on the executor and for reads.
+
+    Requests carry levels 1 (most urgent) and up; the wire's 0 ("the model's default") is
+    resolved once, at the edge (``from_wire``). The engine's own work has named levels.
+    """
+
+    level: int
+
+    # Named levels (assigned below the class).
+    SETUP: ClassVar[Priority]
+    """Planning and skeleton work of tools that prepare a model outside any request (pack)."""
+    UNLOAD: ClassVar[Priority]
+    """Dropping an unloaded model's last reference: ahead of every request, after the forward in flight."""
+    MOST_URGENT: ClassVar[Priority]
+    """The most urgent level a request can carry."""
+    DEFAULT: ClassVar[Priority]
+    """A request's level when neither the request nor the model's config names one."""
+    IMPORTS: ClassVar[Priority]
+    """Warming the model libraries' imports at start: as a default request, never ahead of one."""
+    BACKGROUND: ClassVar[Priority]
+    """Prebuilt skeletons and their refills: only when no request waits."""
+
+    @classmethod
+    def from_wire(cls, value: int, default: Priority) -> Priority:
+        """A request's ``priority`` parameter: 0 means ``default`` (the model's), 1 is most urgent."""
+        if value < 0:
+            raise ValueError(f"a wire priority is 0 or more, got {value}")
+        return default if value == 0 else cls(value)
+
+    def __str__(self) -> str:
+        return str(self.level)
+
+
+Priority.SETUP = Priority(-1)
+Priority.UNLOAD = Priority(0)
+Priority.MOST_URGENT = Priority(1)
+Priority.DEFAULT = Priority(10)
+Priority.IMPORTS = Priority(10)
+Priority.BACKGROUND = Priority(1000)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How one model is served: the config's choices, checked by the engine when it loads."""
+
+    dtype: str | None = None
+    """"float32", "bfloat16" or "float16"; None serves the checkpoint's dtype."""
+    device: str = "cpu"
+    """"cpu" or "cuda[:N]"."""
+
+
+ModelState = Literal["unloaded", "loading", "ready", "failed"]
+Tensors = dict[str, torch.Tensor]
+# A forward's inputs, or a callable that returns them when the forward starts (so that a
+# cold start's batch can form late, when its gated forward begins).
+Inputs = Tensors | Callable[[], Tensors]
+
+
+class TensorSpec(TypedDict):
+    """One input or output as model metadata lists it (V2 names)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class LoadSummary(Protocol):
+    """What the service reports of a model's last cold start."""
+
+    def summary(self) -> dict[str, object]: ...
+
+
+class ServedModel(Protocol):
+    """One model the engine can load, run and unload."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def state(self) -> ModelState: ...
+    @property
+    def last_error(self) -> str | None: ...
+    @property
+    def nbytes(self) -> int | None: ...
+    @property
+    def last_timeline(self) -> LoadSummary | None: ...
+    @property
+    def pad_token_id(self) -> int | None:
+        """The token that pads a batch of token ids of different lengths; None: no padding."""
+        ...
+
+    async def infer(self, inputs: Inputs, *, priority: Priority) -> Tensors: ...
+    async def load(self, *, priority: Priority) -> None: ...
+    async def unload(self) -> None: ...
+    def set_fetch_priority(self, priority: Priority) -> None:
+        """The priority of the load's remaining reads (a more urgent request now waits on it)."""
+        ...
+    def io_spec(self) -> tuple[list[TensorSpec], list[TensorSpec]]: ...
+    async def size_hint(self) -> int | None:
+        """Resident bytes a load will need, known before it fetches (None: unknown)."""
+        ...
+
+
+class ServingEngine(Protocol):
+    """The engine as the data plane holds it: an async context that makes model instances."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while the engine cannot run work (its executor thread died)."""
+        ...
+
+    async def __aenter__(self) -> ServingEngine: ...
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+    def instance(self, name: str, uri: str, options: ModelOptions) -> ServedModel: ...
+    def prebuild(self, model: ServedModel) -> None:
+        """Build ``model``'s skeleton ahead, in the background (a no-op where it cannot)."""
+        ...
+    async def restart_executor(self) -> None:
+        """Replace a dead executor; loaded models are dropped."""
+        ...
+
