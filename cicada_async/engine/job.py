@@ -24,7 +24,7 @@ from cicada_async.engine.executor import Executor
 from cicada_async.engine.forward import Widening
 from cicada_async.engine.landing import Landing
 from cicada_async.engine.modeldir import ModelSpec
-from cicada_async.engine.plan import DEFAULT_READ_BYTES
+from cicada_async.engine.reads import DEFAULT_READ_BYTES
 from cicada_async.engine.skeleton import SkeletonIndex, materialize
 from cicada_async.engine.timeline import Timeline
 

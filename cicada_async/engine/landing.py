@@ -21,8 +21,8 @@ from protocols.manifest import FileHeader, Plan, ReadRange, TensorEntry
 from protocols.storage import StorageBackend
 
 from cicada_async.engine.arena import PAGE, Arena
-from cicada_async.engine.skeleton import tensor_from_bytes
-from cicada_async.engine.plan import MAX_GAP_BYTES
+from cicada_async.engine.reads import MAX_GAP_BYTES
+from cicada_async.engine.tensorbytes import tensor_from_bytes
 
 
 class Landing(Protocol):

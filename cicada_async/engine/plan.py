@@ -15,14 +15,11 @@ from protocols.manifest import FileHeader, Plan, ReadRange, Shard, TensorEntry
 
 from cicada_async.engine.headers import all_tensors
 from cicada_async.engine.patches import ScopedPatch
+from cicada_async.engine.reads import DEFAULT_READ_BYTES, MAX_GAP_BYTES
 from cicada_async.engine.skeleton import SkeletonIndex
 from cicada_async.engine.modeldir import ModelSpec
 
 log = logging.getLogger(__name__)
-
-DEFAULT_READ_BYTES = 8 << 20
-# Gaps up to this are read rather than skipped: one request beats two on every backend.
-MAX_GAP_BYTES = 256 << 10
 
 
 class DryRunAbandoned(Exception):

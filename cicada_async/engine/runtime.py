@@ -22,9 +22,9 @@ from cicada_async.engine.forward import inputs_meta, io_spec, pad_token, run_for
 from cicada_async.engine.job import LoadJob, ModelOptions
 from cicada_async.engine.modeldir import ModelSpec, import_model_libraries, read_model_spec
 from cicada_async.engine.pipeline import LoadRequest, cold_start, first_leaf
-from cicada_async.engine.plan import DEFAULT_READ_BYTES
 from cicada_async.engine.plancache import PlanCache
 from cicada_async.engine.ready import PREBUILD_PRIORITY, ReadySkeleton
+from cicada_async.engine.reads import DEFAULT_READ_BYTES
 from cicada_async.engine.rss import RssSampler
 from cicada_async.engine.timeline import Timeline
 

@@ -21,18 +21,11 @@ from protocols.errors import WeightMismatch
 from protocols.manifest import TensorEntry
 
 from cicada_async.engine.patches import ScopedPatch
+from cicada_async.engine.tensorbytes import CONVERTIBLE
 
 if TYPE_CHECKING:
     from cicada_async.engine.modeldir import ModelSpec
 
-# safetensors dtype code -> torch dtype
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
-    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
-    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 def _skeleton_targets() -> list[tuple[object, str]]:
     targets: list[tuple[object, str]] = [(nn.Module, "register_parameter")]
@@ -63,9 +56,6 @@ def _skeleton_replacement(attr: str) -> Callable[..., object]:
 
     return init
 
-
-# Floating dtypes a requested serving dtype converts (F8 and integers never are).
-CONVERTIBLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 _SKELETON = ScopedPatch("skeleton", _skeleton_targets, _skeleton_replacement)
 
@@ -217,22 +207,6 @@ def place_buffers(model: nn.Module, index: SkeletonIndex, device: torch.device) 
 def _few(names: list[str], n: int = 8) -> str:
     shown = ", ".join(names[:n])
     return f"{shown} (+{len(names) - n} more)" if len(names) > n else shown
-
-
-def tensor_from_bytes(
-    raw: torch.Tensor, entry: TensorEntry, *, dtype: torch.dtype | None, device: torch.device
-) -> torch.Tensor:
-    """The tensor for ``entry`` from its raw uint8 bytes; a view when nothing needs converting."""
-    src_dtype = TORCH_DTYPES[entry.dtype]
-    if raw.data_ptr() % src_dtype.itemsize == 0:
-        t = raw.view(src_dtype).view(entry.shape)
-    else:  # misaligned in the file: one copy into aligned memory
-        t = raw.clone().view(src_dtype).view(entry.shape)
-    # Only plain floats convert, as in transformers: integers and F8 keep their dtype.
-    want = dtype if (dtype is not None and src_dtype in CONVERTIBLE) else src_dtype
-    if want != src_dtype or t.device != device:
-        t = t.to(device=device, dtype=want, non_blocking=device.type == "cuda")
-    return t
 
 
 def materialize(slot: Slot, value: torch.Tensor) -> None:
