@@ -76,7 +76,8 @@ ZOO: dict[str, ZooEntry] = {
 def _randomize_running_stats(model: torch.nn.Module, gen: torch.Generator) -> None:
     # Default BatchNorm statistics (0 and 1) would hide a load that forgot them.
     for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None \
+                and m.running_var is not None:
             with torch.no_grad():
                 m.running_mean.normal_(0.0, 0.1, generator=gen)
                 m.running_var.uniform_(0.5, 1.5, generator=gen)

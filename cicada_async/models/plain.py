@@ -23,7 +23,8 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.stem(x)))
-        return self.head(self.pool(self.block(h)).flatten(1))
+        out: torch.Tensor = self.head(self.pool(self.block(h)).flatten(1))
+        return out
 
 
 class TiedMLP(nn.Module):
@@ -43,4 +44,5 @@ class TiedMLP(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids) * self.scale
         h = h + self.down(torch.relu(self.up(h)))
-        return self.out(self.norm(h))
+        logits: torch.Tensor = self.out(self.norm(h))
+        return logits
