@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import replace
 from collections.abc import Mapping
 from typing import Any
@@ -17,12 +16,21 @@ HEADER_PROBE = 64 << 10
 # The same ceiling the safetensors library applies; a larger header is an attack or an error.
 MAX_HEADER_BYTES = 100_000_000
 
-# safetensors dtype code -> bytes per element (torch dtype names live in skeleton.py).
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4,
-    "U64": 8, "I64": 8, "F64": 8,
+# Every dtype code the safetensors format defines -> bits per element. ``cicada pack`` copies
+# any of them; the loader takes only LOADABLE_DTYPES.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}  # fmt: skip
+
+# The dtypes the loader builds tensors of (their torch dtypes: tensorbytes.TORCH_DTYPES).
+LOADABLE_DTYPES: dict[str, int] = {
+    k: DTYPE_BITS[k]
+    for k in ("BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2", "U16", "I16", "F16", "BF16",
+              "U32", "I32", "F32", "U64", "I64", "F64")
 }
 
 
@@ -30,7 +38,7 @@ def header_length(prefix: bytes, *, key: str, size: int) -> int:
     """The JSON header length announced by the first 8 bytes of a file of ``size`` bytes."""
     if size < 8 or len(prefix) < 8:
         raise CheckpointError(f"{key}: {size} bytes is too short for a safetensors file")
-    (n,) = struct.unpack("<Q", prefix[:8])
+    n = int.from_bytes(prefix[:8], "little")
     if n > MAX_HEADER_BYTES:
         raise CheckpointError(f"{key}: header length {n} exceeds the limit of {MAX_HEADER_BYTES}")
     if 8 + n > size:
@@ -48,9 +56,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_header(
-    raw: bytes, *, key: str, size: int, version: str | None = None
+    raw: bytes, *, key: str, size: int, version: str | None = None,
+    dtypes: Mapping[str, int] = LOADABLE_DTYPES,
 ) -> FileHeader:
-    """Validate header bytes (without the 8-byte prefix) of a file of ``size`` bytes."""
+    """Validate header bytes (without the 8-byte prefix) of a file of ``size`` bytes.
+
+    ``dtypes`` (code -> bits per element) are the dtypes accepted: by default those the loader
+    maps to torch; ``cicada pack``, which only copies bytes, passes all of ``DTYPE_BITS``.
+    """
     data_offset = 8 + len(raw)
     try:
         text = raw.decode("utf-8")
@@ -75,17 +88,17 @@ def parse_header(
                 raise CheckpointError(f"{key}: __metadata__ must map strings to strings")
             metadata = dict(spec)
             continue
-        entries.append(_entry(name, spec, key=key, data_offset=data_offset))
+        entries.append(_entry(name, spec, key=key, data_offset=data_offset, dtypes=dtypes))
 
     # Sorted by offset, tensors must tile the data section exactly: no gap, no overlap, and
     # nothing after the last one (trailing bytes are how polyglot files hide a payload).
     entries.sort(key=lambda e: (e.start, e.end))
     pos = data_offset
-    for e in entries:
-        if e.start != pos:
-            what = "overlaps the previous tensor" if e.start < pos else "leaves a gap before it"
-            raise CheckpointError(f"{key}: tensor {e.name!r} {what} (offset {e.start - data_offset})")
-        pos = e.end
+    for t in entries:
+        if t.start != pos:
+            what = "overlaps the previous tensor" if t.start < pos else "leaves a gap before it"
+            raise CheckpointError(f"{key}: tensor {t.name!r} {what} (offset {t.start - data_offset})")
+        pos = t.end
     if pos != size:
         if pos > size:
             raise CheckpointError(
@@ -97,16 +110,16 @@ def parse_header(
         size=size,
         version=version,
         data_offset=data_offset,
-        tensors={e.name: e for e in entries},
+        tensors={t.name: t for t in entries},
         metadata=metadata,
     )
 
 
-def _entry(name: str, spec: Any, *, key: str, data_offset: int) -> TensorEntry:
+def _entry(name: str, spec: Any, *, key: str, data_offset: int, dtypes: Mapping[str, int]) -> TensorEntry:
     if not isinstance(spec, Mapping):
         raise CheckpointError(f"{key}: entry for {name!r} is not an object")
     dtype = spec.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in dtypes:
         raise CheckpointError(f"{key}: tensor {name!r} has unknown dtype {dtype!r}")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(
@@ -123,14 +136,15 @@ def _entry(name: str, spec: Any, *, key: str, data_offset: int) -> TensorEntry:
     begin, end = offsets
     if end < begin:
         raise CheckpointError(f"{key}: tensor {name!r} ends before it starts")
-    n = DTYPE_SIZES[dtype]
+    bits = dtypes[dtype]
     for d in shape:
-        n *= d
-        if n > 1 << 62:  # Python ints do not overflow; the library's u64 arithmetic would
+        bits *= d
+        if bits > 1 << 65:  # 2**62 bytes. Python ints do not overflow; the library's u64 would
             raise CheckpointError(f"{key}: tensor {name!r} shape {shape} overflows")
-    if n != end - begin:
+    if bits != 8 * (end - begin):
+        need = bits // 8 if bits % 8 == 0 else bits / 8  # F4 and F6 pack several to a byte
         raise CheckpointError(
-            f"{key}: tensor {name!r} is {end - begin} bytes but {dtype}{shape} needs {n}"
+            f"{key}: tensor {name!r} is {end - begin} bytes but {dtype}{shape} needs {need}"
         )
     return TensorEntry(
         name=name,

@@ -11,8 +11,8 @@ the model size.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import math
 import os
 import shutil
 import struct
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from protocols.errors import CheckpointError
 
+from cicada_async.engine.headers import DTYPE_BITS, header_length, parse_header
 from cicada_async.engine.manifest import MANIFEST_NAME, no_duplicate_keys
 
 if TYPE_CHECKING:
@@ -36,16 +37,7 @@ COPY_BUFFER_BYTES = 8 << 20
 # safetensors allows and itself does, to 8) so the first tensor lands cache-line and
 # O_DIRECT-friendly. Tensors stay contiguous after it: the format forbids gaps.
 DATA_ALIGN = 64
-MAX_HEADER_BYTES = 100_000_000
 PLAN_DIR = ".cicada"  # plancache.PLAN_DIR; not imported, so that pack does not import torch
-
-_DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -61,48 +53,19 @@ class SourceTensor:
 
 
 def read_header(path: Path) -> tuple[list[SourceTensor], dict[str, str]]:
-    """Tensors of one safetensors file in data order, and its ``__metadata__``."""
+    """Tensors of one safetensors file in data order, and its ``__metadata__``.
+
+    Checked by the loader's own parser (``headers``), so pack refuses what a load would, except
+    that any dtype of the format is copied, not only those the loader maps to torch.
+    """
+    key = str(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CheckpointError(f"{path}: header length {n} is implausible")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=no_duplicate_keys)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"{path}: header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{path}: __metadata__ is not an object")
-    base = 8 + n
-    tensors = []
-    for name, info in header.items():
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            bits = _DTYPE_BITS[dtype]
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError("bad shape")
-            if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
-                raise ValueError("bad data_offsets")
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor {name!r} is malformed ({e})") from None
-        if math.prod(shape) * bits != (end - start) * 8:
-            raise CheckpointError(f"{path}: tensor {name!r} size does not match its shape")
-        tensors.append(SourceTensor(name, dtype, shape, path, base + start, end - start))
-    tensors.sort(key=lambda t: t.start)
-    pos = base
-    for t in tensors:
-        if t.start != pos:
-            raise CheckpointError(f"{path}: tensor {t.name!r} leaves a gap or overlaps")
-        pos += t.nbytes
-    if pos != size:
-        raise CheckpointError(f"{path}: data ends at {pos}, file is {size} bytes")
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+        n = header_length(f.read(8), key=key, size=size)
+        raw = f.read(n)
+    header = parse_header(raw, key=key, size=size, dtypes=DTYPE_BITS)
+    tensors = [SourceTensor(t.name, t.dtype, t.shape, path, t.start, t.nbytes) for t in header.tensors.values()]
+    return tensors, dict(header.metadata)
 
 
 def _sources(src: Path) -> tuple[list[Path], dict[str, Any] | None]:
@@ -153,7 +116,7 @@ def _write_file(
     dst: Path, tensors: list[SourceTensor], metadata: dict[str, str], buf: bytearray
 ) -> dict[str, Any]:
     tmp = dst.with_name(dst.name + ".partial")
-    handles: dict[Path, BinaryIO] = {}
+    handles: dict[Path, io.BufferedReader] = {}
     view = memoryview(buf)
     try:
         with open(tmp, "wb") as out:

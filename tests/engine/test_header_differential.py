@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from cicada_async.engine.headers import MAX_HEADER_BYTES, header_length, parse_header
+from cicada_async.engine.headers import DTYPE_BITS, LOADABLE_DTYPES, MAX_HEADER_BYTES, header_length, parse_header
 from protocols.errors import CheckpointError
 
 
@@ -180,6 +180,15 @@ def test_every_header_check_is_reached_by_a_case() -> None:
                 reached.add(frames[-1].lineno)
             e = e.__context__
     assert sites and sites <= reached, f"header checks no case reaches: lines {sorted(sites - reached)} of {src.name}"
+
+
+def test_loadable_dtypes_are_the_ones_torch_builds() -> None:
+    """The parser's default dtypes are exactly those bytes become tensors of, at their widths."""
+    from cicada_async.engine.tensorbytes import TORCH_DTYPES
+
+    assert LOADABLE_DTYPES.keys() == TORCH_DTYPES.keys()
+    for code, dt in TORCH_DTYPES.items():
+        assert LOADABLE_DTYPES[code] == DTYPE_BITS[code] == dt.itemsize * 8, code
 
 
 def test_valid_files_accepted_by_both(tmp_path: Path) -> None:

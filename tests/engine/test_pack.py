@@ -222,3 +222,48 @@ GOOD_DIGEST = "0" * 64
 def test_load_manifest_rejects(raw: bytes) -> None:
     with pytest.raises(CheckpointError):
         load_manifest(raw)
+
+
+def _raw_file(path: Path, header: dict[str, object], data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_pack_copies_dtypes_the_loader_does_not_map(tmp_path: Path) -> None:
+    """pack checks headers with the loader's parser, but copies any dtype the format defines."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = bytes(range(19))
+    _raw_file(src / "model.safetensors", {
+        "__metadata__": {"format": "pt"},
+        "c": {"dtype": "C64", "shape": [2], "data_offsets": [0, 16]},
+        "q": {"dtype": "F4", "shape": [2, 3], "data_offsets": [16, 19]},  # two to a byte
+    }, data)
+    pack(src, tmp_path / "out", ["q", "c"])
+    out = (tmp_path / "out" / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", out[:8])
+    header = json.loads(out[8 : 8 + n])
+    assert header["__metadata__"] == {"format": "pt"}
+    assert header["q"] == {"dtype": "F4", "shape": [2, 3], "data_offsets": [0, 3]}
+    assert header["c"] == {"dtype": "C64", "shape": [2], "data_offsets": [3, 19]}
+    assert out[8 + n :] == data[16:] + data[:16]
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "needle"),
+    [
+        ({"a": {"dtype": "X", "shape": [1], "data_offsets": [0, 1]}}, bytes(1), "unknown dtype"),
+        ({"q": {"dtype": "F4", "shape": [3], "data_offsets": [0, 1]}}, bytes(1), "needs 1.5"),
+        ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}}, bytes(3), "unexpected bytes"),
+        ({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}, "b": {"dtype": "U8", "shape": [2],
+          "data_offsets": [1, 3]}}, bytes(3), "overlaps"),
+    ],
+)
+def test_malformed_headers_name_the_file(tmp_path: Path, header: dict[str, object], data: bytes,
+                                         needle: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    _raw_file(src / "model.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=needle) as e:
+        pack(src, tmp_path / "out")
+    assert str(src / "model.safetensors") in str(e.value)
