@@ -12,7 +12,7 @@ import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import torch
@@ -20,6 +20,9 @@ from torch import nn
 
 from protocols.errors import CheckpointError, CicadaError, ConfigError, ObjectNotFound
 from protocols.storage import StorageBackend
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel  # what build() makes for kind "transformers"
 
 SMALL_FILE_LIMIT = 16 << 20  # config and index files; anything larger is not a config
 VISION_TYPES = {"vit", "resnet", "convnext", "deit", "swin", "beit", "dinov2", "mobilenet_v2"}
@@ -52,7 +55,7 @@ class ModelSpec:
         if model_type is None:
             raise ConfigError("config.json has no model_type")
         config = transformers.AutoConfig.for_model(model_type, **cfg_dict)
-        model = cls._from_config(config)
+        model: nn.Module = cls._from_config(config)
         return model.eval()
 
     def checkpoint_renamer(self, model: nn.Module) -> Callable[[str], str] | None:
@@ -66,7 +69,7 @@ class ModelSpec:
             return None
         rules = [
             (re.compile(src), dst)
-            for r in (get_model_conversion_mapping(model) or [])
+            for r in (get_model_conversion_mapping(cast("PreTrainedModel", model)) or [])
             if isinstance(r, WeightRenaming)
             for src, dst in zip(r.source_patterns, r.target_patterns)
         ]

@@ -218,7 +218,7 @@ def materialize(slot: Slot, value: torch.Tensor) -> None:
         if old is not None and old.is_meta:
             # swap_tensors keeps the Parameter object itself, so every alias (tied weights,
             # references held by the model's code) sees the real tensor at once.
-            torch.utils.swap_tensors(old, new)
+            torch.utils.swap_tensors(old, new)  # type: ignore[no-untyped-call]
             for m, a in slot.owners[1:]:
                 if m._parameters[a] is not old:
                     m._parameters[a] = old
@@ -264,7 +264,7 @@ def cast_for_serving(model: nn.Module, dtype: torch.dtype) -> None:
             if id(p) not in done:
                 want = torch.float32 if keep_re and keep_re.search(prefix + name) else dtype
                 done[id(p)] = p if p.dtype == want else nn.Parameter(p.to(want), requires_grad=p.requires_grad)
-            module._parameters[name] = done[id(p)]  # type: ignore[assignment]
+            module._parameters[name] = done[id(p)]
         for name, b in list(module._buffers.items()):
             if b is None or b.dtype not in CONVERTIBLE or name in module._non_persistent_buffers_set:
                 continue
