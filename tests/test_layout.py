@@ -142,6 +142,18 @@ def test_no_import_circles() -> None:
     assert not circles, "import circles:\n" + "\n".join(" -> ".join(c) for c in circles)
 
 
+# The engine's bottom: modules every other engine module may import, which import none of ours
+# but protocols (bytes -> tensors, read sizes). Moving code here is how the knot was untied.
+BOTTOM = ("cicada_async.engine.tensorbytes", "cicada_async.engine.reads")
+
+
+@pytest.mark.parametrize("module", BOTTOM)
+def test_bottom_modules_import_nothing_above_them(module: str) -> None:
+    ours = [f"line {line}: {imp}" for line, imp in _imports(module, MODULES[module])
+            if imp.partition(".")[0] in ("cicada_async", "backends")]
+    assert not ours, f"{module} is a bottom module but imports {ours}"
+
+
 def test_no_module_over_400_lines() -> None:
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     long |= {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "tests").rglob("*.py"))
