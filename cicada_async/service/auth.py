@@ -1,29 +1,24 @@
 """Optional bearer-token authentication with two scopes: inference and repository admin.
 
-Routes and scopes:
-
-* open: ``/v2/health/live``, ``/v2/health/ready`` (probes carry no secrets), and ``/metrics``
-  unless ``protect_metrics`` (then any valid token of either scope);
-* ``admin``: ``/v2/repository/...`` (index, load, unload);
-* ``inference``: everything else (``/v2``, model metadata and readiness, infer), including
-  unknown paths, so that an unauthenticated caller cannot tell which routes exist.
+The decision, for any transport: may a caller presenting this Authorization value use a route of
+scope X (``check``, asked through ``DataPlane.authorize``). Which route needs which scope is the
+transport's: HTTP paths in ``http_auth``, gRPC methods in ``grpc_server``. In short, health
+probes are open, ``/metrics`` is open unless ``protect_metrics`` (then either scope), the
+repository extension (index, load, unload) needs ``admin`` and everything else ``inference``.
 
 A missing or unknown token is 401 with ``WWW-Authenticate: Bearer``; a valid token of the
 other scope is 403. Tokens are compared with ``hmac.compare_digest`` against EVERY configured
 token (both lists, no early exit), so timing reveals neither a prefix nor which list matched.
-Tokens never appear in logs, errors or reprs.
+Tokens never appear in logs, errors or reprs. No aiohttp here: gRPC imports this module.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
-
-import orjson
-from aiohttp import web
 
 from cicada_async.service.config import AuthConfig
 
@@ -31,7 +26,6 @@ Scope = Literal["inference", "admin", "any"]
 
 ENV_INFERENCE = "CICADA_INFERENCE_TOKENS"
 ENV_ADMIN = "CICADA_ADMIN_TOKENS"
-_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
 def merge_env(auth: AuthConfig, environ: Mapping[str, str] | None = None) -> AuthConfig:
@@ -45,17 +39,6 @@ def merge_env(auth: AuthConfig, environ: Mapping[str, str] | None = None) -> Aut
         current: list[str] = getattr(auth, attr)
         setattr(auth, attr, current + [t for t in extra if t not in current])
     return auth
-
-
-def scope_of(path: str, auth: AuthConfig) -> Scope | None:
-    """The scope a path needs; None when it is open."""
-    if path in _OPEN_PATHS:
-        return None
-    if path == "/metrics":
-        return "any" if auth.protect_metrics else None
-    if path == "/v2/repository" or path.startswith("/v2/repository/"):
-        return "admin"
-    return "inference"
 
 
 @dataclass(frozen=True)
@@ -95,12 +78,6 @@ def _bearer(header: str | None) -> bytes | None:
         return None  # tokens are ASCII; anything else cannot match
 
 
-def _deny(status: int, message: str, challenge: str | None = None) -> web.Response:
-    headers = {"WWW-Authenticate": challenge} if challenge else None
-    return web.Response(body=orjson.dumps({"error": message}), status=status,
-                        content_type="application/json", headers=headers)
-
-
 @dataclass(frozen=True)
 class Denial:
     """Why a request may not proceed: 401 (no or unknown token) or 403 (wrong scope)."""
@@ -127,22 +104,3 @@ def check(auth: AuthConfig, tokens: TokenSet, need: Scope | None, header: str | 
         return Denial(403, f"token does not grant the {need} scope",
                       f'Bearer realm="cicada", error="insufficient_scope", scope="{need}"')
     return None
-
-
-def refusal(request: web.Request, auth: AuthConfig, tokens: TokenSet) -> web.Response | None:
-    """The 401/403 answer for ``request``, or None when it may proceed."""
-    denied = check(auth, tokens, scope_of(request.path, auth), request.headers.get("Authorization"))
-    return None if denied is None else _deny(denied.status, denied.message, denied.challenge)
-
-
-def middleware(auth: AuthConfig) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """An aiohttp middleware enforcing ``auth``; runs before any body is read."""
-    tokens = TokenSet.from_config(auth)
-
-    @web.middleware
-    async def check(request: web.Request,
-                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        return refusal(request, auth, tokens) or await handler(request)
-
-    check.tokens = tokens  # type: ignore[attr-defined]  # reused by the Expect handler
-    return check

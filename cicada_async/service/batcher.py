@@ -19,11 +19,13 @@ import asyncio
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
+from cicada_async.service.config import ModelConfig
 from protocols.errors import InferenceError
+from protocols.serving import Priority, ServedModel, Tensors
 
 MASK = "attention_mask"
 Result = dict[str, torch.Tensor] | BaseException
@@ -36,7 +38,10 @@ class Waiting(Protocol):
     enqueued: float
 
     @property
-    def priority(self) -> int: ...
+    def priority(self) -> Priority: ...
+
+
+W = TypeVar("W", bound=Waiting)  # the caller's own request type, handed back as it was given
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,10 @@ class Policy:
         return cls(max_batch_size, tuple(sorted(set(preferred))), delay_us / 1e6, pad_token_id)
 
 
-def policy_for(config: Any, instance: Any) -> Policy | None:
+def policy_for(config: ModelConfig, instance: ServedModel) -> Policy | None:
     """A model's policy from its ModelConfig and what its engine instance knows (None: off)."""
     return Policy.of(config.max_batch_size, config.preferred_batch_sizes, config.max_queue_delay_us,
-                     getattr(instance, "pad_token_id", None))
+                     instance.pad_token_id)
 
 
 class Delays:
@@ -111,7 +116,7 @@ def key(inputs: dict[str, torch.Tensor], policy: Policy) -> Hashable | None:
                         for n, t in inputs.items()))
 
 
-def gather(head: Waiting, others: Iterable[Waiting], policy: Policy) -> list[Waiting]:
+def gather(head: W, others: Iterable[W], policy: Policy) -> list[W]:
     """``head`` and the requests of ``others`` (most urgent first) that fit one batch with it."""
     k = key(head.inputs, policy)
     total = rows(head.inputs) or 0
@@ -128,7 +133,7 @@ def gather(head: Waiting, others: Iterable[Waiting], policy: Policy) -> list[Wai
     return members
 
 
-def decide(members: list[Waiting], policy: Policy, now: float, one_priority: bool) -> tuple[list[Waiting], float | None]:
+def decide(members: list[W], policy: Policy, now: float, one_priority: bool) -> tuple[list[W], float | None]:
     """``(members to run now, None)``, or ``([], when to look again)`` while the batch waits.
 
     Full batches and preferred sizes run at once (the longest prefix of the most urgent
@@ -154,7 +159,7 @@ def decide(members: list[Waiting], policy: Policy, now: float, one_priority: boo
     return members, None
 
 
-def next_batch(waiting: list[Waiting], policy: Policy, now: float) -> tuple[list[Waiting], float | None]:
+def next_batch(waiting: list[W], policy: Policy, now: float) -> tuple[list[W], float | None]:
     """From a model's waiting requests (most urgent first): ``decide`` on the batch around the head."""
     return decide(gather(waiting[0], waiting[1:], policy), policy, now, waiting[0].priority == waiting[-1].priority)
 
@@ -211,11 +216,11 @@ def split(outputs: dict[str, torch.Tensor], layout: Layout) -> list[dict[str, to
     return parts
 
 
-async def run(instance: Any, batch: list[Waiting], policy: Policy | None, *, join: Callable[[], None] | None,
+async def run(instance: ServedModel, batch: Sequence[Waiting], policy: Policy | None, *, join: Callable[[], None] | None,
               ready: Callable[[], bool], on_batch: Callable[[int, int], None]) -> list[Result]:
     """One forward for the whole batch, split back per member (one by one if it fails as a whole).
 
-    ``instance`` is the engine's ModelInstance. ``join`` (a cold start) is called when the
+    ``instance`` is the engine's model. ``join`` (a cold start) is called when the
     forward starts, on the loop, and may append the requests that queued meanwhile to ``batch``.
     ``on_batch`` is told the size and nanoseconds of every successful execution.
     """
@@ -226,7 +231,7 @@ async def run(instance: Any, batch: list[Waiting], policy: Policy | None, *, joi
         return [out]
     layout: Layout | None = None
 
-    def inputs() -> dict[str, torch.Tensor]:
+    def inputs() -> Tensors:
         nonlocal layout
         if join is not None:
             join()
@@ -248,7 +253,7 @@ async def run(instance: Any, batch: list[Waiting], policy: Policy | None, *, joi
     return parts
 
 
-async def _alone(instance: Any, w: Waiting, on_batch: Callable[[int, int], None]) -> Result:
+async def _alone(instance: ServedModel, w: Waiting, on_batch: Callable[[int, int], None]) -> Result:
     t0 = time.monotonic_ns()
     try:
         out = await instance.infer(w.inputs, priority=w.priority)

@@ -217,7 +217,7 @@ def _typed(value: Any, types: tuple[type, ...], where: str, *, minimum: float | 
         raise ConfigError(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {value!r}")
     if not isinstance(value, types):
         raise ConfigError(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {value!r}")
-    if minimum is not None and value < minimum:
+    if minimum is not None and isinstance(value, (int, float)) and value < minimum:  # minimums are numbers
         raise ConfigError(f"{where}: must be >= {minimum}, got {value!r}")
     return value
 

@@ -106,7 +106,9 @@ class GuardedHandler(RequestHandler):
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self._request_handler = _json_http_errors(self._request_handler)
+        handler = self._request_handler
+        assert handler is not None  # aiohttp takes it from the manager; None only once shut down
+        self._request_handler = _json_http_errors(handler)
         self._guard = guard
         self._peer = "?"
         self._slot: str | None = None
@@ -122,7 +124,9 @@ class GuardedHandler(RequestHandler):
             transport.abort()  # type: ignore[attr-defined]
             return
         if self._slot == "probe":
-            self._request_handler = self._probe_only(self._request_handler)
+            handler = self._request_handler
+            assert handler is not None  # set in __init__, cleared only at shutdown
+            self._request_handler = self._probe_only(handler)
             self._guard.idle_probes[self] = None
         super().connection_made(transport)
         self._arm_header_timer()
@@ -137,7 +141,7 @@ class GuardedHandler(RequestHandler):
         """Give this probe slot to a newer connection (released now, not at connection_lost)."""
         self._release()
         if self.transport is not None:
-            self.transport.abort()  # type: ignore[attr-defined]
+            self.transport.abort()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._release()

@@ -1,9 +1,10 @@
 """The V2 gRPC service (``inference.GRPCInferenceService``) on its own port, beside the HTTP one.
 
-A ``grpc.aio`` server on the aiohttp application's event loop, started and stopped by the
-application's cleanup_ctx when ``[server] grpc_port`` is set. It shares the HTTP server's
-state (repository, scheduler, body budget, metrics, statistics, tokens) through the app, and
-its infer path is ``infer_core``'s: only the protobuf codec (``protocols.v2_grpc``) differs.
+A ``grpc.aio`` server on the data plane's event loop, started and stopped beside the HTTP
+listener (the HTTP application's cleanup_ctx) when ``[server] grpc_port`` is set. It holds the
+``DataPlane`` and nothing of HTTP (no aiohttp import: ``tests/service/test_dataplane.py``), so it
+shares the repository, scheduler, body budget, metrics, statistics, tokens and serving state
+with HTTP, and translates protobuf messages (``protocols.v2_grpc``) into data plane calls.
 
 Errors map onto gRPC status codes as the HTTP ones map onto statuses: BadRequest ->
 INVALID_ARGUMENT, ModelNotFound -> NOT_FOUND, Overloaded and ShuttingDown -> UNAVAILABLE (with
@@ -20,19 +21,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
-from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from cicada_async.service import auth, describe, infer_core
-from cicada_async.service.appkeys import (
-    BUDGET_KEY, CONFIG_KEY, EXTENSIONS, METRICS_KEY, REPO_KEY, SERVER_NAME, SERVER_VERSION, STATE_KEY, TOKENS_KEY,
-)
-from cicada_async.service.routes import check_name, model_stats
+from cicada_async.service import auth
+from cicada_async.service.dataplane import EXTENSIONS, DataPlane
+from cicada_async.service.limits import OFFLOAD_BYTES
 from protocols import grpc_v2_pb2 as pb
 from protocols import v2_grpc
 from protocols.errors import (
@@ -41,13 +39,13 @@ from protocols.errors import (
 
 log = logging.getLogger("cicada.grpc")
 SERVICE = "inference.GRPCInferenceService"
-OFFLOAD_BYTES = 256 * 1024  # as infer.OFFLOAD_BYTES: parsing or serializing more would stall the loop
 # Over gRPC tensors travel as raw contents; the binary tensor extension is HTTP's.
 GRPC_EXTENSIONS = [e for e in EXTENSIONS if e != "binary_tensor_data"]
 _OPEN = frozenset({"ServerLive", "ServerReady"})  # probes carry no secrets, as on HTTP
 _ADMIN = frozenset({"RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"})
 
-Handler = Callable[[web.Application, bytes, aio.ServicerContext], Awaitable[bytes]]
+Handler = Callable[[DataPlane, bytes, aio.ServicerContext], Awaitable[bytes]]
+M = TypeVar("M")  # a generated protobuf message class (the generated module is untyped)
 
 
 class Abort(Exception):
@@ -87,115 +85,105 @@ def _authorization(context: aio.ServicerContext) -> str | None:
     return None
 
 
-def _parse(cls: Any, data: bytes) -> Any:
+def _parse(cls: type[M], data: bytes) -> M:
+    # Any: the generated message classes have no stubs (grpcio-tools' output, no mypy plugin).
+    generated: Any = cls
     try:
-        return cls.FromString(data)
+        msg: M = generated.FromString(data)
     except DecodeError:
-        raise BadRequest(f"malformed {cls.DESCRIPTOR.name} message") from None
+        raise BadRequest(f"malformed {generated.DESCRIPTOR.name} message") from None
+    return msg
 
 
-def _entry(app: web.Application, name: str, version: str) -> Any:
-    return app[REPO_KEY].get(check_name(name, version))
+def _bytes(msg: Any) -> bytes:
+    """A generated message serialized (``Any``: the generated module is untyped)."""
+    return bytes(msg.SerializeToString())
 
 
 # -- handlers: bytes in, bytes out -------------------------------------------------------------------
-async def server_live(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
-    return pb.ServerLiveResponse(live=True).SerializeToString()
+async def server_live(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
+    return _bytes(pb.ServerLiveResponse(live=dp.live()))
 
 
-async def server_ready(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
-    ready = not app[STATE_KEY].get("draining") and infer_core.engine_healthy(app)
-    return pb.ServerReadyResponse(ready=ready).SerializeToString()
+async def server_ready(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
+    return _bytes(pb.ServerReadyResponse(ready=dp.readiness().ready))
 
 
-async def model_ready(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
+async def model_ready(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
     req = _parse(pb.ModelReadyRequest, data)
-    entry = _entry(app, req.name, req.version)
-    # As on HTTP: ready unless draining or the last load failed (cold models load on demand).
-    ready = not app[STATE_KEY].get("draining") and not entry.failed
-    return pb.ModelReadyResponse(ready=ready).SerializeToString()
+    return _bytes(pb.ModelReadyResponse(ready=dp.model_readiness(req.name, req.version).ready))
 
 
-async def server_metadata(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
-    return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
-                                     extensions=GRPC_EXTENSIONS).SerializeToString()
+async def server_metadata(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
+    m = dp.server_metadata()
+    return _bytes(pb.ServerMetadataResponse(name=m.name, version=m.version, extensions=GRPC_EXTENSIONS))
 
 
-async def model_metadata(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
+async def model_metadata(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
     req = _parse(pb.ModelMetadataRequest, data)
-    doc = describe.metadata(_entry(app, req.name, req.version))
-    return json_format.ParseDict(doc, pb.ModelMetadataResponse()).SerializeToString()
+    doc = dp.model_metadata(req.name, req.version)
+    return _bytes(json_format.ParseDict(doc, pb.ModelMetadataResponse()))
 
 
-async def model_config(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
+async def model_config(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
     req = _parse(pb.ModelConfigRequest, data)
-    doc = describe.triton_config(_entry(app, req.name, req.version))
-    return pb.ModelConfigResponse(config=json_format.ParseDict(doc, pb.ModelConfig())).SerializeToString()
+    doc = dp.model_config(req.name, req.version)
+    return _bytes(pb.ModelConfigResponse(config=json_format.ParseDict(doc, pb.ModelConfig())))
 
 
-async def model_statistics(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
+async def model_statistics(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
     req = _parse(pb.ModelStatisticsRequest, data)
-    name = check_name(req.name, req.version) if req.name else None
-    doc = {"model_stats": model_stats(app, name)}
-    return json_format.ParseDict(doc, pb.ModelStatisticsResponse()).SerializeToString()
+    doc = {"model_stats": dp.statistics(req.name or None, req.version)}
+    return _bytes(json_format.ParseDict(doc, pb.ModelStatisticsResponse()))
 
 
-async def repository_index(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
+async def repository_index(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
     req = _parse(pb.RepositoryIndexRequest, data)
-    repo = app[REPO_KEY]
-    if repo.config.model_repository is not None:
-        await asyncio.to_thread(repo.rescan)  # directory listing: off the loop
-    models = [m for m in repo.index() if not req.ready or m["state"] == "READY"]
-    return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models]
-                                      ).SerializeToString()
+    models = [m for m in await dp.repository_index() if not req.ready or m["state"] == "READY"]
+    return _bytes(pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in models]))
 
 
-async def repository_load(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
+async def repository_load(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
     req = _parse(pb.RepositoryModelLoadRequest, data)
-    await app[REPO_KEY].load(check_name(req.model_name))
-    return pb.RepositoryModelLoadResponse().SerializeToString()
+    await dp.load(req.model_name)
+    return _bytes(pb.RepositoryModelLoadResponse())
 
 
-async def repository_unload(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
+async def repository_unload(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
     req = _parse(pb.RepositoryModelUnloadRequest, data)
-    await app[REPO_KEY].unload(check_name(req.model_name))
-    return pb.RepositoryModelUnloadResponse().SerializeToString()
+    await dp.unload(req.model_name)
+    return _bytes(pb.RepositoryModelUnloadResponse())
 
 
-async def model_infer(app: web.Application, data: bytes, context: aio.ServicerContext) -> bytes:
+async def model_infer(dp: DataPlane, data: bytes, context: aio.ServicerContext) -> bytes:
     """ModelInfer: the same admission, checks, scheduler and accounting as HTTP infer."""
-    cfg = app[CONFIG_KEY].server
-    budget = app[BUDGET_KEY]
     # grpc has already buffered the message (at most max_request_bytes): charge it to the body
     # budget until the answer is ready, so HTTP and gRPC bodies share one bound.
     n = len(data)
-    if not budget.try_reserve(n):
-        app[METRICS_KEY].shed.inc(model="", reason="body_budget")
-        raise Overloaded("too many request bytes in flight; retry later", cfg.retry_after_s)
+    dp.reserve_body("", n)
     try:
         big = n > OFFLOAD_BYTES
         msg = await asyncio.to_thread(_parse, pb.ModelInferRequest, data) if big else _parse(pb.ModelInferRequest, data)
-        name = check_name(msg.model_name, msg.model_version)
-        entry = infer_core.admit(app, name)
-        infer_core.check_queue(app, entry)
-        with infer_core.accounted(app, name) as outcome:
+        entry = dp.admit(msg.model_name, msg.model_version)
+        name = entry.name
+        dp.check_queue(entry)
+        with dp.accounted(name) as outcome:
             t = time.monotonic_ns()
             req = await asyncio.to_thread(v2_grpc.decode_infer, msg) if big else v2_grpc.decode_infer(msg)
             outcome.decode_ns = time.monotonic_ns() - t
             del msg
-            outputs = await infer_core.run(app, entry, req, outcome, deadline_s=context.time_remaining())
+            outputs = await dp.infer(entry, req, outcome, deadline_s=context.time_remaining())
             t = time.monotonic_ns()
             nbytes = sum(o.numel() * o.element_size() for o in outputs.values())
 
             def encode() -> bytes:
-                resp = v2_grpc.encode_infer(name, outputs, request_id=req.id, requested=req.outputs)
-                return bytes(resp.SerializeToString())
+                return _bytes(v2_grpc.encode_infer(name, outputs, request_id=req.id, requested=req.outputs))
 
             out = await asyncio.to_thread(encode) if nbytes > OFFLOAD_BYTES else encode()
             outcome.encode_ns = time.monotonic_ns() - t
         return out
     finally:
-        budget.release(n)
+        dp.release_body(n)
 
 
 HANDLERS: dict[str, Handler] = {
@@ -206,27 +194,26 @@ HANDLERS: dict[str, Handler] = {
 }
 
 
-def _wrap(app: web.Application, method: str, fn: Handler) -> grpc.RpcMethodHandler:
+def _wrap(dp: DataPlane, method: str, fn: Handler) -> grpc.RpcMethodHandler:
     """One RPC: auth, drain tracking, and the error mapping around ``fn``."""
-    cfg = app[CONFIG_KEY].server
+    cfg = dp.config.server
     need = _scope(method)
 
     async def handle(data: bytes, context: aio.ServicerContext) -> bytes:
-        state = app[STATE_KEY]
+        state = dp.state
         task = asyncio.current_task()
         # Tracked with the HTTP handlers: the SIGTERM drain waits for these too, and cancels
         # those still running at its deadline (answered UNAVAILABLE below).
-        inflight: set[asyncio.Task[object]] = state.setdefault("inflight", set())
         if task is not None:
-            inflight.add(task)
+            state.inflight.add(task)
         try:
-            denied = auth.check(cfg.auth, app[TOKENS_KEY], need, _authorization(context))
+            denied = dp.authorize(need, _authorization(context))
             if denied is not None:
                 code = grpc.StatusCode.UNAUTHENTICATED if denied.status == 401 else grpc.StatusCode.PERMISSION_DENIED
                 raise Abort(code, denied.message, (("www-authenticate", denied.challenge),))
-            return await fn(app, data, context)
+            return await fn(dp, data, context)
         except asyncio.CancelledError:
-            if not state.get("aborting") or task is None:
+            if not state.aborting or task is None:
                 raise  # the client went away or its deadline passed: grpc answers for it
             task.uncancel()  # our cancellation at the drain deadline: answer it
             err = Abort(grpc.StatusCode.UNAVAILABLE, "server shut down before the request finished; retry",
@@ -236,7 +223,8 @@ def _wrap(app: web.Application, method: str, fn: Handler) -> grpc.RpcMethodHandl
                 log.exception("unhandled error in %s", method)
             err = status_of(e, cfg.retry_after_s)
         finally:
-            inflight.discard(task)  # type: ignore[arg-type]
+            if task is not None:
+                state.inflight.discard(task)
         await context.abort(err.code, err.message, trailing_metadata=err.metadata)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
@@ -244,15 +232,15 @@ def _wrap(app: web.Application, method: str, fn: Handler) -> grpc.RpcMethodHandl
 
 
 class GrpcServer:
-    """The gRPC listener of one application; ``start`` and ``stop`` from its cleanup_ctx."""
+    """The gRPC listener of one data plane; ``start`` and ``stop`` beside the HTTP listener."""
 
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
+    def __init__(self, dp: DataPlane) -> None:
+        self.dp = dp
         self.port: int | None = None
         self._server: aio.Server | None = None
 
     async def start(self) -> None:
-        cfg = self.app[CONFIG_KEY].server
+        cfg = self.dp.config.server
         options = [
             # The HTTP body limit; grpc refuses a larger message (RESOURCE_EXHAUSTED) before
             # any handler runs, and bounds a compressed one by its decompressed size.
@@ -263,7 +251,7 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),
             ("grpc.max_connection_idle_ms", int(cfg.idle_timeout_s * 1000)),
         ]
-        handlers = {m: _wrap(self.app, m, fn) for m, fn in HANDLERS.items()}
+        handlers = {m: _wrap(self.dp, m, fn) for m, fn in HANDLERS.items()}
         # Calls beyond the cap are refused by grpc with RESOURCE_EXHAUSTED, as connections
         # beyond max_open_connections are on HTTP.
         server = aio.server(options=options, maximum_concurrent_rpcs=cfg.max_open_connections)

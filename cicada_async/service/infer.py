@@ -1,6 +1,6 @@
 """The HTTP infer endpoint: admission before the body, bounded body reads, the V2 JSON/binary codec.
 
-The checks, the scheduler hand-off and the accounting are ``infer_core``'s, shared with gRPC.
+The admission, checks, scheduler hand-off and accounting are the data plane's, shared with gRPC.
 """
 
 from __future__ import annotations
@@ -11,38 +11,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from cicada_async.service import auth, infer_core
-from cicada_async.service.appkeys import BUDGET_KEY, CONFIG_KEY, METRICS_KEY, REPO_KEY, TOKENS_KEY
+from cicada_async.service.http_auth import refusal
+from cicada_async.service.limits import OFFLOAD_BYTES, BodyBudget
 from cicada_async.service.responses import error_response
-from cicada_async.service.routes import model_name
+from cicada_async.service.routes import path_model, plane
 from protocols import v2
 from protocols.errors import BadRequest, CicadaError, Overloaded
-
-# Decoding/encoding big bodies (numpy parsing of long JSON lists) would stall the loop.
-OFFLOAD_BYTES = 256 * 1024
-
-
-class BodyBudget:
-    """Bytes of infer bodies the server holds at once (reading, queued or running).
-
-    Reservations are made before bytes are read, so a flood of large bodies is refused
-    without being buffered. Loop-only state: no lock needed.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.refused = 0
-
-    def try_reserve(self, n: int) -> bool:
-        if self.used + n > self.limit:
-            self.refused += 1
-            return False
-        self.used += n
-        return True
-
-    def release(self, n: int) -> None:
-        self.used -= n
 
 
 async def read_body(request: web.Request, limit: int, budget: BodyBudget | None = None,
@@ -57,7 +31,7 @@ async def read_body(request: web.Request, limit: int, budget: BodyBudget | None 
                                             text=f"request body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    cfg = request.app[CONFIG_KEY].server
+    cfg = plane(request).config.server
     # Chunked bodies have no Content-Length: count as they stream (client_max_size is only
     # enforced by read(), whose limit is app-wide).
     async for chunk in _paced(request, cfg.min_body_rate_bps, cfg.body_rate_grace_s):
@@ -108,8 +82,8 @@ def _header_length(request: web.Request) -> int | None:
 
 def precheck(request: web.Request) -> None:
     """Everything decidable from the request line and headers, before any body byte is read."""
-    app = request.app
-    entry = infer_core.admit(app, model_name(request))
+    dp = plane(request)
+    entry = dp.admit(*path_model(request))
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         # Compressed tensors save little and a small gzip can expand a thousandfold: refused
@@ -117,11 +91,11 @@ def precheck(request: web.Request) -> None:
         raise web.HTTPUnsupportedMediaType(
             text=f"Content-Encoding {encoding!r} is not accepted; send the body uncompressed",
             headers={"Accept-Encoding": "identity"})
-    limit = app[CONFIG_KEY].server.max_request_bytes
+    limit = dp.config.server.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
                                             text=f"request body exceeds {limit} bytes")
-    infer_core.check_queue(app, entry)
+    dp.check_queue(entry)
 
 
 async def expect_continue(request: web.Request) -> web.StreamResponse | None:
@@ -130,7 +104,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     aiohttp runs this before middlewares (so auth is checked here too, lest an unauthenticated
     caller learn which models exist); a returned response is final.
     """
-    denied = auth.refusal(request, request.app[CONFIG_KEY].server.auth, request.app[TOKENS_KEY])
+    denied = refusal(request)
     if denied is not None:
         denied.force_close()
         return denied
@@ -151,23 +125,20 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 
 
 async def infer(request: web.Request) -> web.Response:
-    app = request.app
-    cfg = app[CONFIG_KEY].server
+    dp = plane(request)
+    cfg = dp.config.server
     precheck(request)
-    name = model_name(request)
-    entry = app[REPO_KEY].get(name)
-    budget = app[BUDGET_KEY]
+    entry = dp.model(*path_model(request))
+    name = entry.name
     # Reserve what Content-Length announces before reading a byte; chunked bodies reserve as
     # they stream. Released when the answer is ready (the inputs are garbage by then).
     reserved = [request.content_length or 0]
-    if not budget.try_reserve(reserved[0]):
-        app[METRICS_KEY].shed.inc(model=name, reason="body_budget")
-        raise Overloaded("too many request bytes in flight; retry later", cfg.retry_after_s)
+    dp.reserve_body(name, reserved[0])
     try:
-        with infer_core.accounted(app, name) as outcome:
+        with dp.accounted(name) as outcome:
             try:
                 async with asyncio.timeout(cfg.body_timeout_s):
-                    body = await read_body(request, cfg.max_request_bytes, budget, reserved)
+                    body = await read_body(request, cfg.max_request_bytes, dp.budget, reserved)
             except TimeoutError:
                 raise web.HTTPRequestTimeout(text=f"request body not received within {cfg.body_timeout_s} s") from None
             hl = _header_length(request)
@@ -178,15 +149,18 @@ async def infer(request: web.Request) -> web.Response:
                 req = v2.decode_request(body, hl)
             outcome.decode_ns = time.monotonic_ns() - t
             del body  # the tensors alias a private copy; let the raw body go before waiting
-            outputs = await infer_core.run(app, entry, req, outcome)
+            outputs = await dp.infer(entry, req, outcome)
             nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
-            encode = lambda: v2.encode_response(name, outputs, request_id=req.id, requested=req.outputs,  # noqa: E731
-                                                binary_default=req.binary_output)
+
+            def encode() -> tuple[bytes, int | None]:
+                return v2.encode_response(name, outputs, request_id=req.id, requested=req.outputs,
+                                          binary_default=req.binary_output)
+
             t = time.monotonic_ns()
             out, out_hl = await asyncio.to_thread(encode) if nbytes > OFFLOAD_BYTES else encode()
             outcome.encode_ns = time.monotonic_ns() - t
     finally:
-        budget.release(reserved[0])
+        dp.release_body(reserved[0])
     if out_hl is None:
         return web.Response(body=out, content_type="application/json")
     return web.Response(body=out, content_type="application/octet-stream",

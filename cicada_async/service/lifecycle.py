@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from cicada_async.service.appkeys import REPO_KEY, SCHED_KEY, STATE_KEY
 from cicada_async.service.config import Config
 from cicada_async.service.connections import (
     AcceptErrorLimiter,
@@ -33,6 +32,7 @@ from cicada_async.service.connections import (
     GuardedRunner,
 )
 from cicada_async.service.responses import json_response
+from cicada_async.service.routes import DATAPLANE
 
 log = logging.getLogger("cicada.server")
 ANSWER_MARGIN_S = 0.5  # of shutdown_timeout_s, kept to answer and tear down after the deadline
@@ -43,22 +43,22 @@ BACKSTOP_S = 0.9  # past shutdown_timeout_s: the process is gone by then, whatev
 async def drain_middleware(request: web.Request,
                            handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Tracks handlers in flight; at the drain deadline, a cancelled one answers JSON 503."""
-    state = request.app[STATE_KEY]
+    state = request.app[DATAPLANE].state
     task = asyncio.current_task()
-    inflight: set[asyncio.Task[object]] = state.setdefault("inflight", set())
     if task is not None:
-        inflight.add(task)
+        state.inflight.add(task)
     try:
         resp = await handler(request)
     except asyncio.CancelledError:
-        if not state.get("aborting") or task is None:
+        if not state.aborting or task is None:
             raise
         task.uncancel()  # our cancellation, answered here: the connection lives on to send it
         resp = json_response({"error": "server shut down before the request finished; retry"}, 503,
                              {"Retry-After": "1"})
     finally:
-        inflight.discard(task)  # type: ignore[arg-type]
-    if state.get("draining"):
+        if task is not None:
+            state.inflight.discard(task)
+    if state.draining:
         resp.force_close()  # clients move to another replica instead of reusing this one
     return resp
 
@@ -103,27 +103,17 @@ def _backstop(timeout_s: float) -> None:
 async def _answer_or_abort(app: web.Application, deadline: float) -> int:
     """Wait for handlers in flight until ``deadline``; cancel (503) those still running then."""
     loop = asyncio.get_running_loop()
-    state = app[STATE_KEY]
-    inflight: set[asyncio.Task[object]] = state.setdefault("inflight", set())
-    while inflight and loop.time() < deadline:
+    state = app[DATAPLANE].state
+    while state.inflight and loop.time() < deadline:
         await asyncio.sleep(0.02)
-    late = [t for t in inflight if not t.done()]
-    state["aborting"] = True
+    late = [t for t in state.inflight if not t.done()]
+    state.aborting = True
     for t in late:
         t.cancel()
     end = loop.time() + ANSWER_MARGIN_S / 2
-    while inflight and loop.time() < end:
+    while state.inflight and loop.time() < end:
         await asyncio.sleep(0.01)
     return len(late)
-
-
-async def _cancel_loads(app: web.Application) -> None:
-    """Cancel cold starts in flight so that nothing waits on a slow origin."""
-    repo = app.get(REPO_KEY)
-    if repo is None:
-        return
-    loading = [e.instance for e in repo.models.values() if e.state == "loading"]
-    await asyncio.gather(*(inst.unload() for inst in loading), return_exceptions=True)
 
 
 async def serve(app: web.Application, config: Config, access_log: logging.Logger | None) -> None:
@@ -148,10 +138,9 @@ async def serve(app: web.Application, config: Config, access_log: logging.Logger
     started = loop.time()
     _backstop(cfg.shutdown_timeout_s + BACKSTOP_S)
     log.info("draining", extra={"event": "drain", "shutdown_timeout_s": cfg.shutdown_timeout_s})
-    app[STATE_KEY]["draining"] = True
-    if SCHED_KEY in app:
-        app[SCHED_KEY].begin_drain()
+    dp = app[DATAPLANE]
+    dp.begin_drain()
     aborted = await _answer_or_abort(app, started + max(0.0, cfg.shutdown_timeout_s - ANSWER_MARGIN_S))
-    await _cancel_loads(app)
+    await dp.cancel_loads()
     await runner.cleanup()
     log.info("stopped", extra={"event": "stopped", "aborted": aborted, "drain_s": round(loop.time() - started, 3)})

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from cicada_async.service.repository import ModelEntry
+from protocols.serving import Priority
 
-Key = tuple[int, float, int]  # (priority, deadline, arrival sequence)
+Key = tuple[Priority, float, int]  # (priority, deadline, arrival sequence): the heap's order
 
 
 @dataclass(eq=False)
@@ -28,7 +29,7 @@ class Pending:
     cold: bool = False
 
     @property
-    def priority(self) -> int:
+    def priority(self) -> Priority:
         return self.key[0]
 
 

@@ -11,11 +11,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict
 
 from cicada_async.service.config import Config, ModelConfig, scan_repository
 from cicada_async.service.metrics import STATES, Metrics
 from protocols.errors import CicadaError, ModelNotFound, Overloaded
+from protocols.serving import ModelOptions, ModelState, Priority, ServedModel, ServingEngine
 
 log = logging.getLogger("cicada.repository")
 
@@ -26,10 +27,18 @@ BUDGET_WAIT_S = 30.0
 _INDEX_STATE = {"unloaded": "UNAVAILABLE", "loading": "LOADING", "ready": "READY", "failed": "UNAVAILABLE"}
 
 
-def _engine_options(cfg: ModelConfig) -> Any:
-    from cicada_async.engine.runtime import ModelOptions  # deferred: the engine imports torch and friends
-
+def model_options(cfg: ModelConfig) -> ModelOptions:
+    """How the engine serves a configured model."""
     return ModelOptions(dtype=cfg.dtype, device=cfg.device)
+
+
+class IndexEntry(TypedDict):
+    """One model in the repository extension's index."""
+
+    name: str
+    version: str
+    state: str  # READY, LOADING, UNLOADING or UNAVAILABLE
+    reason: str
 
 
 @dataclass(eq=False)
@@ -37,12 +46,12 @@ class ModelEntry:
     """One model the server knows, with the bookkeeping lifecycle decisions need."""
 
     config: ModelConfig
-    instance: Any  # cicada_async.engine.runtime.ModelInstance
+    instance: ServedModel
     last_used: float = field(default_factory=time.monotonic)
     busy: int = 0  # requests inside the engine (warm forwards and cold starts)
-    loading: asyncio.Task[Any] | None = None  # a load we started (API load or cold-start request)
+    loading: asyncio.Future[None] | None = None  # a load we started (API load or cold-start request)
     unloading: bool = False
-    fetch_priority: int | None = None  # last value passed to set_fetch_priority
+    fetch_priority: Priority | None = None  # last value passed to set_fetch_priority
     reserved: int = 0  # bytes a load in progress will hold, counted before it has planned
 
     @property
@@ -50,8 +59,8 @@ class ModelEntry:
         return self.config.name
 
     @property
-    def state(self) -> str:
-        return str(self.instance.state)
+    def state(self) -> ModelState:
+        return self.instance.state
 
     @property
     def failed(self) -> bool:
@@ -69,10 +78,10 @@ class ModelEntry:
 class Repository:
     """Models by name; owns the keep-alive/budget maintenance loop."""
 
-    def __init__(self, engine: Any, config: Config, metrics: Metrics,
-                 options: Callable[[ModelConfig], Any] | None = None) -> None:
+    def __init__(self, engine: ServingEngine, config: Config, metrics: Metrics,
+                 options: Callable[[ModelConfig], ModelOptions] = model_options) -> None:
         self.engine = engine
-        self._options = options or _engine_options
+        self._options = options
         self.config = config
         self.metrics = metrics
         self.models: dict[str, ModelEntry] = {}
@@ -80,7 +89,6 @@ class Repository:
         # when a model changes state.
         self.queued: Callable[[str], int] = lambda name: 0
         self.on_change: Callable[[], None] = lambda: None
-        self._unloads: set[asyncio.Task[Any]] = set()
         self._budget_lock = asyncio.Lock()  # loads make room one at a time
         for cfg in config.models.values():
             self._add(cfg)
@@ -90,11 +98,9 @@ class Repository:
     def _add(self, cfg: ModelConfig) -> ModelEntry:
         inst = self.engine.instance(cfg.name, cfg.uri, self._options(cfg))
         entry = self.models[cfg.name] = ModelEntry(cfg, inst)
-        prebuild = getattr(self.engine, "prebuild", None)  # test engines may have none
-        if prebuild is not None:
-            # The skeleton is built in the background at low priority and kept across unloads,
-            # so a cold start skips the build; a failure logs and the load builds it.
-            prebuild(inst)
+        # The skeleton is built in the background at low priority and kept across unloads,
+        # so a cold start skips the build; a failure logs and the load builds it.
+        self.engine.prebuild(inst)
         return entry
 
     def get(self, name: str) -> ModelEntry:
@@ -115,24 +121,24 @@ class Repository:
                 added.append(name)
         return added
 
-    def index(self) -> list[dict[str, Any]]:
-        out = []
+    def index(self) -> list[IndexEntry]:
+        out: list[IndexEntry] = []
         for e in self.models.values():
             state = "UNLOADING" if e.unloading else _INDEX_STATE.get(e.state, "UNAVAILABLE")
             if e.loading is not None and state != "READY":
                 state = "LOADING"
-            out.append({"name": e.name, "version": "1", "state": state, "reason": e.instance.last_error or ""})
+            out.append(IndexEntry(name=e.name, version="1", state=state, reason=e.instance.last_error or ""))
         return out
 
     # -- loads ----------------------------------------------------------------------------------
-    def track_load(self, entry: ModelEntry, task: asyncio.Task[Any]) -> None:
+    def track_load(self, entry: ModelEntry, task: asyncio.Future[None]) -> None:
         """Register a load in progress (cold-start request or API) so nothing starts a second."""
         entry.loading = task
         entry.fetch_priority = None
         t0 = time.monotonic()
         was_ready = entry.state == "ready"
 
-        def done(t: asyncio.Task[Any]) -> None:
+        def done(t: asyncio.Future[None]) -> None:
             entry.loading = None
             entry.reserved = 0
             entry.last_used = time.monotonic()
@@ -144,8 +150,8 @@ class Repository:
         task.add_done_callback(done)
 
     def _log_cold_start(self, entry: ModelEntry, ok: bool, wall_s: float) -> None:
-        timeline = getattr(entry.instance, "last_timeline", None)
-        summary: dict[str, Any] | None = None
+        timeline = entry.instance.last_timeline
+        summary: dict[str, object] | None = None
         if timeline is not None:
             try:
                 summary = dict(timeline.summary())
@@ -168,7 +174,8 @@ class Repository:
                 return
             await self.make_room(entry)
             if entry.loading is None:  # make_room awaited: someone may have started one
-                task = asyncio.ensure_future(entry.instance.load(priority=entry.config.default_priority))
+                # The model's own default priority: an API load is no request's.
+                task = asyncio.ensure_future(entry.instance.load(priority=Priority(entry.config.default_priority)))
                 self.track_load(entry, task)
         assert entry.loading is not None
         # Shield: a client hanging up must not cancel a load other requests are waiting for.
@@ -219,8 +226,7 @@ class Repository:
             return
         need = 0
         if not incoming.resident_bytes:
-            hint = getattr(incoming.instance, "size_hint", None)
-            need = int((await hint()) if hint is not None else (incoming.instance.nbytes or 0)) or 0
+            need = await incoming.instance.size_hint() or 0
             if need > budget:
                 raise Overloaded(f"model {incoming.name!r} needs {need} bytes, more than the whole "
                                  f"memory budget ({budget} bytes)", self.config.server.retry_after_s)

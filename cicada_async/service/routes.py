@@ -1,113 +1,83 @@
-"""Handlers of the V2 health, metadata, configuration, statistics, repository and metrics endpoints."""
+"""HTTP handlers of the V2 health, metadata, configuration, statistics, repository and metrics endpoints.
+
+Each handler reads its path into a ``DataPlane`` call and writes the answer as JSON; the
+decisions are the data plane's. The application holds the data plane under ``DATAPLANE``,
+its one key.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from typing import Any
-
 from aiohttp import web
 
-from cicada_async.service import describe
-from cicada_async.service.appkeys import (
-    EXTENSIONS, METRICS_KEY, REPO_KEY, SERVER_NAME, SERVER_VERSION, STATE_KEY, STATS_KEY,
-)
-from cicada_async.service.config import MODEL_NAME_RE
-from cicada_async.service.infer_core import engine_healthy
+from cicada_async.service.dataplane import DataPlane
 from cicada_async.service.metrics import CONTENT_TYPE
 from cicada_async.service.responses import json_response
-from protocols.errors import BadRequest, ModelNotFound
 
-log = logging.getLogger("cicada.server")
-
-
-def check_name(name: str, version: str | None = None) -> str:
-    """A model name from a request (HTTP path, gRPC message), checked; any version but 1 is 404."""
-    # Names are only ever looked up, never turned into paths; the pattern keeps them printable.
-    if not MODEL_NAME_RE.match(name):
-        raise BadRequest(f"invalid model name {name!r}")
-    if version not in (None, "", "1"):
-        raise ModelNotFound(f"model {name!r} has no version {version!r} (only version 1)")
-    return name
+DATAPLANE = web.AppKey("dataplane", DataPlane)
 
 
-def model_name(request: web.Request) -> str:
-    return check_name(request.match_info["model"], request.match_info.get("version"))
+def plane(request: web.Request) -> DataPlane:
+    return request.app[DATAPLANE]
+
+
+def path_model(request: web.Request) -> tuple[str, str | None]:
+    """The model name and version a path names (checked by the data plane)."""
+    return request.match_info["model"], request.match_info.get("version")
 
 
 async def live(request: web.Request) -> web.Response:
-    return json_response({"live": True})
+    return json_response({"live": plane(request).live()})
 
 
 async def ready(request: web.Request) -> web.Response:
-    # Ready as soon as requests can be accepted: a cold model is loaded by its first request,
-    # which waits in the heap meanwhile (see docs/service.md, "Readiness policy").
-    state = request.app[STATE_KEY]
-    if state.get("draining"):
-        return json_response({"error": "server is shutting down"}, 503)
-    if not engine_healthy(request.app):
-        return json_response({"error": "the engine's executor thread died; restarting it"}, 503)
-    return json_response({"ready": True})
+    r = plane(request).readiness()
+    return json_response({"ready": True}) if r.ready else json_response({"error": r.reason}, 503)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+    m = plane(request).server_metadata()
+    return json_response({"name": m.name, "version": m.version, "extensions": list(m.extensions)})
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"models": sorted(request.app[REPO_KEY].models)})
+    return json_response({"models": plane(request).model_names()})
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    return json_response(describe.metadata(request.app[REPO_KEY].get(model_name(request))))
+    return json_response(plane(request).model_metadata(*path_model(request)))
 
 
 async def model_config(request: web.Request) -> web.Response:
     """Triton's model configuration extension: ``GET /v2/models/{m}[/versions/1]/config``."""
-    return json_response(describe.triton_config(request.app[REPO_KEY].get(model_name(request))))
-
-
-def model_stats(app: web.Application, name: str | None) -> list[dict[str, Any]]:
-    """Statistics of one model, or of every model (zeros for those never asked)."""
-    repo, stats = app[REPO_KEY], app[STATS_KEY]
-    names = [repo.get(name).name] if name else sorted(repo.models)
-    return [stats.of(n).as_dict() for n in names]
+    return json_response(plane(request).model_config(*path_model(request)))
 
 
 async def stats(request: web.Request) -> web.Response:
     """Triton's statistics extension: ``GET /v2/models[/{m}[/versions/1]]/stats``."""
-    name = model_name(request) if "model" in request.match_info else None
-    return json_response({"model_stats": model_stats(request.app, name)})
+    name, version = path_model(request) if "model" in request.match_info else (None, None)
+    return json_response({"model_stats": plane(request).statistics(name, version)})
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    entry = request.app[REPO_KEY].get(model_name(request))
-    # A model counts as ready when a request sent now will be answered: unloaded models are
-    # loaded on demand. Only a failed last load (or draining) reports 503.
-    if request.app[STATE_KEY].get("draining"):
-        return json_response({"error": "server is shutting down"}, 503)
-    if entry.failed:
-        return json_response({"error": f"model {entry.name!r} failed to load: {entry.instance.last_error}"}, 503)
-    return json_response({"name": entry.name, "ready": True, "state": entry.state})
+    r = plane(request).model_readiness(*path_model(request))
+    if not r.ready:
+        return json_response({"error": r.reason}, 503)
+    return json_response({"name": r.name, "ready": True, "state": r.state})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[METRICS_KEY].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+    return web.Response(body=plane(request).render_metrics(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def repo_index(request: web.Request) -> web.Response:
-    repo = request.app[REPO_KEY]
-    if repo.config.model_repository is not None:
-        await asyncio.to_thread(repo.rescan)  # directory listing: off the loop
-    return json_response(repo.index())
+    return json_response(await plane(request).repository_index())
 
 
 async def repo_load(request: web.Request) -> web.Response:
-    await request.app[REPO_KEY].load(model_name(request))
+    await plane(request).load(request.match_info["model"])
     return json_response({})
 
 
 async def repo_unload(request: web.Request) -> web.Response:
-    await request.app[REPO_KEY].unload(model_name(request))
+    await plane(request).unload(request.match_info["model"])
     return json_response({})

@@ -21,14 +21,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
 
 from cicada_async.service import batcher
 from cicada_async.service.pending import Key, Pending, RunStats
 from cicada_async.service.repository import ModelEntry, Repository
 from protocols.errors import CicadaError, DeadlineExceeded, Overloaded, ShuttingDown
+from protocols.serving import Priority, Tensors
 
 log = logging.getLogger("cicada.scheduler")
 
@@ -38,7 +36,7 @@ class _Queue:
     live: int = 0
 
 
-def _retrieve(fut: asyncio.Future[Any]) -> None:
+def _retrieve(fut: asyncio.Future[Tensors]) -> None:
     """Mark an abandoned future's exception as seen (no 'never retrieved' warning)."""
     if not fut.cancelled():
         fut.exception()
@@ -60,12 +58,12 @@ class Scheduler:
         self._total = 0
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._warm_running: list[int] = []  # priorities of warm requests inside the engine
+        self._warm_running: list[Priority] = []  # priorities of warm requests inside the engine
         self._held = False
         self._closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._cold_priority: dict[str, int] = {}  # model -> priority of the request that started its load
+        self._cold_priority: dict[str, Priority] = {}  # model -> priority of the request that started its load
         repo.queued = self.queued
         repo.on_change = self.kick
 
@@ -112,9 +110,12 @@ class Scheduler:
         return self._total
 
     # -- admission -----------------------------------------------------------------------------
-    async def submit(self, entry: ModelEntry, inputs: dict[str, torch.Tensor], *, priority: int = 0,
-                     timeout_s: float | None = None) -> tuple[dict[str, torch.Tensor], RunStats]:
+    async def submit(self, entry: ModelEntry, inputs: Tensors, *, priority: Priority,
+                     timeout_s: float | None = None) -> tuple[Tensors, RunStats]:
         """Queue a request and wait for its outputs.
+
+        ``priority`` is already resolved (the wire's 0, "the model's default", is the data
+        plane's to turn into the model's level).
 
         Raises Overloaded (shed), DeadlineExceeded (expired while waiting), ShuttingDown, or
         whatever the engine raised.
@@ -123,9 +124,8 @@ class Scheduler:
             raise ShuttingDown("server is shutting down")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        prio = priority or entry.config.default_priority
         deadline = now + timeout_s if timeout_s else math.inf
-        p = Pending((prio, deadline, next(self._seq)), entry, inputs, now, loop.create_future())
+        p = Pending((priority, deadline, next(self._seq)), entry, inputs, now, loop.create_future())
         self._admit(p)
         if timeout_s:
             p.timer = loop.call_at(deadline, self._expire, p)
@@ -161,7 +161,7 @@ class Scheduler:
         """True when a new request for ``entry`` would surely be shed, whatever its priority.
 
         The server asks before reading a body (the priority is inside it): a full queue whose
-        least urgent request already has priority 1 can take no newcomer.
+        least urgent request already has the most urgent priority can take no newcomer.
         """
         if self._closing:
             return True
@@ -173,7 +173,7 @@ class Scheduler:
             queues = list(self._queues.values())
         if not queues:
             return False
-        return all(p.priority <= 1 for q in queues for _, p in q.heap if p.queued)
+        return all(p.priority <= Priority.MOST_URGENT for q in queues for _, p in q.heap if p.queued)
 
     def _admit(self, new: Pending) -> None:
         q = self._queues.setdefault(new.entry.name, _Queue())
@@ -289,7 +289,7 @@ class Scheduler:
             return []
         for p in run:
             self._remove(p)
-        return run  # type: ignore[return-value]  # the Pendings gather was given
+        return run
 
     def _start(self, batch: list[Pending], *, cold: bool) -> None:
         now = asyncio.get_running_loop().time()
@@ -304,7 +304,8 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
         if cold:
             self._cold_priority[entry.name] = batch[0].priority
-            task.add_done_callback(lambda _t, name=entry.name: self._cold_priority.pop(name, None))
+            name = entry.name
+            task.add_done_callback(lambda _t: self._cold_priority.pop(name, None))
             self.repo.track_load(entry, task)
             self._set_fetch_priority(entry)
 
@@ -318,7 +319,7 @@ class Scheduler:
                 await self.repo.make_room(entry)
             policy = batcher.policy_for(entry.config, entry.instance)
             join = (lambda: self._join_cold(entry, batch, policy)) if cold and policy is not None else None
-            results = await batcher.run(entry.instance, batch, policy, join=join,  # type: ignore[arg-type]
+            results = await batcher.run(entry.instance, batch, policy, join=join,
                                         ready=lambda: entry.state == "ready",
                                         on_batch=lambda n, ns: self.on_batch(entry.name, n, ns, cold))
         except BaseException as e:  # handed to the waiting handlers, which map it to a status

@@ -1,8 +1,10 @@
-"""The V2 inference service's process: the aiohttp application, its resources and ``main``.
+"""The V2 inference service's process: the data plane, its front ends (HTTP, gRPC) and ``main``.
 
-``main(argv)`` is what ``cicada serve`` runs. Long-lived resources (engine, repository,
-scheduler, maintenance loop) belong to one cleanup_ctx, so they are created before the socket
-accepts and torn down after the last handler finished. Handlers live in ``routes`` and ``infer``.
+``main(argv)`` is what ``cicada serve`` runs. ``build_app`` makes the one ``DataPlane`` and the
+aiohttp application that holds it (its only key); the data plane's resources (engine,
+repository, scheduler, maintenance and watchdog) and the gRPC listener belong to one
+cleanup_ctx, so they are created before the socket accepts and torn down after the last handler
+finished. HTTP handlers live in ``routes`` and ``infer``, gRPC's in ``grpc_server``.
 """
 
 from __future__ import annotations
@@ -10,160 +12,81 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import contextlib
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from cicada_async.engine.prefetch import current as current_prefetch
 from cicada_async.engine.procfs import threads_while_fetching
 from cicada_async.service import auth
-from cicada_async.service.appkeys import (
-    BUDGET_KEY, CONFIG_KEY, ENGINE_KEY, GRPC_KEY, METRICS_KEY, REPO_KEY, SCHED_KEY, STATE_KEY, STATS_KEY, TOKENS_KEY,
-    EngineFactory,
-)
 from cicada_async.service.config import Config, ModelConfig, load_config, scan_repository
-from cicada_async.service.infer import BodyBudget, expect_continue, infer
+from cicada_async.service.dataplane import DataPlane, EngineFactory
+from cicada_async.service.http_auth import auth_middleware
+from cicada_async.service.infer import expect_continue, infer
 from cicada_async.service.lifecycle import drain_middleware, serve
 from cicada_async.service.logs import setup_logging
-from cicada_async.service.metrics import Metrics
-from cicada_async.service.repository import Repository
 from cicada_async.service.responses import errors_middleware
 from cicada_async.service.routes import (
-    list_models, live, metrics, model_config, model_metadata, model_ready, ready, repo_index, repo_load, repo_unload,
-    server_metadata, stats,
+    DATAPLANE, list_models, live, metrics, model_config, model_metadata, model_ready, ready, repo_index, repo_load,
+    repo_unload, server_metadata, stats,
 )
-from cicada_async.service.scheduler import Scheduler
-from cicada_async.service.stats import Stats
 from protocols.errors import ConfigError
+from protocols.serving import ServingEngine
+
+if TYPE_CHECKING:
+    from cicada_async.service.grpc_server import GrpcServer
 
 log = logging.getLogger("cicada.server")
 GRPC_GRACE_S = 0.5  # gRPC calls still running at teardown get this long (as HTTP's shutdown_timeout)
 
 
-async def watch_engine(app: web.Application, engine: Any, sched: Scheduler) -> None:
-    """Maintenance tick: notice a dead executor thread and replace it.
-
-    A dead executor is noticed on one tick and replaced on the next, so that readiness probes
-    see 503 for at least one interval (the load balancer stops sending) while requests
-    already queued are held, not failed; they run once the new thread is up.
-    """
-    if not hasattr(engine, "restart_executor"):
-        return  # test engines without an executor
-    interval = app[CONFIG_KEY].server.keep_alive_check_s
-    state = app[STATE_KEY]
-    while True:
-        await asyncio.sleep(interval)
-        if getattr(engine, "healthy", True):
-            continue
-        state["restarting"] = True
-        sched.hold()
-        log.error("executor thread is dead; restarting it", extra={"event": "executor_dead"})
-        try:
-            await asyncio.sleep(interval)
-            await engine.restart_executor()
-            state["executor_restarts"] += 1
-            log.warning("executor restarted; loaded models were dropped",
-                        extra={"event": "executor_restarted", "restarts": state["executor_restarts"]})
-        except Exception:  # keep watching: the next tick tries again
-            log.exception("executor restart failed")
-        finally:
-            state["restarting"] = False
-            sched.release()
-
-
-async def start_grpc(app: web.Application) -> Any:
+async def start_grpc(dp: DataPlane) -> GrpcServer | None:
     """The gRPC listener, when ``[server] grpc_port`` is set (else None)."""
-    if app[CONFIG_KEY].server.grpc_port is None:
+    if dp.config.server.grpc_port is None:
         return None
     # Imported only when serving gRPC: the generated messages register the protobuf package
     # "inference" process-wide, which tritonclient.grpc and kserve also claim (tests and
     # tools importing this module must be able to import either of them).
     from cicada_async.service.grpc_server import GrpcServer
 
-    server = GrpcServer(app)
+    server = GrpcServer(dp)
     await server.start()
-    app[GRPC_KEY] = server
     return server
 
 
-def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Any]:
+def default_engine_factory(config: Config) -> AbstractAsyncContextManager[ServingEngine]:
     from cicada_async.engine.runtime import Engine  # deferred: heavy imports only when serving
 
     return Engine(storage=config.storage, node_cache=config.node_cache, plan_dir=config.cache.plan_dir,
                   shared=not config.server.serialize_loads, every_core_when_idle=config.server.torch_threads is None)
 
 
-def executed(app: web.Application, model: str, size: int, ns: int, cold: bool) -> None:
-    """One successful model execution (a batch of ``size`` requests; ``cold``: a cold start's
-    forward): Triton's exec count, the batch-size histogram and the statistics extension."""
-    m = app[METRICS_KEY]
-    m.exec_count.inc(model=model, version="1")
-    m.batch_size.observe(size, model=model, version="1")
-    if cold:
-        m.cold_batch.set(size, model=model)
-    app[STATS_KEY].execution(model, size, ns)
-
-
-def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory,
-              options: Callable[[ModelConfig], Any] | None = None) -> web.Application:
-    """The aiohttp application; ``engine_factory`` and ``options`` let tests swap the engine."""
+def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory) -> web.Application:
+    """The aiohttp application over a new data plane; ``engine_factory`` lets tests swap the engine."""
     # Auth runs first: an unauthenticated request touches no handler and no body byte.
-    auth_mw = auth.middleware(config.server.auth)
     # The drain middleware is outermost: at the shutdown deadline it answers for any handler.
-    app = web.Application(middlewares=[drain_middleware, auth_mw, errors_middleware])
-    app[TOKENS_KEY] = auth_mw.tokens  # type: ignore[attr-defined]
-    metrics_ = Metrics()
-    app[CONFIG_KEY] = config
-    app[METRICS_KEY] = metrics_
-    app[STATE_KEY] = {"draining": False, "restarting": False, "executor_restarts": 0}
-    app[BUDGET_KEY] = BodyBudget(config.server.max_body_bytes_in_flight)
-    app[STATS_KEY] = Stats()
+    app = web.Application(middlewares=[drain_middleware, auth_middleware, errors_middleware])
+    dp = app[DATAPLANE] = DataPlane(config, engine_factory)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        async with engine_factory(config) as engine:
-            repo = Repository(engine, config, metrics_, options)
-            sched = Scheduler(repo, max_queue_total=config.server.max_queue_total,
-                              retry_after_s=config.server.retry_after_s,
-                              on_shed=lambda model, reason: metrics_.shed.inc(model=model, reason=reason),
-                              on_batch=lambda model, size, ns, cold: executed(app, model, size, ns, cold))
-            app[REPO_KEY] = repo
-            app[SCHED_KEY] = sched
-            app[ENGINE_KEY] = engine
-
-            def pending() -> None:
-                for name, e in repo.models.items():
-                    metrics_.pending.set(sched.queued(name) + e.busy, model=name, version="1")
-
-            metrics_.add_collector(pending)
-            sched.start()
-            grpc_server = None
-            maintenance = asyncio.create_task(repo.maintain(), name="cicada-maintenance")
-            watchdog = asyncio.create_task(watch_engine(app, engine, sched), name="cicada-watchdog")
+        async with dp:
+            grpc_server = await start_grpc(dp)  # a taken port fails the start, torn down by the data plane
             try:
-                grpc_server = await start_grpc(app)  # a taken port fails the start, torn down below
                 yield
             finally:
                 if grpc_server is not None:
                     # By now the drain has answered or cancelled the calls in flight.
                     await grpc_server.stop(GRPC_GRACE_S)
-                for task in (maintenance, watchdog):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                await sched.aclose()
 
     async def on_shutdown(app: web.Application) -> None:
-        # For runners other than lifecycle.serve (tests): serve() has set these already.
-        app[STATE_KEY]["draining"] = True
-        if SCHED_KEY in app:
-            app[SCHED_KEY].begin_drain()
+        # For runners other than lifecycle.serve (tests): serve() has begun the drain already.
+        dp.begin_drain()
 
     app.cleanup_ctx.append(resources)
     app.on_shutdown.append(on_shutdown)

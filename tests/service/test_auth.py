@@ -34,7 +34,7 @@ def _server(protect_metrics: bool = False) -> Iterator[LiveServer]:
     cfg = fake_config()
     cfg.server.auth = AuthConfig(inference_tokens=["other-inf", INF], admin_tokens=[ADM],
                                  protect_metrics=protect_metrics)
-    with live_server(cfg, engine_factory=lambda c: engine, options=lambda c: None) as s:
+    with live_server(cfg, engine_factory=lambda c: engine) as s:
         yield s
 
 

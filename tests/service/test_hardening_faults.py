@@ -173,9 +173,7 @@ async def test_dead_executor_is_noticed_and_restarted(model_dirs: dict[str, Path
     inputs = inputs_for(d)
     want = reference(d, inputs)
     with live_server(_config({"m": str(d)}, keep_alive_check_s=0.3)) as server:
-        from cicada_async.service.appkeys import ENGINE_KEY, STATE_KEY
-
-        engine = server.app[ENGINE_KEY]
+        engine = server.plane.engine
         async with aiohttp.ClientSession(server.http_url) as s:
             status, out, _ = await _infer(s, "m", inputs)
             assert status == 200
@@ -187,7 +185,7 @@ async def test_dead_executor_is_noticed_and_restarted(model_dirs: dict[str, Path
             while await _ready(s) != 200:
                 assert time.monotonic() < end, "executor not restarted"
                 await asyncio.sleep(0.05)
-            assert server.sync(lambda: server.app[STATE_KEY]["executor_restarts"]) == 1
+            assert server.sync(lambda: server.plane.state.executor_restarts) == 1
             status, out, _ = await _infer(s, "m", inputs)
             assert status == 200
             _assert_exact(out, want)

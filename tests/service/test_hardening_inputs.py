@@ -28,7 +28,7 @@ LIMIT = 64 * 1024
 def server() -> Iterator[LiveServer]:
     engine = FakeEngine()
     cfg = fake_config(max_request_bytes=LIMIT, body_timeout_s=0.5)
-    with live_server(cfg, engine_factory=lambda c: engine, options=lambda c: None) as s:
+    with live_server(cfg, engine_factory=lambda c: engine) as s:
         yield s
 
 

@@ -26,7 +26,7 @@ def _body(priority: int = 0, timeout_us: int | None = None, pad: int = 0) -> byt
 
 
 def _server(engine: FakeEngine, **server: Any) -> Any:
-    return live_server(fake_config(**server), engine_factory=lambda c: engine, options=lambda c: None)
+    return live_server(fake_config(**server), engine_factory=lambda c: engine)
 
 
 async def _headers_only(port: int, path: str, length: int) -> tuple[int, dict[str, str], float]:
@@ -87,9 +87,8 @@ async def test_body_budget_refuses_before_reading() -> None:
             await server_wait(server, lambda: server.scheduler.total_queued == 2)
             server.sync(server.scheduler.release)
             assert (await held)[0] == 200 and (await small)[0] == 200
-            from cicada_async.service.appkeys import BUDGET_KEY
 
-            assert server.sync(lambda: server.app[BUDGET_KEY].used) == 0  # every reservation returned
+            assert server.sync(lambda: server.plane.budget.used) == 0  # every reservation returned
 
 
 async def test_per_model_bound_sheds_with_retry_after() -> None:

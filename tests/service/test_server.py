@@ -262,7 +262,7 @@ def test_metrics_exposition(fake_server: LiveServer, client: Any) -> None:
 
 def test_shutdown_drains_admitted_requests(fake_engine: FakeEngine) -> None:
     server = LiveServer(__import__("cicada_async.service.server", fromlist=["x"]).build_app(
-        fake_config(), engine_factory=lambda c: fake_engine, options=lambda c: None)).start()
+        fake_config(), engine_factory=lambda c: fake_engine)).start()
     try:
         server.call(lambda: server.repo.load("alpha"))
         inst = server.repo.get("alpha").instance

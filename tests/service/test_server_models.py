@@ -18,6 +18,7 @@ import torch
 
 from cicada_async.service.config import ModelConfig
 from cicada_async.service.metrics import parse_text
+from protocols.serving import Inputs, Priority
 from tests.fixtures.server import LiveServer, live_server, real_config
 from tests.fixtures.triton import get_text
 
@@ -129,8 +130,8 @@ def test_priority_order_with_real_engine(server: LiveServer) -> None:
     order: list[int] = []
     original = inst.infer
 
-    async def recording(inputs: dict[str, torch.Tensor], *, priority: int = 0) -> dict[str, torch.Tensor]:
-        order.append(priority)
+    async def recording(inputs: Inputs, *, priority: Priority) -> dict[str, torch.Tensor]:
+        order.append(priority.level)
         return await original(inputs, priority=priority)
 
     inst.infer = recording  # type: ignore[method-assign]

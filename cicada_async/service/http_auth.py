@@ -1,0 +1,51 @@
+"""HTTP's side of authentication: which scope a path needs, the middleware, and 401/403 answers.
+
+Routes and scopes (the decision itself is ``DataPlane.authorize``, shared with gRPC):
+
+* open: ``/v2/health/live``, ``/v2/health/ready`` (probes carry no secrets), and ``/metrics``
+  unless ``protect_metrics`` (then any valid token of either scope);
+* ``admin``: ``/v2/repository/...`` (index, load, unload);
+* ``inference``: everything else (``/v2``, model metadata and readiness, infer), including
+  unknown paths, so that an unauthenticated caller cannot tell which routes exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from cicada_async.service.auth import Scope
+from cicada_async.service.config import AuthConfig
+from cicada_async.service.routes import plane
+
+_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+def scope_of(path: str, auth: AuthConfig) -> Scope | None:
+    """The scope a path needs; None when it is open."""
+    if path in _OPEN_PATHS:
+        return None
+    if path == "/metrics":
+        return "any" if auth.protect_metrics else None
+    if path == "/v2/repository" or path.startswith("/v2/repository/"):
+        return "admin"
+    return "inference"
+
+
+def refusal(request: web.Request) -> web.Response | None:
+    """The 401/403 answer for ``request``, or None when it may proceed."""
+    dp = plane(request)
+    denied = dp.authorize(scope_of(request.path, dp.config.server.auth), request.headers.get("Authorization"))
+    if denied is None:
+        return None
+    return web.Response(body=orjson.dumps({"error": denied.message}), status=denied.status,
+                        content_type="application/json", headers={"WWW-Authenticate": denied.challenge})
+
+
+@web.middleware
+async def auth_middleware(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Enforce the configured tokens; runs before any body byte is read."""
+    return refusal(request) or await handler(request)
