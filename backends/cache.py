@@ -118,7 +118,7 @@ class CachingBackend:
         host = parts.netloc.rpartition("@")[2].lower()
         self.source = urlunsplit((parts.scheme.lower(), host, parts.path.rstrip("/"), "", ""))
         self.settings = settings
-        self.alignment = getattr(origin, "alignment", 1)
+        self.alignment = origin.alignment  # hits are read through the origin's rules too
         self.counters = _Counters()
         self._store: NodeCache | None = None
         self._local: LocalBackend | None = None

@@ -178,7 +178,7 @@ def _execution_plan(model: str, read_bytes: int = 8 << 20):  # type: ignore[no-u
         try:
             spec, _, _, plan, _ = await prepare(
                 backend, ex, LoadOptions(read_bytes=read_bytes), Timeline(),
-                alignment=getattr(backend, "alignment", 1),
+                alignment=backend.alignment,
             )
             return spec, plan
         finally:

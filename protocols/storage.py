@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 
@@ -45,3 +47,50 @@ class StorageBackend(Protocol):
     async def aclose(self) -> None:
         """Release connections, file descriptors and threads."""
         ...
+
+
+# Optional abilities. The engine asks for them once, when it opens a backend
+# (``cicada_async.engine.capabilities.Capabilities.of``), never by probing on the read path.
+
+
+@runtime_checkable
+class FileWatch(Protocol):
+    """Tells whether a mapped file was changed in place since it was mapped."""
+
+    @property
+    def path(self) -> Path: ...
+
+    def changed(self) -> bool:
+        """True once the file's size or mtime differs from when it was watched."""
+        ...
+
+    def close(self) -> None:
+        """Release the descriptor (and any lock) the watch holds; idempotent."""
+        ...
+
+
+@runtime_checkable
+class MappableFiles(Protocol):
+    """A backend whose objects are local files: tensors may view their page-cache pages."""
+
+    def map_file(self, key: str, size: int) -> mmap.mmap:
+        """A private mapping of ``key``'s ``size`` bytes; StorageError where none can be made."""
+        ...
+
+    async def populate(
+        self, key: str, mapping: mmap.mmap, offset: int, length: int, *, version: str | None = None
+    ) -> None:
+        """Read [offset, offset + length) of the mapped file into the page cache, in place."""
+        ...
+
+    def watch(self, key: str) -> FileWatch:
+        """A handle that notices an in-place change of the file mapped for ``key``."""
+        ...
+
+
+@runtime_checkable
+class LocalDirectory(Protocol):
+    """A backend rooted at a local directory (plan files may be written beside the model)."""
+
+    @property
+    def root(self) -> Path: ...

@@ -23,13 +23,20 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from protocols.errors import CicadaError, LoadError
+from protocols.serving import Priority
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 OnError = Callable[[BaseException], None]
-Key = tuple[float, int]  # (priority, sequence): lower runs first
+Key = tuple[Priority, int]  # (priority, sequence): lower runs first
+
+# Work submitted without a priority (tools, tests, an unload's last reference): level 0,
+# ahead of every request, the level of Priority.UNLOAD.
+AHEAD_OF_REQUESTS = Priority.UNLOAD
+# A worker that takes the turn only to run posted applies: no job, so no real key.
+_APPLIES_ONLY: Key = (Priority(-(1 << 62)), -1)
 
 MAX_THREADS = 32
 
@@ -53,7 +60,7 @@ class Executor:
         self._shared = shared
         self._max_threads = max_threads
         self._cv = threading.Condition()
-        self._jobs: list[tuple[Key, Callable[[], Any], concurrent.futures.Future[Any]]] = []
+        self._jobs: list[tuple[Key, Callable[[], object], concurrent.futures.Future[Any]]] = []
         self._applies: collections.deque[tuple[Callable[[], None], OnError | None]] = collections.deque()
         self._wanting: list[tuple[Key, int]] = []  # threads that want the turn back
         self._holder: int | None = None  # thread ident holding the turn
@@ -102,7 +109,8 @@ class Executor:
         return len(self._threads)
 
     # submission ----------------------------------------------------------------------------
-    def submit(self, fn: Callable[..., T], *args: Any, priority: float = 0) -> concurrent.futures.Future[T]:
+    def submit(self, fn: Callable[..., T], *args: Any,
+               priority: Priority = AHEAD_OF_REQUESTS) -> concurrent.futures.Future[T]:
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         with self._cv:
             if self._stopping or not self._started:
@@ -113,7 +121,7 @@ class Executor:
             self._cv.notify_all()
         return fut
 
-    async def run(self, fn: Callable[..., T], *args: Any, priority: float = 0) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, priority: Priority = AHEAD_OF_REQUESTS) -> T:
         return await asyncio.wrap_future(self.submit(fn, *args, priority=priority))
 
     def post_apply(self, fn: Callable[[], None], on_error: OnError | None = None) -> None:
@@ -124,6 +132,11 @@ class Executor:
         """
         with self._cv:
             self._applies.append((fn, on_error))
+            self._cv.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting job to re-check what it waits for (a load failed: thread-safe)."""
+        with self._cv:
             self._cv.notify_all()
 
     # on a worker, holding the turn ---------------------------------------------------------
@@ -168,7 +181,7 @@ class Executor:
 
     def yield_turn(self) -> None:
         """At a layer boundary: let waiting work of this priority or a more urgent one run first."""
-        key = getattr(self._local, "key", None)
+        key = self._current_key()
         if key is None:
             return  # not a job (a forward called directly, outside the executor)
         prio, seq = key
@@ -190,13 +203,18 @@ class Executor:
         if deadline is not None and deadline - time.monotonic() <= 0:
             raise LoadError("timed out waiting for weights to land")
 
+    def _current_key(self) -> Key | None:
+        """The key of the job this thread runs (a thread-local), or None outside a job."""
+        key: Key | None = getattr(self._local, "key", None)  # threading.local: unset on new threads
+        return key
+
     def _key(self) -> Key:
-        key = getattr(self._local, "key", None)
+        key = self._current_key()
         if key is None:
             raise RuntimeError("only a job on the executor may wait or yield")
         return key
 
-    def _contested_locked(self, prio: float) -> bool:
+    def _contested_locked(self, prio: Priority) -> bool:
         return bool((self._jobs and self._jobs[0][0][0] <= prio and self._idle_or_spawn_locked())
                     or (self._wanting and self._wanting[0][0][0] <= prio))
 
@@ -232,12 +250,15 @@ class Executor:
             return False
         t = threading.Thread(target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True)
         t.start()
-        self._threads[t.ident] = t  # type: ignore[index]
-        self._idle.append(t.ident)  # type: ignore[arg-type]
+        assert t.ident is not None  # started: it has an ident
+        self._threads[t.ident] = t
+        self._idle.append(t.ident)
         return True
 
     def _worker(self) -> None:
         me = threading.get_ident()
+        call: Callable[[], object] | None
+        fut: concurrent.futures.Future[Any] | None
         while True:
             with self._cv:
                 while True:
@@ -251,7 +272,7 @@ class Executor:
                             key, call, fut = heapq.heappop(self._jobs)
                             break
                         if self._applies and self._holder is None:
-                            key, call, fut = (float("-inf"), -1), None, None
+                            key, call, fut = _APPLIES_ONLY, None, None
                             break
                     self._cv.wait()
                 self._holder = me
@@ -285,7 +306,7 @@ class Executor:
             if fut.running() or fut.set_running_or_notify_cancel():
                 fut.set_exception(ExecutorDead(f"the executor died ({type(e).__name__}: {e}) before this job ran"))
 
-    def _run_turn(self, key: Key, call: Callable[[], Any] | None,
+    def _run_turn(self, key: Key, call: Callable[[], object] | None,
                   fut: concurrent.futures.Future[Any] | None) -> None:
         self.run_applies()
         if call is None or fut is None or not fut.set_running_or_notify_cancel():

@@ -11,15 +11,28 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocols.errors import CicadaError, StorageError, StorageTimeout
 from protocols.manifest import FileHeader, Plan
+from protocols.serving import Priority
 from protocols.storage import StorageBackend
 
 from cicada_async.engine.landing import Landing
+from cicada_async.engine.ledger import ShardLedger
 from cicada_async.engine.timeline import Timeline
+
+
+class LoadPriority:
+    """A load's read priority: the model instance raises it while a more urgent request waits
+    on the load (``set_fetch_priority``); the fetcher reads it before every read."""
+
+    def __init__(self, priority: Priority = Priority.UNLOAD) -> None:
+        # Level 0 unless told: ahead of every request, as a load started by a tool or a test.
+        self.current = priority
+
+    def set(self, priority: Priority) -> None:
+        self.current = priority
 
 
 class FetchScheduler:
@@ -32,18 +45,18 @@ class FetchScheduler:
         self.slots = slots
         self.prioritized = prioritized
         self._free = slots
-        self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[Priority, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         # Loads whose fetch runs (Fetcher.run). Read by executor threads without a lock: a
         # forward widens to every core once it is 0 (forward.Widening), a heuristic, not a promise.
         self.fetching = 0
 
-    async def acquire(self, priority: float) -> None:
+    async def acquire(self, priority: Priority) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (priority if self.prioritized else 0.0, next(self._seq), fut))
+        heapq.heappush(self._waiters, (priority if self.prioritized else _ARRIVAL, next(self._seq), fut))
         try:
             await fut
         except asyncio.CancelledError:
@@ -51,7 +64,7 @@ class FetchScheduler:
                 self.release()  # granted just as we were cancelled: pass it on
             raise
 
-    def contested(self, priority: float) -> bool:
+    def contested(self, priority: Priority) -> bool:
         """Whether a holder at ``priority`` should hand its slot on after a read.
 
         A load keeps its slot from read to read while only less urgent loads wait: with one
@@ -73,6 +86,9 @@ class FetchScheduler:
         self._free += 1
 
 
+_ARRIVAL = Priority(0)  # unprioritized: one level for all, so the sequence decides
+
+
 class ByteBudget:
     """Bytes admitted but not yet applied; admission waits while the budget is spent.
 
@@ -87,27 +103,44 @@ class ByteBudget:
         self.used = 0
         self.peak = 0
         self.in_flight = 0
-        self._cv = asyncio.Condition()
+        # Waiters re-check ``fits`` when woken. Landing and release are plain calls (loop
+        # thread): the ledger hands bytes back from a callback, with nothing to await.
+        self._waiters: list[asyncio.Future[None]] = []
 
     def fits(self, n: int) -> bool:
         return self.used + n <= self.limit or self.in_flight == 0
 
     async def acquire(self, n: int) -> None:
-        async with self._cv:
-            await self._cv.wait_for(lambda: self.fits(n))
-            self.used += n
-            self.in_flight += 1
-            self.peak = max(self.peak, self.used)
+        while not self.fits(n):
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+        self.used += n
+        self.in_flight += 1
+        self.peak = max(self.peak, self.used)
 
-    async def landed(self) -> None:
-        async with self._cv:
-            self.in_flight -= 1
-            self._cv.notify_all()
+    def landed(self) -> None:
+        self.in_flight -= 1
+        self._wake()
 
-    async def release(self, n: int) -> None:
-        async with self._cv:
-            self.used -= n
-            self._cv.notify_all()
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def give_back(self, n: int, *, in_flight: int) -> None:
+        """A failed load's ``n`` bytes, ``in_flight`` of its reads never landing: all returned."""
+        self.in_flight -= in_flight
+        self.release(n)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
 
 @dataclass
@@ -118,7 +151,8 @@ class FetchSettings:
 
 
 class Fetcher:
-    """Runs the reads of a plan; calls ``on_landed(shard)`` on the event loop per shard.
+    """Runs the reads of a plan; tells ``ledger`` (on the event loop) as shards' reads are
+    admitted and as each shard's last read lands.
 
     The plan may be replaced while reads run (``replan``): fetching starts in file order
     before the model's skeleton exists, and the dry run re-orders what is left. Admitted reads
@@ -134,8 +168,8 @@ class Fetcher:
         *,
         settings: FetchSettings,
         scheduler: FetchScheduler,
-        priority: Callable[[], float],
-        on_landed: Callable[[int], None],
+        priority: LoadPriority,
+        ledger: ShardLedger,
         timeline: Timeline,
     ) -> None:
         self.plan = plan
@@ -145,7 +179,8 @@ class Fetcher:
         self.settings = settings
         self.scheduler = scheduler
         self.priority = priority
-        self.on_landed = on_landed
+        self.ledger = ledger
+        ledger.fetcher = self  # applied shards hand their reads' budget back here
         self.timeline = timeline
         self.budget = ByteBudget(settings.queue_bytes)
         self._order = asyncio.Lock()
@@ -154,6 +189,9 @@ class Fetcher:
         self._applied: set[int] = set()
         self._notified: set[int] = set()
         self._released: set[int] = set()
+        self._acquired: set[int] = set()  # reads holding budget (given back when released)
+        self._unlanded: set[int] = set()  # reads counted in the budget's in_flight
+        self._stopped = False  # the load failed: nothing more is admitted (forfeit)
         self._more = asyncio.Event()  # set when a replan adds reads for idle workers
         self._final = False
         self._recount()
@@ -175,23 +213,43 @@ class Fetcher:
         self.plan = plan
         self._final = final
         self._recount()
+        for r in range(self._next):
+            for s in plan.reads[r].shards:
+                self.ledger.reading(s)
         for r in sorted(self._landed):
-            await self._maybe_release(r)
+            self._maybe_release(r)
         for s in range(len(plan.shards)):
             self._maybe_notify(s)
         self._more.set()
 
     def _maybe_notify(self, s: int) -> None:
-        if self._pending_reads[s] == 0 and s not in self._notified:
+        if self._pending_reads[s] == 0 and s not in self._notified and not self._failed():
             self._notified.add(s)
-            self.on_landed(s)
+            self.ledger.landed(s)
 
-    async def _maybe_release(self, r: int) -> None:
+    def _maybe_release(self, r: int) -> None:
         # Bytes of a read that serves no shard (yet) are already where they belong.
         if r in self._landed and r not in self._released and self._pending_shards[r] == 0:
             self._released.add(r)
             self.landing.read_released(r, self.plan.reads[r])
-            await self.budget.release(self.plan.reads[r].nbytes)
+            self.budget.release(self.plan.reads[r].nbytes)
+
+    def _failed(self) -> bool:
+        """Asked again after every await: a forfeit may have come meanwhile."""
+        return self._stopped
+
+    def forfeit(self) -> None:
+        """The load failed (loop thread): admit nothing more, hand every held byte back.
+
+        A worker still awaiting a read or the budget finds ``_stopped`` when it resumes and
+        ends without touching the budget again.
+        """
+        self._stopped = True
+        held = sorted(self._acquired - self._released)
+        self._released.update(held)
+        self.budget.give_back(sum(self.plan.reads[r].nbytes for r in held), in_flight=len(self._unlanded))
+        self._unlanded.clear()
+        self._more.set()
 
     async def run(self) -> None:
         """Fetch everything; raises the first storage error (other reads are cancelled)."""
@@ -221,6 +279,8 @@ class Fetcher:
                     self.scheduler.release()
                     held = False
                 async with self._order:  # admission strictly in plan order
+                    if self._failed():
+                        return
                     while self._next >= len(self.plan.reads):
                         if held:
                             self.scheduler.release()
@@ -229,6 +289,8 @@ class Fetcher:
                             return
                         self._more.clear()
                         await self._more.wait()  # a replan may add reads
+                        if self._failed():
+                            return
                     i = self._next
                     self._next += 1
                     read = self.plan.reads[i]
@@ -236,31 +298,41 @@ class Fetcher:
                         self.scheduler.release()  # no slot held idle while the budget is spent
                         held = False
                     await self.budget.acquire(read.nbytes)
+                    if self._failed():  # woken by the forfeit's release: give this back
+                        self.budget.give_back(read.nbytes, in_flight=1)
+                        return
+                    self._acquired.add(i)
+                    self._unlanded.add(i)
+                    for s in read.shards:
+                        self.ledger.reading(s)
                 if not held:
-                    await self.scheduler.acquire(self.priority())
+                    await self.scheduler.acquire(self.priority.current)
                     held = True
                 start = self.timeline.now()
                 async with asyncio.timeout(self.settings.read_timeout_s):
                     await self.landing.fill(i, read, self.backend, self.headers[read.file].version)
+                if self._failed():
+                    return  # the forfeit counted this read out of the budget already
                 self.timeline.add("fetch", f"read {i}", start, nbytes=read.nbytes)
-                if self.scheduler.contested(self.priority()):
+                if self.scheduler.contested(self.priority.current):
                     self.scheduler.release()
                     held = False
-                await self.budget.landed()
+                self._unlanded.discard(i)
+                self.budget.landed()
                 self.landing.read_landed(i, read)
                 self._landed.add(i)
                 read = self.plan.reads[i]  # the current plan's view of which shards it serves
                 for s in read.shards:
                     self._pending_reads[s] -= 1
                     self._maybe_notify(s)
-                await self._maybe_release(i)
+                self._maybe_release(i)
         finally:
             if held:
                 self.scheduler.release()
 
-    async def shard_applied(self, shard: int) -> None:
-        """Called (on the loop) once the executor applied ``shard``: frees its reads' budget."""
+    def shard_applied(self, shard: int) -> None:
+        """The ledger (on the loop), once the executor applied ``shard``: frees its reads' budget."""
         self._applied.add(shard)
         for r in self.plan.shards[shard].reads:
             self._pending_shards[r] -= 1
-            await self._maybe_release(r)
+            self._maybe_release(r)

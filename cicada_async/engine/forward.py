@@ -11,6 +11,7 @@ from torch import nn
 
 from cicada_async.engine.procfs import usable_cores
 from protocols.errors import CicadaError, InferenceError
+from protocols.serving import TensorSpec
 
 if TYPE_CHECKING:
     from cicada_async.engine.modeldir import ModelSpec
@@ -90,18 +91,18 @@ def output_dict(out: Any) -> dict[str, torch.Tensor]:
     raise TypeError(f"cannot name the outputs of a forward returning {type(out).__name__}")
 
 
-def inputs_meta(spec: ModelSpec) -> list[dict[str, Any]]:
+def inputs_meta(spec: ModelSpec) -> list[TensorSpec]:
     """V2 metadata ([{name, datatype, shape}]) of the inputs the model's forward takes."""
     return [
-        {"name": n, "datatype": V2_TYPES.get(dt, "FP32"), "shape": list(shape)}
+        TensorSpec(name=n, datatype=V2_TYPES.get(dt, "FP32"), shape=list(shape))
         for n, (shape, dt) in spec.example_inputs.items()
     ]
 
 
-def io_spec(spec: ModelSpec, outputs: dict[str, torch.Tensor] | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def io_spec(spec: ModelSpec, outputs: dict[str, torch.Tensor] | None) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Input metadata, and output metadata named from a forward's outputs."""
     outs = [
-        {"name": n, "datatype": V2_TYPES.get(t.dtype, "FP32"), "shape": [-1] * t.dim()}
+        TensorSpec(name=n, datatype=V2_TYPES.get(t.dtype, "FP32"), shape=[-1] * t.dim())
         for n, t in (outputs or {}).items()
     ]
     return inputs_meta(spec), outs

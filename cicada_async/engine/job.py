@@ -1,13 +1,12 @@
 """One load's shared state: applying landed shards and the layer gates of the forward.
 
-The event loop reports landed shards; the executor thread applies them to the skeleton and
-runs the forward, whose pre-hooks block (applying whatever lands meanwhile) until a module's
-own shards are applied, so layer k computes while later layers are on the wire.
+The ledger (ledger.py) posts each landed shard's apply; the executor thread applies it to the
+skeleton and runs the forward, whose pre-hooks block (applying whatever lands meanwhile) until
+a module's own shards are applied, so layer k computes while later layers are on the wire.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +18,12 @@ from torch import nn
 
 from protocols.errors import ConfigError, LoadError
 from protocols.manifest import Plan, TensorEntry
+from protocols.serving import ModelOptions
 
 from cicada_async.engine.executor import Executor
 from cicada_async.engine.forward import Widening
 from cicada_async.engine.landing import Landing
+from cicada_async.engine.ledger import ShardLedger
 from cicada_async.engine.modeldir import ModelSpec
 from cicada_async.engine.reads import DEFAULT_READ_BYTES
 from cicada_async.engine.skeleton import SkeletonIndex, materialize
@@ -53,31 +54,27 @@ class LoadOptions:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class ModelOptions:
-    """How one model is served."""
+__all__ = ["LoadJob", "LoadOptions", "ModelOptions", "load_options"]  # ModelOptions: protocols.serving's
 
-    dtype: str | None = None
-    """"float32", "bfloat16" or "float16"; None serves the checkpoint's dtype."""
-    device: str = "cpu"
-    """"cpu" or "cuda[:N]"."""
 
-    def load_options(self, read_bytes: int, load_timeout_s: float, every_core: bool = False) -> LoadOptions:
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ConfigError(f"dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"device {self.device!r} is not a torch device") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {self.device!r} asked for, but CUDA is not available")
-        if device.type == "cuda" and device.index is None:
-            # "cuda" != "cuda:0": an index-less device would make every tensor look misplaced.
-            device = torch.device("cuda", torch.cuda.current_device())
-        return LoadOptions(
-            dtype=_DTYPES[self.dtype] if self.dtype else None, device=device,
-            read_bytes=read_bytes, load_timeout_s=load_timeout_s, every_core_when_idle=every_core,
-        )
+def load_options(options: ModelOptions, read_bytes: int, load_timeout_s: float,
+                 every_core: bool = False) -> LoadOptions:
+    """A served model's options (plain config data) checked and turned into a load's torch terms."""
+    if options.dtype is not None and options.dtype not in _DTYPES:
+        raise ConfigError(f"dtype {options.dtype!r} is not one of {', '.join(_DTYPES)}")
+    try:
+        device = torch.device(options.device)
+    except RuntimeError:
+        raise ConfigError(f"device {options.device!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {options.device!r} asked for, but CUDA is not available")
+    if str(device) == "cuda":  # no index (torch's stubs type ``index`` as never None)
+        # "cuda" != "cuda:0": an index-less device would make every tensor look misplaced.
+        device = torch.device("cuda", torch.cuda.current_device())
+    return LoadOptions(
+        dtype=_DTYPES[options.dtype] if options.dtype else None, device=device,
+        read_bytes=read_bytes, load_timeout_s=load_timeout_s, every_core_when_idle=every_core,
+    )
 
 
 class LoadJob:
@@ -94,8 +91,7 @@ class LoadJob:
         options: LoadOptions,
         executor: Executor,
         timeline: Timeline,
-        loop: asyncio.AbstractEventLoop,
-        on_applied: Callable[[int], Any],
+        ledger: ShardLedger,
     ) -> None:
         self.spec = spec
         self.model = model
@@ -103,21 +99,17 @@ class LoadJob:
         self.plan = plan
         self.tensors = tensors
         self.landing = landing
-        self.events: dict[int, Any] = {}
+        self.events: dict[int, torch.cuda.Event] = {}
         self.options = options
         self.executor = executor
         self.timeline = timeline
-        self.loop = loop
-        self.on_applied = on_applied
-        self.applied = [False] * len(plan.shards)
-        self.remaining = len(plan.shards)
-        self.error: BaseException | None = None
+        self.ledger = ledger  # each shard's state and the load's error
         self.deadline = time.monotonic() + options.load_timeout_s
-        self._hooks: list[Any] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._widening: Widening | None = None  # the gated forward's, checked at every gate
         # CUDA: this load computes on its own stream, ordered only after its own shards' copy
         # events, so loads of different models never queue behind each other on the device.
-        self.stream = torch.cuda.Stream(options.device) if options.device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(options.device) if options.device.type == "cuda" else None  # type: ignore[no-untyped-call]  # unannotated in torch itself
         self.set_plan(plan)
 
     def set_plan(self, plan: Plan) -> None:
@@ -132,25 +124,15 @@ class LoadJob:
             | {s.index for s in plan.shards if s.module == ""}
         )
 
-    # loop thread -----------------------------------------------------------------------------
-    def shard_landed(self, i: int) -> None:
-        self.executor.post_apply(lambda: self._apply(i), on_error=self.posted_failed)
-
-    def fail(self, exc: BaseException) -> None:
-        self.executor.post_apply(lambda: self._fail(exc))
+    @property
+    def error(self) -> BaseException | None:
+        """The load's first error (``ShardLedger.fail``), or None."""
+        return self.ledger.error
 
     # executor thread ---------------------------------------------------------------------------
-    def _fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-
-    def posted_failed(self, exc: BaseException) -> None:
-        """Work posted for this load raised (an apply, a staging copy): the load fails with it."""
-        self._fail(exc if isinstance(exc, LoadError) else
-                   LoadError(f"loading weights failed: {type(exc).__name__}: {exc}"))
-
-    def _apply(self, i: int) -> None:
-        if self.error is not None or self.applied[i]:
+    def apply(self, i: int) -> None:
+        """Shard ``i`` landed (posted by the ledger): its tensors go into the skeleton."""
+        if self.error is not None:
             return
         shard = self.plan.shards[i]
         start = self.timeline.now()
@@ -161,12 +143,10 @@ class LoadJob:
             if ev is not None:
                 self.events[i] = ev
         except Exception as e:  # noqa: BLE001 - any apply failure fails the whole load
-            self.error = LoadError(f"applying weights of {shard.module or 'the model'}: {e}")
+            self.ledger.fail(LoadError(f"applying weights of {shard.module or 'the model'}: {e}"))
             return
         self.timeline.add("apply", shard.module, start, nbytes=shard.nbytes)
-        self.applied[i] = True
-        self.remaining -= 1
-        self.loop.call_soon_threadsafe(self.on_applied, i)
+        self.ledger.applied(i)
 
     def _make_tensors(self, i: int) -> None:
         for name in self.plan.shards[i].tensors:
@@ -178,12 +158,12 @@ class LoadJob:
             materialize(slot, value)
 
     def wait_for(self, shards: list[int], what: str) -> None:
-        if all(self.applied[i] for i in shards) and self.error is None:
+        if self.ledger.all_applied(shards) and self.error is None:
             self._device_wait(shards)
             return
         start = self.timeline.now()
         self.executor.wait_until(
-            lambda: self.error is not None or all(self.applied[i] for i in shards), self.deadline
+            lambda: self.error is not None or self.ledger.all_applied(shards), self.deadline
         )
         self.timeline.add("wait", what, start)
         if self.error is not None:
@@ -205,7 +185,7 @@ class LoadJob:
                     stream.wait_event(ev)
 
     def wait_all(self) -> None:
-        self.executor.wait_until(lambda: self.error is not None or self.remaining == 0, self.deadline)
+        self.executor.wait_until(lambda: self.error is not None or self.ledger.remaining == 0, self.deadline)
         if self.error is not None:
             raise self.error
 

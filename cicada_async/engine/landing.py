@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
 from protocols.errors import StorageError
 from protocols.manifest import FileHeader, Plan, ReadRange, TensorEntry
-from protocols.storage import StorageBackend
+from protocols.storage import FileWatch, MappableFiles, StorageBackend
 
 from cicada_async.engine.arena import PAGE, Arena
 from cicada_async.engine.reads import MAX_GAP_BYTES
@@ -26,6 +26,18 @@ from cicada_async.engine.tensorbytes import tensor_from_bytes
 
 
 class Landing(Protocol):
+    """Where one load's bytes land. Every landing has every member: the pipeline never probes."""
+
+    @property
+    def slab_bytes(self) -> int | None:
+        """The most bytes one read may carry (staging slabs), or None: reads of any size."""
+        ...
+
+    @property
+    def watches(self) -> Sequence[FileWatch]:
+        """Files the loaded tensors view, to be checked before warm forwards (mapped files)."""
+        ...
+
     async def fill(self, r: int, read: ReadRange, backend: StorageBackend, version: str | None) -> None:
         """Fetch read ``r``'s bytes from ``backend`` to where they land."""
         ...
@@ -47,7 +59,20 @@ class Landing(Protocol):
         """Loop thread: every shard read ``r`` serves is applied; its memory may be reused."""
         ...
 
+    def hold_releases(self) -> None:
+        """Keep released reads' memory until ``release_held`` (a manifest verifies the bytes)."""
+        ...
+
+    def release_held(self) -> None:
+        """The files verified: give back what ``hold_releases`` kept."""
+        ...
+
+    def file_bytes(self, key: str, header: FileHeader) -> memoryview:
+        """The whole landed file ``key`` (header bytes included), for the manifest's digest."""
+        ...
+
     async def aclose(self) -> None:
+        """Free the load's buffers; tensors that view landed bytes keep theirs alive."""
         ...
 
 
@@ -94,6 +119,8 @@ class _HostLanding:
     """CPU landings whose tensors view the landed bytes (or copy them when converting)."""
 
     device = torch.device("cpu")
+    slab_bytes: int | None = None  # reads of any size: they land in file-shaped memory
+    watches: Sequence[FileWatch] = ()  # mapped files set theirs
     _converted: _Converted
 
     def _bytes(self, entry: TensorEntry) -> torch.Tensor:
@@ -140,7 +167,8 @@ class MappedLanding(_HostLanding):
     """Local files mapped into memory; a read asks the kernel to populate a range of the
     mapping, so bytes go from disk into page-cache pages that the tensors view directly."""
 
-    def __init__(self, headers: dict[str, FileHeader], backend: Any) -> None:
+    def __init__(self, headers: dict[str, FileHeader], backend: MappableFiles) -> None:
+        self.backend = backend
         self.maps = {k: backend.map_file(k, h.size) for k, h in headers.items()}
         self.views = {k: torch.frombuffer(m, dtype=torch.uint8) for k, m in self.maps.items()}
         # Tensors view these files for as long as the model lives: the model checks them.
@@ -153,8 +181,9 @@ class MappedLanding(_HostLanding):
     def file_bytes(self, key: str, header: FileHeader) -> memoryview:
         return memoryview(self.maps[key])
 
-    async def fill(self, r: int, read: ReadRange, backend: Any, version: str | None) -> None:
-        await backend.populate(read.file, self.maps[read.file], read.start, read.nbytes, version=version)
+    async def fill(self, r: int, read: ReadRange, backend: StorageBackend, version: str | None) -> None:
+        # The mapping's own backend populates it (``backend`` is the same object, typed narrower).
+        await self.backend.populate(read.file, self.maps[read.file], read.start, read.nbytes, version=version)
 
     def _release(self, r: int, read: ReadRange) -> None:
         for lo, hi in self._converted.within(read):
@@ -234,7 +263,7 @@ class StagingLanding(_BufferFill):
         self.device_files = {
             k: torch.empty(h.size, dtype=torch.uint8, device=device) for k, h in headers.items()
         }
-        self.stream = torch.cuda.Stream(device=device) if self.cuda else None
+        self.stream = torch.cuda.Stream(device=device) if self.cuda else None  # type: ignore[no-untyped-call]  # unannotated in torch itself
         if self.stream is not None:
             # device_files came from the allocating stream's pool, possibly a block whose last
             # kernels (another model's forward) are still queued: copies wait for them.
@@ -249,7 +278,7 @@ class StagingLanding(_BufferFill):
             raise ValueError(f"read of {read.nbytes} bytes exceeds the {self.slab_bytes}-byte slab")
         slab = await self._free.get()
         self.slabs[r] = slab
-        return memoryview(slab.numpy()).cast("B")[: read.nbytes]
+        return slab.numpy().data.cast("B")[: read.nbytes]
 
     def read_landed(self, r: int, read: ReadRange) -> None:
         slab = self.slabs.pop(r)
@@ -263,7 +292,7 @@ class StagingLanding(_BufferFill):
             return
         with torch.cuda.stream(self.stream):
             dst.copy_(slab[: read.nbytes], non_blocking=True)
-            ev = torch.cuda.Event()
+            ev = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch itself
             ev.record(self.stream)
         self._loop.call_soon_threadsafe(self._recycle_after, ev, slab)
 
@@ -278,7 +307,7 @@ class StagingLanding(_BufferFill):
         # the loop, which took the GIL every half millisecond from the thread launching kernels.
         while self._pending:
             ev, slab = self._pending[0]
-            if not ev.query():
+            if not ev.query():  # type: ignore[no-untyped-call]  # unannotated in torch itself
                 await asyncio.to_thread(ev.synchronize)
             self._pending.pop(0)
             self._free.put_nowait(slab)
@@ -303,12 +332,20 @@ class StagingLanding(_BufferFill):
     def shard_done(self) -> torch.cuda.Event | None:
         if self.stream is None:
             return None
-        ev = torch.cuda.Event()
+        ev = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch itself
         ev.record(self.stream)
         return ev
 
+    watches: Sequence[FileWatch] = ()  # tensors view device memory, not files
+
     def read_released(self, r: int, read: ReadRange) -> None:
         return None  # slabs were recycled after their copy
+
+    # Nothing to hold: verification reads the device buffers back, which stay until aclose.
+    def hold_releases(self) -> None:
+        return None
+
+    release_held = hold_releases
 
     def file_bytes(self, key: str, header: FileHeader) -> memoryview:
         """The landed file, for verification: read back from the device once its copies ran.
@@ -319,7 +356,7 @@ class StagingLanding(_BufferFill):
         if self.stream is not None:
             self.stream.synchronize()
         host = self.device_files[key].cpu()
-        view = memoryview(host.numpy()).cast("B")
+        view = host.numpy().data.cast("B")
         view[: len(header.raw)] = header.raw
         return view
 
@@ -346,7 +383,7 @@ def landing_for(
     pool_bytes: int,
     post: Callable[[Callable[[], None]], None],
     staging: bool = False,
-    mapped_backend: Any = None,
+    mapped_backend: MappableFiles | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
 ) -> Landing:
     """Arenas for the CPU; pinned staging slabs for CUDA (or on request, to test that path)."""

@@ -19,14 +19,17 @@ from torch import nn
 
 from protocols.errors import CicadaError, InferenceError, LoadError
 from protocols.manifest import FileHeader, Plan
+from protocols.serving import Priority
 from protocols.storage import StorageBackend
 
+from cicada_async.engine.capabilities import Capabilities
 from cicada_async.engine.executor import Executor
-from cicada_async.engine.fetch import Fetcher, FetchScheduler, FetchSettings
+from cicada_async.engine.fetch import Fetcher, FetchScheduler, FetchSettings, LoadPriority
 from cicada_async.engine.forward import run_forward
 from cicada_async.engine.headers import all_tensors, read_header
 from cicada_async.engine.job import LoadJob, LoadOptions
 from cicada_async.engine.landing import Landing, landing_for
+from cicada_async.engine.ledger import ShardLedger
 from cicada_async.engine.manifest import verify_files
 from cicada_async.engine.modeldir import ModelSpec, read_model_spec
 from cicada_async.engine.plan import (
@@ -57,8 +60,8 @@ class LoadRequest:
     inputs: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]] | None = None
     """With inputs, the gated forward computes while the model loads. A callable is asked for
     them on the loop when that forward starts: a batch gathered as late as possible."""
-    priority: Callable[[], float] = lambda: 0.0
-    """Read priority, asked again for every read (lower is more urgent)."""
+    priority: LoadPriority = field(default_factory=LoadPriority)
+    """The load's priority, read again for every read and stage (the instance may raise it)."""
     cached_plan: Plan | None = None
     """A known execution order: no dry forward (if it fits the skeleton)."""
     plan_lookup: Callable[[ModelSpec, dict[str, FileHeader]], Awaitable[Plan | None]] | None = None
@@ -78,25 +81,30 @@ async def cold_start(
     request: LoadRequest | None = None,
     *,
     timeline: Timeline | None = None,
+    capabilities: Capabilities | None = None,
 ) -> tuple[nn.Module, Outputs, LoadJob]:
-    """Load a model through the pipeline; see ``ColdStart.run``."""
-    return await ColdStart(backend, executor, scheduler, request or LoadRequest(), timeline or Timeline()).run()
+    """Load a model through the pipeline; see ``ColdStart.run``.
+
+    ``capabilities``: what the opener found ``backend`` can do (asked here when not given).
+    """
+    caps = capabilities or Capabilities.of(backend)
+    return await ColdStart(backend, caps, executor, scheduler, request or LoadRequest(), timeline or Timeline()).run()
 
 
 class ColdStart:
-    def __init__(self, backend: StorageBackend, executor: Executor, scheduler: FetchScheduler,
-                 request: LoadRequest, timeline: Timeline) -> None:
+    def __init__(self, backend: StorageBackend, capabilities: Capabilities, executor: Executor,
+                 scheduler: FetchScheduler, request: LoadRequest, timeline: Timeline) -> None:
         self.backend = backend
+        self.capabilities = capabilities
         self.executor = executor
         self.scheduler = scheduler
         self.request = request
         self.options = request.options
         self.timeline = timeline
-        self.alignment = max(getattr(backend, "alignment", 1), 1)
+        self.alignment = capabilities.alignment
         self.job: LoadJob | None = None
-        self._applied: asyncio.Queue[int] = asyncio.Queue()
-        self._held: list[int] = []
-        self._early_error: BaseException | None = None  # posted work that failed before the job
+        # Every shard's state and the load's one failure path, from before any read is admitted.
+        self.ledger = ShardLedger(executor, asyncio.get_running_loop())
         self._known_plan: asyncio.Future[Plan | None] | None = None
 
     async def run(self) -> tuple[nn.Module, Outputs, LoadJob]:
@@ -107,21 +115,20 @@ class ColdStart:
         and the load's own error is raised.
         """
         spec = await self.read_spec()
-        skeleton = asyncio.ensure_future(self.executor.run(lambda: self.build_skeleton(spec), priority=self.request.priority()))
+        skeleton = asyncio.ensure_future(self.executor.run(lambda: self.build_skeleton(spec), priority=self._priority()))
         try:
             hdrs = await self.read_headers(spec)
             landing = await self.open_landing(hdrs)
         except BaseException:
             skeleton.cancel()
             raise
-        if spec.manifest is not None and hasattr(landing, "hold_releases"):
+        if spec.manifest is not None:
             landing.hold_releases()  # converted spans stay resident until the files verify
         fetcher = await self.start_fetch(hdrs, landing)
         outputs: Outputs = None
         try:
             async with asyncio.TaskGroup() as tg:
                 fetching = tg.create_task(self._fetch_or_fail(fetcher))
-                releaser = tg.create_task(self._release_budget(fetcher))
                 model = await skeleton
                 job = await self.plan(spec, model, hdrs, landing, fetcher)
                 if self.request.cached_plan is None:
@@ -134,16 +141,13 @@ class ColdStart:
                     outputs = await self.gated_forward(job, inputs() if callable(inputs) else inputs)
                 await fetching
                 await self.verify(spec, landing, hdrs)
-                await self.executor.run(job.wait_all, priority=self.request.priority())
-                releaser.cancel()
+                await self.executor.run(job.wait_all, priority=self._priority())
         except* CicadaError as eg:
-            if self.job is not None:
-                self.job.fail(eg.exceptions[0])
+            self.ledger.fail(eg.exceptions[0])
             raise eg.exceptions[0] from None
         except* BaseException as eg:
             err = first_leaf(eg)
-            if self.job is not None:
-                self.job.fail(err if isinstance(err, Exception) else LoadError("load cancelled"))
+            self.ledger.fail(err if isinstance(err, Exception) else LoadError("load cancelled"))
             if isinstance(err, Exception):
                 # The real cause, not "unhandled errors in a TaskGroup".
                 raise LoadError(f"{type(err).__name__}: {err}") from err
@@ -155,7 +159,7 @@ class ColdStart:
         # Gates come off on the executor thread, between forwards, and only after a successful
         # load: after a failure they stay, so a forward that joined the load meets the load's
         # error at its first gate instead of computing on a half-loaded model.
-        await self.executor.run(job.remove_gates, priority=self.request.priority())
+        await self.executor.run(job.remove_gates, priority=self._priority())
         return model, outputs, job
 
     # stages, in the order they start ---------------------------------------------------------
@@ -184,8 +188,8 @@ class ColdStart:
         def make() -> Landing:
             return landing_for(
                 hdrs, o.device, read_bytes=o.read_bytes, alignment=self.alignment,
-                pool_bytes=self.request.fetch.queue_bytes, post=self._post, staging=o.staging,
-                mapped_backend=self.backend if o.mapped and hasattr(self.backend, "map_file") else None,
+                pool_bytes=self.request.fetch.queue_bytes, post=self.ledger.post, staging=o.staging,
+                mapped_backend=self.capabilities.mappable if o.mapped else None,
                 loop=loop,
             )
 
@@ -199,7 +203,7 @@ class ColdStart:
         # skeleton build (and, in a fresh process, the transformers import) holds the GIL, and
         # each read costs the loop a GIL hand-over of up to 5 ms. Staging slabs fix the size.
         read_bytes = self.options.read_bytes
-        if not hasattr(landing, "slab_bytes"):
+        if landing.slab_bytes is None:
             read_bytes = max(read_bytes, min(4 * read_bytes, PREFETCH_READ_BYTES))
         known = self.request.cached_plan
         if known is None and self._known_plan is not None:
@@ -208,7 +212,7 @@ class ColdStart:
                                   alignment=self.alignment))
         return Fetcher(Plan((), (), reads, "file", ()), self.backend, hdrs, landing,
                        settings=self.request.fetch, scheduler=self.scheduler,
-                       priority=self.request.priority, on_landed=self._landed, timeline=self.timeline)
+                       priority=self.request.priority, ledger=self.ledger, timeline=self.timeline)
 
     async def plan(self, spec: ModelSpec, model: nn.Module, hdrs: dict[str, FileHeader],
                    landing: Landing, fetcher: Fetcher) -> LoadJob:
@@ -225,7 +229,7 @@ class ColdStart:
                 modules = list(known.modules) if known is not None else planned
                 return index, shard_groups(model, index, tensors, modules), modules, known
 
-        index, self._groups, modules, cached = await self.executor.run(planning, priority=self.request.priority())
+        index, self._groups, modules, cached = await self.executor.run(planning, priority=self._priority())
         self.request = replace(self.request, cached_plan=cached)  # run() dry-runs when None
         self._tensors = tensors
         self._file_sizes = {k: h.size for k, h in hdrs.items()}
@@ -234,9 +238,8 @@ class ColdStart:
         else:
             plan = self._plan_for(fetcher, modules, "registration", [])
         self.job = LoadJob(spec, model, index, plan, tensors, landing, self.options, self.executor,
-                           self.timeline, asyncio.get_running_loop(), self._applied.put_nowait)
-        if self._early_error is not None:
-            self.job.posted_failed(self._early_error)
+                           self.timeline, self.ledger)
+        self.ledger.plan(len(plan.shards), self.job.apply, self.request.shard_order)
         await fetcher.replan(plan, final=cached is not None)
         return self.job
 
@@ -248,7 +251,7 @@ class ColdStart:
             with self.timeline.stage("dry-run"):
                 return execution_order(job.model, job.spec, modules)
 
-        exec_modules, source, uncalled = await self.executor.run(order, priority=self.request.priority())
+        exec_modules, source, uncalled = await self.executor.run(order, priority=self._priority())
         if self._groups and self._groups[-1][0] == "":
             uncalled = [*uncalled, ""]
         plan = self._plan_for(fetcher, exec_modules, source, uncalled)
@@ -262,7 +265,7 @@ class ColdStart:
                 return run_forward(job.model, inputs, self.options.device)
 
         try:
-            out = await self.executor.run(forward, priority=self.request.priority())
+            out = await self.executor.run(forward, priority=self._priority())
             if not any(t.is_meta for t in out.values()):
                 return out
         except InferenceError:
@@ -271,9 +274,9 @@ class ColdStart:
         # The forward failed, or computed on meta: either the inputs are bad, or the model read
         # a parameter before its layer ran (``self.device`` in a forward) and met a meta
         # placeholder. With every weight applied, a plain forward tells which.
-        await self.executor.run(job.wait_all, priority=self.request.priority())
+        await self.executor.run(job.wait_all, priority=self._priority())
         try:
-            out = await self.executor.run(forward, priority=self.request.priority())
+            out = await self.executor.run(forward, priority=self._priority())
         except InferenceError as e:
             return e  # this request's inputs were bad; the load goes on
         if any(t.is_meta for t in out.values()):
@@ -287,19 +290,12 @@ class ColdStart:
         if spec.manifest is not None:
             with self.timeline.stage("verify"):
                 await verify_files(landing, hdrs, spec.manifest)
-            if hasattr(landing, "release_held"):
-                landing.release_held()
+            landing.release_held()
 
     # plumbing --------------------------------------------------------------------------------
-    def _post(self, fn: Callable[[], None]) -> None:
-        """Landing work for the executor (staging copies); its failure fails this load."""
-        self.executor.post_apply(fn, on_error=self._posted_failed)
-
-    def _posted_failed(self, exc: BaseException) -> None:  # executor thread
-        if self.job is not None:
-            self.job.posted_failed(exc)
-        elif self._early_error is None:
-            self._early_error = exc
+    def _priority(self) -> Priority:
+        """The load's stages run at its current priority (its most urgent waiting request's)."""
+        return self.request.priority.current
 
     def _plan_for(self, fetcher: Fetcher, modules: list[str], source: str, uncalled: list[str]) -> Plan:
         groups = self._groups
@@ -311,30 +307,13 @@ class ColdStart:
             source=source, uncalled=uncalled, shard_order=order,
         )
 
-    def _landed(self, i: int) -> None:
-        job = self.job
-        assert job is not None  # shards exist only once the job does
-        permute = self.request.shard_order
-        if permute is None:
-            job.shard_landed(i)
-            return
-        self._held.append(i)
-        if len(self._held) == len(job.plan.shards):
-            for j in permute(list(self._held)):
-                job.shard_landed(j)
-
-    async def _release_budget(self, fetcher: Fetcher) -> None:
-        while True:
-            await fetcher.shard_applied(await self._applied.get())
-
     async def _fetch_or_fail(self, fetcher: Fetcher) -> None:
         try:
             with self.timeline.stage("fetch"):
                 await fetcher.run()
         except BaseException as e:
             # Wake a forward blocked in a gate: it must fail with this error, not hang.
-            if self.job is not None:
-                self.job.fail(e if isinstance(e, Exception) else LoadError("load cancelled"))
+            self.ledger.fail(e if isinstance(e, Exception) else LoadError("load cancelled"))
             raise
 
 
@@ -368,7 +347,7 @@ async def prepare(
         with timeline.stage("skeleton"):
             return build_skeleton(spec, options.dtype)
 
-    hdrs, model = await asyncio.gather(headers(), executor.run(skeleton, priority=-1))
+    hdrs, model = await asyncio.gather(headers(), executor.run(skeleton, priority=Priority.SETUP))
     tensors = all_tensors(hdrs)
 
     def planning() -> tuple[SkeletonIndex, Plan]:
@@ -387,7 +366,7 @@ async def prepare(
                 plan = replace(plan, order_source="registration", uncalled=())
             return index, plan
 
-    index, plan = await executor.run(planning, priority=-1)
+    index, plan = await executor.run(planning, priority=Priority.SETUP)
     return spec, model, index, plan, hdrs
 
 

@@ -26,7 +26,7 @@ import importlib.metadata
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -166,20 +166,22 @@ class PlanCache:
         self.plan_dir = Path(plan_dir) if plan_dir is not None else default_plan_dir()
         self.enabled = enabled
 
-    def for_load(self, name: str, backend: StorageBackend, dtype: torch.dtype | None) -> "PlanFiles | None":
-        return PlanFiles(self, name, backend, dtype) if self.enabled else None
+    def for_load(self, name: str, backend: StorageBackend, dtype: torch.dtype | None, *,
+                 root: Path | None = None) -> "PlanFiles | None":
+        """``root``: the model's local directory, where the backend has one (Capabilities.root)."""
+        return PlanFiles(self, name, backend, dtype, root=root) if self.enabled else None
 
 
 class PlanFiles:
     """One load's look-up (once the headers are known) and, after the load, its store."""
 
-    def __init__(self, cache: PlanCache, name: str, backend: StorageBackend, dtype: torch.dtype | None) -> None:
+    def __init__(self, cache: PlanCache, name: str, backend: StorageBackend, dtype: torch.dtype | None,
+                 *, root: Path | None = None) -> None:
         self.cache = cache
         self.name = name
         self.backend = backend
         self.dtype = dtype
-        root = getattr(backend, "root", None)  # LocalBackend: the model directory
-        self.model_dir = Path(root) if isinstance(root, Path) else None
+        self.model_dir = root  # a local backend's model directory: plans are stored beside it
         self.key: str | None = None
         self.found: Plan | None = None
 
@@ -194,7 +196,7 @@ class PlanFiles:
         name = plan_file_name(key)
         # The model's own storage first (a local directory, a packed layout anywhere), then
         # plan_dir; a place that fails to answer is logged and the next one is asked.
-        places = [(f"{PLAN_DIR}/{name} of the model", lambda: self._read_stored(f"{PLAN_DIR}/{name}")),
+        places: list[tuple[str, Callable[[], Awaitable[bytes | None]]]] = [(f"{PLAN_DIR}/{name} of the model", lambda: self._read_stored(f"{PLAN_DIR}/{name}")),
                   (str(self.cache.plan_dir / name),
                    lambda: asyncio.to_thread(_read_local, self.cache.plan_dir / name))]
         for where, read in places:

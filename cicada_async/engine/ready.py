@@ -21,17 +21,14 @@ import logging
 import torch
 from torch import nn
 
+from protocols.serving import Priority
+
 from cicada_async.engine.executor import Executor, ExecutorDead
 from cicada_async.engine.modeldir import ModelSpec
 from cicada_async.engine.plancache import digest, spec_material
 from cicada_async.engine.skeleton import build_skeleton
 
 log = logging.getLogger(__name__)
-
-# Below every request (priorities 1..N) and the engine's warm imports (10): a prebuild runs
-# only when the executor has nothing else queued.
-PREBUILD_PRIORITY = 1000
-
 
 def skeleton_key(spec: ModelSpec, dtype: torch.dtype | None) -> str:
     return digest({"model": spec_material(spec), "dtype": str(dtype)})
@@ -79,7 +76,9 @@ class ReadySkeleton:
         if not self.wanted or self._last is None or self._spare is not None:
             return
         try:
-            fut = executor.submit(self.build, *self._last, priority=PREBUILD_PRIORITY)
+            # Priority.BACKGROUND: below every request and the warm imports, so a refill runs
+            # only when the executor has nothing else queued.
+            fut = executor.submit(self.build, *self._last, priority=Priority.BACKGROUND)
         except ExecutorDead:
             return
         fut.add_done_callback(self._report)

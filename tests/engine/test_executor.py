@@ -15,6 +15,7 @@ from cicada_async.engine.job import LoadJob, LoadOptions
 from cicada_async.engine.pipeline import LoadRequest, cold_start
 from protocols.errors import LoadError
 from tests.fixtures.helpers import inputs_for
+from protocols.serving import Priority
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,7 +71,7 @@ async def test_failed_posted_work_fails_the_load_at_once(model_dirs: dict[str, P
     ex.start()
 
     def sabotage(job: LoadJob) -> None:
-        ex.post_apply(_boom, on_error=job.posted_failed)
+        job.ledger.post(_boom)
 
     t0 = time.monotonic()
     try:
@@ -104,7 +105,7 @@ def test_a_killed_worker_fails_queued_and_waiting_work_instead_of_hanging() -> N
         assert waiting.wait(5)
         busy = ex.submit(hold)
         time.sleep(0.05)
-        queued = ex.submit(lambda: "never", priority=5)
+        queued = ex.submit(lambda: "never", priority=Priority(5))
         ex.post_apply(lambda: (_ for _ in ()).throw(SystemExit("killed")))
         t0 = time.monotonic()
         busy.result(timeout=5)

@@ -16,6 +16,7 @@ import pytest
 from cicada_async.engine.executor import Executor
 from cicada_async.engine.runtime import Engine
 from tests.fixtures.helpers import assert_equal_outputs, inputs_for, reference
+from protocols.serving import Priority
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,10 +36,10 @@ def test_a_waiting_job_lets_others_run() -> None:
             ex.wait_until(release.is_set, time.monotonic() + 30)
             return "gated"
 
-        first = ex.submit(gated, priority=1)
+        first = ex.submit(gated, priority=Priority(1))
         assert waiting.wait(5)
         # Lower priority than the waiting job, and still not held back by it.
-        assert ex.submit(lambda: "warm", priority=10).result(timeout=5) == "warm"
+        assert ex.submit(lambda: "warm", priority=Priority(10)).result(timeout=5) == "warm"
         assert not first.done()
         release.set()
         ex.post_apply(lambda: None)  # what a landed shard does: wakes the waiter
@@ -79,11 +80,11 @@ def test_layer_boundaries_hand_the_turn_to_work_as_urgent_or_more() -> None:
                 ex.yield_turn()
             order.append("long")
 
-        long = ex.submit(long_forward, priority=5)
+        long = ex.submit(long_forward, priority=Priority(5))
         assert running.wait(5)
-        lower = ex.submit(order.append, "lower", priority=9)
-        same = ex.submit(order.append, "same", priority=5)
-        urgent = ex.submit(order.append, "urgent", priority=1)
+        lower = ex.submit(order.append, "lower", priority=Priority(9))
+        same = ex.submit(order.append, "same", priority=Priority(5))
+        urgent = ex.submit(order.append, "urgent", priority=Priority(1))
         for f in (long, lower, same, urgent):
             f.result(timeout=10)
         assert order == ["urgent", "same", "long", "lower"]
@@ -116,7 +117,7 @@ def test_only_one_job_computes_at_a_time() -> None:
         ex.yield_turn()
 
     try:
-        futs = [ex.submit(work, i, priority=i % 4) for i in range(24)]
+        futs = [ex.submit(work, i, priority=Priority(i % 4)) for i in range(24)]
         time.sleep(0.2)
         release.set()
         ex.post_apply(lambda: None)
@@ -137,7 +138,7 @@ async def _warm_latencies_during(engine: Engine, loading: asyncio.Task, warm, in
     lat: list[float] = []
     while not loading.done() and len(lat) < 200:
         t = time.perf_counter()
-        await warm.infer(inputs, priority=10)
+        await warm.infer(inputs, priority=Priority(10))
         lat.append(time.perf_counter() - t)
         await asyncio.sleep(0.01)
     return lat
@@ -153,7 +154,7 @@ async def test_warm_model_is_not_held_back_by_another_models_cold_start(
         cold = engine.instance("cold", f"memory://{cold_dir}")
         await warm.infer(warm_in)
         t0 = time.perf_counter()
-        loading = asyncio.create_task(cold.infer(cold_in, priority=1))
+        loading = asyncio.create_task(cold.infer(cold_in, priority=Priority(1)))
         await asyncio.sleep(0.15)  # the cold start is in its gated forward, waiting for bytes
         lat = await _warm_latencies_during(engine, loading, warm, warm_in)
         out = await loading
@@ -199,7 +200,7 @@ async def test_fetch_bandwidth_follows_the_most_urgent_load(model_dirs: dict[str
         t0 = time.perf_counter()
 
         async def run(inst, d: Path, prio: int) -> None:  # type: ignore[no-untyped-def]
-            assert_equal_outputs(reference(d, inputs_for(d)), await inst.infer(inputs_for(d), priority=prio))
+            assert_equal_outputs(reference(d, inputs_for(d)), await inst.infer(inputs_for(d), priority=Priority(prio)))
             done[inst.name] = time.perf_counter() - t0
 
         lazy_task = asyncio.create_task(run(lazy, lazy_dir, 10))

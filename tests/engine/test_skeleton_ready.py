@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cicada_async.engine.plancache import PLAN_DIR
-from cicada_async.engine.ready import PREBUILD_PRIORITY
 from cicada_async.engine.runtime import Engine
 
 from tests.fixtures.helpers import assert_equal_outputs, inputs_for, reference
+from protocols.serving import Priority
 
 
 def stages(inst) -> set[str]:  # type: ignore[no-untyped-def]
@@ -23,7 +23,7 @@ def stages(inst) -> set[str]:  # type: ignore[no-untyped-def]
 
 async def idle(engine: Engine) -> None:
     """Wait until the executor ran everything queued, the low-priority refills included."""
-    await engine.executor.run(lambda: None, priority=PREBUILD_PRIORITY + 1)
+    await engine.executor.run(lambda: None, priority=Priority(Priority.BACKGROUND.level + 1))
 
 
 def all_meta(module) -> bool:  # type: ignore[no-untyped-def]
