@@ -3,6 +3,7 @@ test doubles against the serving protocols, one priority scale from the wire's n
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import subprocess
 import sys
@@ -26,6 +27,37 @@ def test_grpc_front_end_imports_nothing_of_aiohttp() -> None:
     code = "import sys; import cicada_async.service.grpc_server; assert 'aiohttp' not in sys.modules, 'aiohttp'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+FRONT_ENDS = {"routes", "infer", "http_auth", "lifecycle", "connections", "responses", "server", "grpc_server"}
+
+
+def _service_imports(module: str) -> set[str]:
+    """What a service module imports: its service siblings by short name, other packages in full."""
+    tree = ast.parse((ROOT / "cicada_async" / "service" / f"{module}.py").read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        for n in names:
+            found.add(n.removeprefix("cicada_async.service.") if n.startswith("cicada_async.service.") else n)
+    return found
+
+
+def test_the_core_imports_no_front_end() -> None:
+    """Imports run front ends -> data plane -> engine: nothing the data plane reaches imports a
+    transport (aiohttp, grpc) or a front-end module."""
+    seen: set[str] = set()
+    todo = ["dataplane"]
+    while todo:
+        module = todo.pop()
+        seen.add(module)
+        imports = _service_imports(module)
+        bad = sorted(n for n in imports if n in FRONT_ENDS or n.split(".")[0] in ("aiohttp", "grpc"))
+        assert not bad, f"{module} imports {bad}"
+        todo += [n for n in imports if (ROOT / "cicada_async" / "service" / f"{n}.py").exists() and n not in seen]
+    assert {"repository", "scheduler", "state", "auth", "checks"} <= seen
 
 
 def _members(protocol: type) -> set[str]:
