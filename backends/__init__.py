@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from protocols.errors import ConfigError
@@ -32,14 +32,23 @@ def scheme_of(uri: str) -> str:
     return "file" if len(scheme) <= 1 else scheme
 
 
-def backend_class(uri: str) -> type:
+class BackendClass(Protocol):
+    """A backend module's class, as the registry names it."""
+
+    def from_uri(self, uri: str, settings: dict[str, Any], /) -> StorageBackend:
+        """A backend rooted at ``uri`` with its ``[storage.<scheme>]`` settings."""
+        ...
+
+
+def backend_class(uri: str) -> BackendClass:
     scheme = scheme_of(uri)
     target = _REGISTRY.get(scheme)
     if target is None:
         known = ", ".join(sorted(_REGISTRY))
         raise ConfigError(f"no storage backend for scheme {scheme!r} in {uri!r} (known: {known})")
     module_name, _, cls_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+    cls: BackendClass = getattr(importlib.import_module(module_name), cls_name)  # the registry's entry
+    return cls
 
 
 # Schemes whose objects the node cache keeps; local files need no second copy.

@@ -78,11 +78,11 @@ class RemoteSettings:
         for name, default in cls.__dataclass_fields__.items():
             if name in settings:
                 raw = settings.pop(name)
-                kind = type(default.default)
+                kind: Callable[[Any], object] = type(default.default)  # every field has a plain default
                 try:
                     values[name] = kind(raw)
                 except (TypeError, ValueError):
-                    raise ConfigError(f"storage setting {name}={raw!r} is not a {kind.__name__}")
+                    raise ConfigError(f"storage setting {name}={raw!r} is not a {type(default.default).__name__}")
         made = cls(**values)
         if made.concurrency < 1 or made.chunk_bytes < 1 or made.max_attempts < 1:
             raise ConfigError("concurrency, chunk_bytes and max_attempts must be at least 1")

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from backends._remote import Fill, RemoteSettings, Transient
 from backends._wire import Retryable, Ticket, WirePool
@@ -138,6 +138,6 @@ class ThreadFetch:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _retrieve(fut: "asyncio.Future[object] | Future[object]") -> None:
+def _retrieve(fut: "asyncio.Future[Any]") -> None:
     if not fut.cancelled():
         fut.exception()  # retrieved: an aborted request's error is expected, not news

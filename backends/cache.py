@@ -284,7 +284,12 @@ class CachingBackend:
             dropped, self._dropped = self._dropped, []
             if dropped and self._store is not None:
                 store = self._store
-                await asyncio.to_thread(lambda: [store.discard(f) for f in dropped])
+
+                def discard_all() -> None:
+                    for f in dropped:
+                        store.discard(f)
+
+                await asyncio.to_thread(discard_all)
             if self._local is not None:
                 await self._local.aclose()
         finally:
@@ -297,8 +302,9 @@ def _adopt_fill(state: _Miss, fut: asyncio.Future[Fill | None]) -> None:
 
 
 def _release_unused_hit(fut: asyncio.Future[Hit | None]) -> None:
-    if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
-        os.close(fut.result().lock_fd)
+    hit = fut.result() if not fut.cancelled() and fut.exception() is None else None
+    if hit is not None:
+        os.close(hit.lock_fd)
 
 
 def _manifest_digests(raw: bytes) -> dict[str, tuple[int, str]]:

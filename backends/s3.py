@@ -182,7 +182,7 @@ class S3Backend:
             raise ConfigError(f"expected s3://bucket/prefix, got {uri!r}")
         rest = dict(settings)
         shared = RemoteSettings.take(rest, concurrency=16, chunk_bytes=32 * MiB)  # docs/storage.md
-        creds = {
+        creds: dict[str, str] = {
             k: str(rest.pop(k))
             for k in ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
             if k in rest
@@ -298,7 +298,7 @@ class S3Backend:
                 url = await client.generate_presigned_url(
                     "get_object", Params={"Bucket": self.bucket, "Key": obj}, ExpiresIn=_URL_EXPIRES_S
                 )
-        if _proxied(url):
+        if not isinstance(url, str) or _proxied(url):  # aiobotocore is untyped: its answer is checked
             return None
         self._urls[obj] = (url, now)
         return url
