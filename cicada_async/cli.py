@@ -7,8 +7,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from protocols.errors import CicadaError
+
+if TYPE_CHECKING:  # annotations only: the commands import what they run when they run
+    from protocols.manifest import Plan
+
+    from cicada_async.engine.modeldir import ModelSpec
+    from cicada_async.engine.timeline import Timeline
 
 
 def _add_model_opts(p: argparse.ArgumentParser) -> None:
@@ -161,7 +168,7 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _execution_plan(model: str, read_bytes: int = 8 << 20):  # type: ignore[no-untyped-def]
+def _execution_plan(model: str, read_bytes: int = 8 << 20) -> tuple[ModelSpec, Plan]:
     import asyncio
 
     from backends import open_backend
@@ -171,7 +178,7 @@ def _execution_plan(model: str, read_bytes: int = 8 << 20):  # type: ignore[no-u
     from cicada_async.engine.pipeline import prepare
     from cicada_async.engine.timeline import Timeline
 
-    async def go():  # type: ignore[no-untyped-def]
+    async def go() -> tuple[ModelSpec, Plan]:
         backend = open_backend(model)
         ex = Executor()
         ex.start()
@@ -220,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
     if spec is not None:
         prepare_imports(spec)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    timelines: list = []
+    timelines: list[Timeline] = []
     t0 = time.perf_counter()
     if args.strategy == "cicada":
         out, t = RUNNERS["cicada"](args.model, spec, inputs, dtype, args.device, timeline_out=timelines)

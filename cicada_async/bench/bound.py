@@ -53,7 +53,7 @@ def _sequential(files: list[Path], flags: int) -> None:
 
 
 def _chunks(files: list[Path]) -> list[tuple[Path, int, int]]:
-    out = []
+    out: list[tuple[Path, int, int]] = []
     for f in files:
         size = f.stat().st_size
         out.extend((f, off, min(ENGINE_READ_BYTES, size - off)) for off in range(0, size, ENGINE_READ_BYTES))
@@ -163,7 +163,7 @@ def loaded(model_dir: Path, spec: Any) -> Any:
     ties = _tie_groups(model)
     model.load_state_dict(_state_dict(model_dir, spec, model), strict=False, assign=True)
     for group in ties:
-        p = next(m._parameters[n] for m, n in group if not m._parameters[n].is_meta)
+        p = next(q for m, n in group if (q := m._parameters[n]) is not None and not q.is_meta)
         for m, n in group:
             m._parameters[n] = p
     return model.eval()

@@ -112,7 +112,8 @@ def _presign(cfg: dict[str, Any], key: str) -> str:
     client = boto3.client("s3", endpoint_url=cfg["s3"], region_name="us-east-1",
                           config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
                           **cfg["creds"])
-    return client.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": key})
+    url: str = client.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": key})
+    return url
 
 
 def worker(name: str, cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -177,7 +178,8 @@ def _spawn(name: str, cfg: dict[str, Any], extra: dict[str, Any] | None = None) 
     r = subprocess.run(argv, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     if r.returncode != 0:
         return {"error": (r.stderr.strip() or r.stdout.strip())[-600:]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _serialize_tensorizer(src: Path, dst: Path) -> str | None:
@@ -255,7 +257,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = tmp / "root"
         (root / "m").mkdir(parents=True)
         shutil.copyfile(args.model_dir / KEY, root / "m" / KEY)
-        os.chmod(root, 0o755), os.chmod(tmp, 0o755), os.chmod(root / "m", 0o755)
+        for p in (root, tmp, root / "m"):
+            os.chmod(p, 0o755)
         missing = _serialize_tensorizer(root / "m" / KEY, root / "m" / TENSORS)
         for p in (root / "m").iterdir():
             os.chmod(p, 0o644)

@@ -101,7 +101,8 @@ def spawn(argv: list[str]) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
     try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
     except (IndexError, json.JSONDecodeError):
         return {"error": f"no result line in the worker's output: {proc.stdout[-200:]!r}"}
 
@@ -238,7 +239,7 @@ def _main(argv: list[str]) -> int:
     if argv[0] == "--worker":
         print(json.dumps(worker(argv[1], Path(argv[2]), *argv[3:5])))
     elif argv[0] == "--bound":
-        print(json.dumps(bound_worker(Path(argv[1]), *argv[2:3], seq=BENCH_SEQ)))
+        print(json.dumps(bound_worker(Path(argv[1]), argv[2] if len(argv) > 2 else "cpu", seq=BENCH_SEQ)))
     else:
         raise SystemExit("usage: python -m cicada_async.bench.cold_start --worker STRATEGY DIR [cold|warm] [DEVICE]"
                          " | --bound DIR [DEVICE]")

@@ -83,7 +83,8 @@ def analyse_mode(mode: dict[str, Any], dirs: dict[str, Path], budget: int) -> di
     # another model's LOADING interval.
     stall: dict[str, Any] = {}
     for m in dirs:
-        quiet, during = [], []
+        quiet: list[float] = []
+        during: list[float] = []
         for r in ok:
             if r["model"] != m or _state_at(states, m, r["sent"]) != "READY":
                 continue

@@ -117,7 +117,7 @@ def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30, host:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server {proc.args} exited with {proc.returncode} before listening")
+            raise RuntimeError(f"server {proc.args!r} exited with {proc.returncode} before listening")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return

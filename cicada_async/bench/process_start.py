@@ -243,7 +243,7 @@ def one_run(model: str, model_dir: Path, *, warm_imports: bool, prefetch: bool, 
     cold_s = float(cold["wall_s"])
     timeline = cold.get("timeline") or {}
     pf = start.get("prefetch") or {}
-    r = {
+    r: dict[str, Any] = {
         "kind": "serve", "warm_imports": warm_imports, "prefetch": prefetch,
         "resident_before_bytes": resident,
         "total_s": t_answer - t_spawn,
@@ -277,8 +277,8 @@ KEYS = ["total_s", "to_start_log_s", "start_to_live_s", "first_response_s", "col
 
 def _median(runs: list[dict[str, Any]], key: str, sub: str | None = None) -> float | None:
     vals = [(r[key] or {}).get(sub) if sub else r[key] for r in runs]
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
+    present: list[float] = [v for v in vals if v is not None]
+    return statistics.median(present) if present else None
 
 
 def main(argv: list[str] | None = None) -> int:

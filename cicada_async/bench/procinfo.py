@@ -25,7 +25,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     mem = kib_field("/proc/meminfo", b"MemTotal:") or 0
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in ("torch", "transformers", "safetensors", "aiohttp"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)

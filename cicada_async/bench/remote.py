@@ -61,7 +61,8 @@ def _spawn(argv: list[str], timeout: float = WORKER_TIMEOUT_S) -> dict[str, Any]
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 def _spawn_bound(model_dir: Path) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def _spawn_bound(model_dir: Path) -> dict[str, Any]:
                           capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     if proc.returncode != 0:
         raise RuntimeError(f"bound worker failed: {proc.stderr.strip()[-300:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
 
 
 # ------------------------------------------------------------------------ driver
