@@ -308,6 +308,8 @@ class Fetcher:
                 if not held:
                     await self.scheduler.acquire(self.priority.current)
                     held = True
+                    if self._failed():
+                        return  # no read for a failed load (the finally passes the slot on)
                 start = self.timeline.now()
                 async with asyncio.timeout(self.settings.read_timeout_s):
                     await self.landing.fill(i, read, self.backend, self.headers[read.file].version)

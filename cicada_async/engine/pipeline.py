@@ -140,6 +140,10 @@ class ColdStart:
                 if inputs is not None:
                     outputs = await self.gated_forward(job, inputs() if callable(inputs) else inputs)
                 await fetching
+                if self.ledger.error is not None:
+                    # The load failed while its fetch ran (an apply): the fetch stopped short,
+                    # so the files are incomplete; report the failure, not their digests.
+                    raise self.ledger.error
                 await self.verify(spec, landing, hdrs)
                 await self.executor.run(job.wait_all, priority=self._priority())
         except* CicadaError as eg:

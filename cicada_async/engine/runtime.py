@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Coroutine, Mapping
-from typing import Any
 
 from torch import nn
 
@@ -122,7 +121,7 @@ class Engine:
         return await cold_start(backend, self.executor, self.scheduler, request,
                                 timeline=timeline, capabilities=capabilities)
 
-    def _background(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _background(self, coro: Coroutine[object, object, None], name: str) -> None:
         try:
             task = asyncio.get_running_loop().create_task(coro, name=name)
         except RuntimeError:
