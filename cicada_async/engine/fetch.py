@@ -18,6 +18,7 @@ from protocols.manifest import FileHeader, Plan
 from protocols.serving import Priority
 from protocols.storage import StorageBackend
 
+from cicada_async.engine.executor import AHEAD_OF_REQUESTS
 from cicada_async.engine.landing import Landing
 from cicada_async.engine.ledger import ShardLedger
 from cicada_async.engine.timeline import Timeline
@@ -27,12 +28,15 @@ class LoadPriority:
     """A load's read priority: the model instance raises it while a more urgent request waits
     on the load (``set_fetch_priority``); the fetcher reads it before every read."""
 
-    def __init__(self, priority: Priority = Priority.UNLOAD) -> None:
-        # Level 0 unless told: ahead of every request, as a load started by a tool or a test.
+    def __init__(self, priority: Priority = AHEAD_OF_REQUESTS) -> None:
+        # Unless told, ahead of every request: a load started by a tool or a test.
         self.current = priority
 
     def set(self, priority: Priority) -> None:
         self.current = priority
+
+
+_ARRIVAL = Priority(0)  # unprioritized: one level for all, so the arrival sequence decides
 
 
 class FetchScheduler:
@@ -84,9 +88,6 @@ class FetchScheduler:
                 fut.set_result(None)
                 return
         self._free += 1
-
-
-_ARRIVAL = Priority(0)  # unprioritized: one level for all, so the sequence decides
 
 
 class ByteBudget:
