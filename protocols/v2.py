@@ -382,7 +382,7 @@ def encode_request(
 def decode_response(body: bytes, header_length: int | None = None) -> dict[str, Any]:
     """Client side: parse an infer response into {"id", "model_name", "outputs": {name: tensor}}."""
     header = body if header_length is None else body[:header_length]
-    doc = orjson.loads(header)
+    doc: dict[str, Any] = orjson.loads(header)
     blob = bytearray(body[header_length:]) if header_length is not None else bytearray()
     pos = 0
     tensors: dict[str, torch.Tensor] = {}
