@@ -160,6 +160,7 @@ class ColdStart:
             if not skeleton.done():
                 skeleton.cancel()
             await landing.aclose()
+            self.ledger.close()
         # Gates come off on the executor thread, between forwards, and only after a successful
         # load: after a failure they stay, so a forward that joined the load meets the load's
         # error at its first gate instead of computing on a half-loaded model.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import threading
 
 from cicada_async.engine.runtime import Engine
@@ -61,3 +63,32 @@ async def test_first_answer_is_not_kept_after_it_was_read(model_dirs):
             await asyncio.sleep(0.01)  # let the loop run the wake-ups that still pass it along
         gc.collect()
         assert ref() is None, "something still holds the first answer's tensors"
+
+
+def _open_fds_under(path: str) -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(path)
+        except OSError:  # closed while listing
+            pass
+    return n
+
+
+async def test_unload_closes_the_weight_files_without_the_cycle_collector(model_dirs):
+    """An unloaded model's mapped weight files close when the model goes, not at the next gc:
+    a load that leaves a reference cycle behind keeps every mapping open in a long-lived server."""
+    d = model_dirs["tiny-mlp"]
+    inputs = inputs_for(d)
+    gc.collect()
+    gc.disable()
+    try:
+        async with Engine() as engine:
+            inst = engine.instance("m", str(d))
+            for _ in range(3):
+                assert_equal_outputs(reference(d, inputs), await inst.infer(inputs))
+                assert inst.state == "ready"
+                await inst.unload()
+                assert _open_fds_under(str(d)) == 0
+    finally:
+        gc.enable()
