@@ -34,10 +34,13 @@ def merge_env(auth: AuthConfig, environ: Mapping[str, str] | None = None) -> Aut
     Read when the server starts (not at import), so tests and tools control the environment.
     """
     env = os.environ if environ is None else environ
-    for var, attr in ((ENV_INFERENCE, "inference_tokens"), (ENV_ADMIN, "admin_tokens")):
+
+    def merged(current: list[str], var: str) -> list[str]:
         extra = [t.strip() for t in env.get(var, "").split(",") if t.strip()]
-        current: list[str] = getattr(auth, attr)
-        setattr(auth, attr, current + [t for t in extra if t not in current])
+        return current + [t for t in extra if t not in current]
+
+    auth.inference_tokens = merged(auth.inference_tokens, ENV_INFERENCE)
+    auth.admin_tokens = merged(auth.admin_tokens, ENV_ADMIN)
     return auth
 
 
