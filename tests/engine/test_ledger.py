@@ -14,7 +14,7 @@ from cicada_async.engine import pipeline
 from cicada_async.engine.executor import Executor
 from cicada_async.engine.fetch import Fetcher, FetchScheduler, FetchSettings
 from cicada_async.engine.job import LoadOptions
-from cicada_async.engine.ledger import TERMINAL, IllegalTransition, ShardLedger, ShardState
+from cicada_async.engine.ledger import TERMINAL, IllegalTransition, ShardBudget, ShardLedger, ShardState
 from cicada_async.engine.pipeline import LoadRequest, cold_start
 from protocols.errors import LoadError, StorageError
 
@@ -33,14 +33,21 @@ def ledgers(monkeypatch: pytest.MonkeyPatch) -> list[ShardLedger]:
     class Recorded(ShardLedger):
         def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
             super().__init__(*args, **kwargs)
+            self.closed_fetcher: ShardBudget | None = None
             made.append(self)
+
+        def close(self) -> None:
+            # The cold start lets go of its fetcher at its end: keep it to inspect the budget.
+            self.closed_fetcher = self.fetcher
+            super().close()
 
     monkeypatch.setattr(pipeline, "ShardLedger", Recorded)
     return made
 
 
 def _budget(ledger: ShardLedger) -> tuple[int, int]:
-    fetcher = ledger.fetcher
+    fetcher = getattr(ledger, "closed_fetcher", None)  # set by the fixture's Recorded ledger
+    assert ledger.fetcher is None, "the cold start ended without letting go of its fetcher"
     assert isinstance(fetcher, Fetcher)
     return fetcher.budget.used, fetcher.budget.in_flight
 
