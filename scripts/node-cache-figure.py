@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None, help="write the runs, command, commit and machine")
     args = ap.parse_args()
+    from cicada_async.bench.cold_start_report import finish_provenance, script_provenance
+
+    prov = script_provenance("scripts/node-cache-figure.py")  # before measuring: the load at the start
     model = args.model.resolve()
     spec = local_spec(model)
     prepare_imports(spec)
@@ -63,10 +66,8 @@ def main() -> int:
     if args.json is not None:
         import json
 
-        from cicada_async.bench.cold_start_report import script_provenance
-
         args.json.write_text(json.dumps({
-            **script_provenance("scripts/node-cache-figure.py"), "model": model.name, "repeat": args.repeat, "miss_fill_s": fill,
+            **finish_provenance(prov), "model": model.name, "repeat": args.repeat, "miss_fill_s": fill,
             "runs_s": times, "median_local_s": local, "median_hit_s": hit, "hit_over_local": hit / local,
             "clock": "a fresh Engine per cold start in one process, imports done, page cache warm; from just before the first infer() to its return",
         }, indent=1))

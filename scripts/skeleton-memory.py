@@ -46,6 +46,9 @@ def ms(fn, n: int = 5) -> float:  # type: ignore[no-untyped-def]
 
 
 def main(names: list[str], json_path: str | None = None) -> None:
+    from cicada_async.bench.cold_start_report import finish_provenance, script_provenance
+
+    prov = script_provenance("scripts/skeleton-memory.py")  # before measuring: the load at the start
     torch.set_num_threads(1)
     import_conversion_mapping()
     out = {}
@@ -74,10 +77,8 @@ def main(names: list[str], json_path: str | None = None) -> None:
            "cores": os.cpu_count(), "models": out}
     print(json.dumps(doc, indent=1))
     if json_path:
-        from cicada_async.bench.cold_start_report import script_provenance
-
         with open(json_path, "w") as f:
-            json.dump({**script_provenance("scripts/skeleton-memory.py"), **doc}, f, indent=1)
+            json.dump({**finish_provenance(prov), **doc}, f, indent=1)
 
 
 if __name__ == "__main__":

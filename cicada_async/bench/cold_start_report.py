@@ -257,9 +257,15 @@ def provenance(argv: list[str]) -> dict[str, Any]:
 
 
 def script_provenance(script: str) -> dict[str, Any]:
-    """``provenance`` for a measuring script (no cold-start clock), with the load at its end."""
+    """``provenance`` for a measuring script (no cold-start clock). Take it before measuring,
+    and ``finish_provenance`` after: the load average at both ends shows a quiet machine."""
     prov = provenance([script, *sys.argv[1:]])
     del prov["clock"]
+    return prov
+
+
+def finish_provenance(prov: dict[str, Any]) -> dict[str, Any]:
+    """``prov`` with the load average at the end of the measurement."""
     prov["machine"]["loadavg_end"] = list(os.getloadavg())
     return prov
 
