@@ -136,11 +136,15 @@ def test_failed_and_invalid_runs_are_counted_not_used(model_dirs: dict[str, Path
 def test_real_workers_failing_strategy_is_counted(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """Real fresh processes on a tiny model: the worker's JSON fits the statistics, eviction is
     checked before the clock, and a strategy that raises is counted, not lost."""
+    # A private copy: no other test of this session has its files mapped, so eviction must work
+    # and the run must be valid.
+    model = tmp_path / "tiny-gpt2"
+    shutil.copytree(model_dirs["tiny-gpt2"], model)
     env = os.environ.get("PYTHONPATH")
     root = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = root if not env else f"{root}:{env}"
     try:
-        results = run_bench({"tiny-gpt2": model_dirs["tiny-gpt2"]}, ["meta-mmap", "no-such-strategy"], 1, False,
+        results = run_bench({"tiny-gpt2": model}, ["meta-mmap", "no-such-strategy"], 1, False,
                             measure=spawn, log=lambda _: None)
     finally:
         if env is None:
@@ -151,10 +155,11 @@ def test_real_workers_failing_strategy_is_counted(model_dirs: dict[str, Path], t
     bad = e["cold"]["no-such-strategy"]
     assert (bad["n"], bad["n_failed"]) == (1, 1) and "KeyError" in bad["runs"][0]["error"]
     mm = e["cold"]["meta-mmap"]
-    assert mm["n_valid"] == 1 or mm["runs"][0]["invalid"], mm["runs"]
+    assert mm["n_valid"] == 1, mm["runs"]
     run = mm["runs"][0]
-    assert run["residency"]["total_bytes"] >= weight_files(model_dirs["tiny-gpt2"])[0].stat().st_size
-    assert 0 < run["total_s"] < 30 and run["teardown_s"] >= 0 and "outputs_at" not in run["parts"]
+    assert run["residency"]["total_bytes"] >= weight_files(model)[0].stat().st_size
+    # A 2 MB model, imports outside the clock: well under a second on this machine, 5 s of slack.
+    assert 0 < run["total_s"] < 5 and run["teardown_s"] >= 0 and "outputs_at" not in run["parts"]
     b = e["bound"]
     assert b["n_valid"] == 1 and set(b["read_methods_s"]) >= {"buffered", "direct"}
     assert b["cold"]["median_s"] >= b["warm"]["median_s"] > 0
