@@ -22,6 +22,8 @@ from protocols.errors import StorageError
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_RETRY_AFTER_S = 10.0
 # After a cancel, how long to wait for the aborted thread to let go of the caller's buffer.
+# Enough for a thread blocked on its socket (woken at once by the abort); not a bound on one
+# still resolving, connecting or in a TLS handshake (see ``backends._wire``), which outlives it.
 _ABORT_WAIT_S = 0.5
 
 # Runs in the worker thread on an answer's headers, before its body: raises our errors for
@@ -120,8 +122,15 @@ class ThreadFetch:
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
-            # The thread cannot be cancelled; shutting its socket down ends its wait at once,
-            # and waiting for it means no byte lands in the buffer after we return.
+            # The thread cannot be cancelled. Shutting its socket down ends a wait on that
+            # socket at once, and the bounded wait below then sees the thread let go of the
+            # buffer. What it cannot promise: a thread still in DNS, connect or the TLS
+            # handshake keeps running past the wait (until connect_timeout_s, or the resolver's
+            # timeout) and only then sees the abort, sending nothing and landing no byte; a
+            # thread starved of CPU for longer than the wait may land the bytes of one receive
+            # the kernel already held (the right bytes of this range, into the buffer the
+            # caller still owns) before it sees the abort. So a cancel returns promptly, but a
+            # worker thread may stay busy for up to connect_timeout_s after it.
             ticket.abort()
             fut.add_done_callback(_retrieve)
             with contextlib.suppress(Exception):

@@ -6,8 +6,17 @@ twice under the GIL. Here a worker thread calls ``sock.recv_into`` on a view of 
 tensor will live in: the kernel copies each byte once, with the GIL released.
 
 Only what ranged GETs need: keep-alive connections pooled per origin, redirects,
-Content-Length and chunked framing, a timeout on every socket wait, and ``abort`` from another
-thread (shutting the socket down wakes a blocked ``recv_into``, so cancelling is prompt).
+Content-Length and chunked framing (RFC 9112: interim 1xx answers skipped, a duplicate or
+non-digit Content-Length refused), a timeout on every socket wait, and ``abort`` from another
+thread.
+
+What ``abort`` can interrupt: a thread blocked on the request's socket once it is attached
+(sending, waiting for headers, receiving the body) wakes at once, because shutting the socket
+down ends a blocked ``recv_into``/``sendall``. What it cannot: DNS resolution (getaddrinfo,
+bounded only by the resolver's own timeouts), the TCP connect (``connect_timeout_s`` per address
+tried) and the TLS handshake (``connect_timeout_s``) run before the socket is attached to the
+ticket. A thread in those steps keeps going until they end; then ``attach`` sees the abort and
+shuts the new socket down, so the request is never sent and no body byte lands.
 """
 
 from __future__ import annotations
@@ -32,6 +41,14 @@ from protocols.errors import StorageError, StorageTimeout
 _HEAD_BUF = 16 << 10
 _MAX_HEAD = 64 << 10
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# Interim (1xx) answers skipped before the final one, at most this many per request.
+_MAX_INTERIM = 8
+# The request's own headers, which follow a redirect to another origin; every other header
+# the caller gave (Authorization, API keys, cookies, configured extras) is for the first origin.
+_CROSS_ORIGIN_HEADERS = frozenset(
+    {"range", "if-match", "if-range", "if-none-match", "if-modified-since",
+     "if-unmodified-since", "accept", "accept-encoding", "user-agent"}
+)
 USER_AGENT = "cicada-async-wire/1"  # tells origin logs (and tests) which client sent a GET
 
 
@@ -218,15 +235,21 @@ class WirePool:
             t = Target.parse(url)
             sent = dict(headers)
             if t.origin != origin:
-                # Credentials meant for the first origin do not follow a redirect elsewhere.
-                sent = {k: v for k, v in sent.items() if k.lower() != "authorization"}
+                # Credentials and custom headers meant for the first origin do not follow a
+                # redirect elsewhere; only the request's own (Range, preconditions) do.
+                sent = {k: v for k, v in sent.items() if k.lower() in _CROSS_ORIGIN_HEADERS}
             resp = self._exchange(t, url, sent, ticket or Ticket())
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:
                 return resp
             resp.read_small()
             resp.release()
-            url = urljoin(url, location)
+            new_url = urljoin(url, location)
+            if t.scheme == "https" and urlsplit(new_url).scheme != "https":
+                # A downgrade would send the request (and its Range of a private object) in
+                # clear text: refused, not retried.
+                raise StorageError(f"GET {url}: refusing a redirect from https to {new_url!r}")
+            url = new_url
         raise StorageError(f"GET {url}: too many redirects (more than {max_redirects})")
 
     def _exchange(self, t: Target, url: str, headers: Mapping[str, str], ticket: Ticket) -> Response:
@@ -259,13 +282,24 @@ class WirePool:
         buf = bytearray(_HEAD_BUF)
         view = memoryview(buf)
         have = 0
+        interim = 0
         deadline = time.monotonic() + self.read_timeout_s
         try:
             conn.sock.sendall(request)
             while True:
                 end = buf.find(b"\r\n\r\n", 0, have)
                 if end >= 0:
-                    break
+                    if not _interim(buf, end):
+                        break
+                    # 100 Continue, 103 Early Hints...: not the answer, which follows on the
+                    # same connection (RFC 9110 15.2). Dropped, and the wait goes on.
+                    interim += 1
+                    if interim > _MAX_INTERIM:
+                        raise StorageError(f"{what}: more than {_MAX_INTERIM} interim answers")
+                    rest = have - (end + 4)
+                    buf[:rest] = buf[end + 4 : have]
+                    have = rest
+                    continue
                 if have == len(buf):
                     if len(buf) >= _MAX_HEAD:
                         raise StorageError(f"{what}: response headers over {_MAX_HEAD} bytes")
@@ -301,23 +335,41 @@ class WirePool:
             name, sep, value = line.partition(":")
             if not sep:
                 raise Retryable(StorageError(f"GET {url}: malformed header line {line[:80]!r}"))
-            headers.add(name.strip(), value.strip())
+            headers.add(name.strip(), value.strip(" \t"))  # optional whitespace is SP/HTAB only
         status = int(parts[1])
+        if status == 101 or status < 100:
+            # Never asked for (no Upgrade is sent): the connection no longer speaks HTTP.
+            raise StorageError(f"GET {url}: unexpected status {status}")
         conn_hdr = headers.get("Connection", "").lower()
         keep = "close" not in conn_hdr and (parts[0] != "HTTP/1.0" or "keep-alive" in conn_hdr)
         pending = memoryview(buf)[end + 4 : have]
         resp = Response(status, headers, url, conn, self._put, pending, _keep=keep)
+        lengths = headers.getall("Content-Length", [])
         if "chunked" in headers.get("Transfer-Encoding", "").lower():
+            if lengths:
+                # Both framings at once: the mark of response splitting (RFC 9112 6.3).
+                raise StorageError(f"GET {url}: both Transfer-Encoding and Content-Length")
             resp._chunked = True
-        elif headers.get("Content-Length") is not None:
-            try:
-                resp._left = int(headers["Content-Length"])
-            except ValueError:
-                raise StorageError(f"GET {url}: bad Content-Length {headers['Content-Length']!r}")
+        elif lengths:
+            resp._left = _content_length(lengths, url)
             resp._done = resp._left == 0
-        elif status in (204, 304) or 100 <= status < 200:
+        elif status in (204, 304):
             resp._done = True
         return resp
+
+
+def _interim(buf: bytearray, end: int) -> bool:
+    """Whether the head ending at ``end`` is an interim answer (1xx other than 101)."""
+    code = bytes(buf[: min(end, 16)]).split(b" ", 2)[1:2]
+    return bool(code) and len(code[0]) == 3 and code[0].isdigit() and code[0][:1] == b"1" and code[0] != b"101"
+
+
+def _content_length(values: list[str], url: str) -> int:
+    """The one Content-Length: a repeated field, a list ("12, 12") or anything but ASCII
+    digits is refused (RFC 9112 6.3; ``int`` would take "+12", "1_2" or other scripts' digits)."""
+    if len(values) != 1 or not (values[0].isascii() and values[0].isdigit()):
+        raise StorageError(f"GET {url}: bad Content-Length {', '.join(values)!r}")
+    return int(values[0])
 
 
 class _Stale(Exception):
