@@ -244,7 +244,8 @@ class DataPlane:
         """Every model and its state, after picking up new folders of the model repository."""
         repo = self.repository
         if self.config.model_repository is not None:
-            await asyncio.to_thread(repo.rescan)  # directory listing: off the loop
+            found = await asyncio.to_thread(repo.scan)  # directory listing: off the loop
+            repo.add_scanned(found)  # on the loop: it owns the dicts, describe/prebuild need it
         return repo.index()
 
     async def load(self, name: str) -> None:

@@ -85,6 +85,7 @@ class Repository:
         self.config = config
         self.metrics = metrics
         self.models: dict[str, ModelEntry] = {}
+        self.scan_errors: dict[str, str] = {}  # folder -> why a rescan could not add it
         # Set by the scheduler: queued request count per model, and a wake-up for the dispatcher
         # when a model changes state.
         self.queued: Callable[[str], int] = lambda name: 0
@@ -109,16 +110,31 @@ class Repository:
             raise ModelNotFound(f"unknown model {name!r}")
         return entry
 
-    def rescan(self) -> list[str]:
-        """Pick up new subfolders of the model repository directory (index endpoint)."""
+    def scan(self) -> dict[str, ModelConfig]:
+        """The model repository directory's models (index endpoint). Touches only the disk and
+        this repository's immutable config, so it may run in a worker thread; the result is
+        applied on the loop by ``add_scanned`` (the loop iterates ``models`` and the engine's
+        instances, and describe/prebuild need the loop)."""
         root = self.config.model_repository
-        if root is None:
-            return []
+        return {} if root is None else scan_repository(root)
+
+    def add_scanned(self, found: dict[str, ModelConfig]) -> list[str]:
+        """Add the scanned models not known yet; on the event loop. A model that cannot be
+        added is logged and listed in the index as UNAVAILABLE with its reason, and the others
+        are still added: one bad folder must not hide the rest."""
         added = []
-        for name, cfg in scan_repository(root).items():
-            if name not in self.models:
+        for name, cfg in found.items():
+            if name in self.models:
+                continue
+            try:
                 self._add(cfg)
-                added.append(name)
+            except CicadaError as e:
+                self.scan_errors[name] = str(e)
+                log.warning("rescan: model %s not added: %s", name, e,
+                            extra={"event": "rescan", "model": name, "error": str(e)})
+                continue
+            self.scan_errors.pop(name, None)
+            added.append(name)
         return added
 
     def index(self) -> list[IndexEntry]:
@@ -128,6 +144,8 @@ class Repository:
             if e.loading is not None and state != "READY":
                 state = "LOADING"
             out.append(IndexEntry(name=e.name, version="1", state=state, reason=e.instance.last_error or ""))
+        out += [IndexEntry(name=n, version="1", state="UNAVAILABLE", reason=why)
+                for n, why in self.scan_errors.items() if n not in self.models]
         return out
 
     # -- loads ----------------------------------------------------------------------------------
