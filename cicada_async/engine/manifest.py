@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -61,24 +63,41 @@ def load_manifest(data: bytes) -> dict[str, Any]:
 
 def verify(file_key: str, buffer: memoryview | bytes | bytearray, manifest: dict[str, Any]) -> None:
     """IntegrityError unless ``buffer`` is exactly the file the manifest describes."""
+    verify_chunks(file_key, [memoryview(buffer).cast("B")], manifest)
+
+
+def verify_chunks(file_key: str, chunks: Iterable[memoryview], manifest: dict[str, Any]) -> None:
+    """IntegrityError unless ``chunks``, in order, are exactly the file the manifest describes."""
     entry = manifest["files"].get(file_key)
     if entry is None:
         raise IntegrityError(f"{file_key} is not in {MANIFEST_NAME}")
-    view = memoryview(buffer).cast("B")
-    if len(view) != entry["size"]:
-        raise IntegrityError(f"{file_key}: {len(view)} bytes, the manifest says {entry['size']}")
-    digest = hashlib.sha256(view).hexdigest()
+    h, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        view = memoryview(chunk).cast("B")
+        size += len(view)
+        if size > entry["size"]:
+            break
+        h.update(view)
+    if size != entry["size"]:
+        raise IntegrityError(f"{file_key}: {size}{'+' if size > entry['size'] else ''} bytes, the manifest says {entry['size']}")
+    digest = h.hexdigest()
     if digest != entry["sha256"]:
         raise IntegrityError(f"{file_key}: SHA-256 {digest} does not match the manifest")
 
 
+# Whole-file hashes take seconds for large models: on a pool of their own, bounded, so that
+# they never queue ahead of (or behind) the default pool's disk reads and body codecs.
+HASH_THREADS = 2
+_hashing = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="cicada-hash")
+
+
 async def verify_files(landing: Landing, hdrs: dict[str, FileHeader], manifest: dict[str, Any]) -> None:
     """Check every weight file against the manifest's sha256 (``cicada pack`` writes it)."""
-    files = landing.file_bytes  # every landing can hand a whole file back (landing.Landing)
     # hashlib releases the GIL on large buffers: files hash in parallel with compute. The bytes
-    # are fetched in the thread too: on CUDA that is a stream synchronize and a device-to-host
-    # copy, which must not block the loop.
+    # are fetched in the thread too: on CUDA that is a stream synchronize and device-to-host
+    # copies through one bounded host buffer per file, which must not block the loop.
     def check(key: str, header: FileHeader) -> None:
-        verify(key, files(key, header), manifest)
+        verify_chunks(key, landing.file_chunks(key, header), manifest)
 
-    await asyncio.gather(*(asyncio.to_thread(check, k, h) for k, h in hdrs.items()))
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(_hashing, check, k, h) for k, h in hdrs.items()))

@@ -28,7 +28,7 @@ from cicada_async.engine.fetch import Fetcher, FetchScheduler, FetchSettings, Lo
 from cicada_async.engine.forward import run_forward
 from cicada_async.engine.headers import all_tensors, read_header
 from cicada_async.engine.job import LoadJob, LoadOptions
-from cicada_async.engine.landing import Landing, landing_for
+from cicada_async.engine.landing import Landing
 from cicada_async.engine.ledger import ShardLedger
 from cicada_async.engine.manifest import verify_files
 from cicada_async.engine.modeldir import ModelSpec, read_model_spec
@@ -42,6 +42,7 @@ from cicada_async.engine.plan import (
 )
 from cicada_async.engine.plancache import order_fits
 from cicada_async.engine.skeleton import SkeletonIndex, build_skeleton, index_skeleton, place_buffers
+from cicada_async.engine.staging import landing_for
 from cicada_async.engine.timeline import Timeline
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,11 @@ class ColdStart:
         returned only after this, and forwards that joined the load wait for the load's end."""
         if spec.manifest is not None:
             with self.timeline.stage("verify"):
+                # The fetch ended when the last read landed; a staging landing's copies may
+                # still be queued on the executor: hash only after they ran.
+                await landing.settled()
+                if self.ledger.error is not None:
+                    raise self.ledger.error  # a copy failed: the bytes are not the file's
                 await verify_files(landing, hdrs, spec.manifest)
             landing.release_held()
 
