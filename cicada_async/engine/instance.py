@@ -161,12 +161,13 @@ class ModelInstance:
                 await load
             except (asyncio.CancelledError, CicadaError):
                 pass
-        model = self._model
+        # The last reference goes on the executor thread, after any forward in flight: freeing
+        # the weights (munmap of GB arenas) must not stall the loop. The box is the only
+        # reference left once _reset ran; clearing it there drops the model there.
+        box = [self._model] if self._model is not None else []
         self._reset()
-        if model is not None and self.engine.executor.alive:
-            # Drop the last reference on the executor thread, after any forward in flight.
-            await self.engine.executor.run(lambda: None, priority=Priority.UNLOAD)
-        del model
+        if box and self.engine.executor.alive:
+            await self.engine.executor.run(box.clear, priority=Priority.UNLOAD)
 
     def _is_ready(self) -> bool:
         return self.state == "ready"
