@@ -50,6 +50,14 @@ ZOO: dict[str, ZooEntry] = {
     "tiny-bert": ZooEntry("BertModel", "bert", dict(
         _TEXT, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=128, vocab_size=1000, max_position_embeddings=128)),
+    # question answering: [batch, seq] outputs (start_logits, end_logits), padded batches
+    "tiny-bert-qa": ZooEntry("BertForQuestionAnswering", "bert", dict(
+        _TEXT, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, vocab_size=1000, max_position_embeddings=128)),
+    # RoBERTa: position ids counted from the pad token (1), the family whose cold answer drifted
+    "tiny-roberta": ZooEntry("RobertaModel", "roberta", dict(
+        _TEXT, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, vocab_size=1000, max_position_embeddings=130)),
     "tiny-resnet": ZooEntry("ResNetForImageClassification", "resnet", dict(
         embedding_size=16, hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1],
         num_labels=10, image_size=32)),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -51,19 +52,29 @@ class Policy:
     max_rows: int
     preferred: tuple[int, ...] = ()
     delay_s: float = 0.0
-    pad_token_id: int | None = None  # None: token inputs of different lengths never batch together
+    pad: int | None = None  # None: token inputs of different lengths never batch together
+    instance: ServedModel | None = None  # where ``pad_token_id`` is read, when it is used
+
+    @property
+    def pad_token_id(self) -> int | None:
+        # Read from the instance at each use, not when the policy is made: the engine learns
+        # the pad token in the background (describe) while the first requests' cold start
+        # runs, and a policy made before that (the cold start's, which its queued requests
+        # join by) would never pad: a burst of different lengths ran as one forward each.
+        return self.pad if self.instance is None else self.instance.pad_token_id
 
     @classmethod
-    def of(cls, max_batch_size: int, preferred: Sequence[int], delay_us: int, pad_token_id: int | None) -> Policy | None:
+    def of(cls, max_batch_size: int, preferred: Sequence[int], delay_us: int, pad_token_id: int | None,
+           instance: ServedModel | None = None) -> Policy | None:
         if max_batch_size <= 0:
             return None
-        return cls(max_batch_size, tuple(sorted(set(preferred))), delay_us / 1e6, pad_token_id)
+        return cls(max_batch_size, tuple(sorted(set(preferred))), delay_us / 1e6, pad_token_id, instance)
 
 
 def policy_for(config: ModelConfig, instance: ServedModel) -> Policy | None:
     """A model's policy from its ModelConfig and what its engine instance knows (None: off)."""
     return Policy.of(config.max_batch_size, config.preferred_batch_sizes, config.max_queue_delay_us,
-                     instance.pad_token_id)
+                     instance.pad_token_id, instance)
 
 
 class Delays:
@@ -191,8 +202,35 @@ def concat(inputs: list[dict[str, torch.Tensor]], policy: Policy) -> tuple[dict[
     return out, layout
 
 
-def split(outputs: dict[str, torch.Tensor], layout: Layout) -> list[dict[str, torch.Tensor]]:
-    """Each member's share of a batched forward's outputs (rows, and its own length if padded).
+Axes = dict[str, tuple[int, ...]]  # per output, the axes (after the batch's) that follow the sequence length
+_seq_axes: weakref.WeakKeyDictionary[ServedModel, Axes] = weakref.WeakKeyDictionary()
+
+
+async def seq_axes(instance: ServedModel, sample: dict[str, torch.Tensor], priority: Priority) -> Axes:
+    """Which axes of each output follow the input's sequence length, found once per model.
+
+    Shapes alone cannot say it: a ``[batch, seq]`` output (question answering's
+    ``start_logits``) looks like ``[batch, features]``, and a ``[batch, heads, ...]`` one whose
+    heads happen to equal the padded length looks like ``[batch, seq, ...]``. Two one-row
+    forwards of the same request cut to 1 and to 2 tokens tell: an axis of size 1 in the first
+    and 2 in the second is a sequence axis. ``sample``: one request's token inputs, at least 2
+    tokens long.
+    """
+    known = _seq_axes.get(instance)
+    if known is not None:
+        return known
+    short, longer = ({n: t[:1, :k] if _token(t) else t[:1] for n, t in sample.items()} for k in (1, 2))
+    a = await instance.infer(short, priority=priority)
+    b = await instance.infer(longer, priority=priority)
+    axes = {n: tuple(i for i in range(1, t.dim()) if t.shape[i] == 1 and b[n].shape[i] == 2)
+            for n, t in a.items() if n in b and b[n].dim() == t.dim()}
+    _seq_axes[instance] = axes
+    return axes
+
+
+def split(outputs: dict[str, torch.Tensor], layout: Layout, axes: Axes | None = None) -> list[dict[str, torch.Tensor]]:
+    """Each member's share of a batched forward's outputs (rows, and its own length if padded:
+    the ``axes`` of each output that follow the sequence, see ``seq_axes``).
 
     Raises InferenceError when an output has no batch dimension to split along.
     """
@@ -207,9 +245,13 @@ def split(outputs: dict[str, torch.Tensor], layout: Layout) -> list[dict[str, to
         part = {}
         for name, t in outputs.items():
             piece = t[start:start + n]
-            # Sequence outputs ([batch, seq, ...]) lose the padding; [batch, features] ones have none.
-            if layout.lengths is not None and t.dim() >= 3 and t.shape[1] == layout.padded_to:
-                piece = piece[:, :layout.lengths[i]].contiguous()
+            if layout.lengths is not None:
+                # Every sequence axis loses the padding ([batch, seq] logits, [batch, seq, hidden]
+                # states, [batch, heads, seq, seq] attentions); other axes are kept whole.
+                for axis in (axes or {}).get(name, ()):
+                    if t.shape[axis] == layout.padded_to:
+                        piece = piece.narrow(axis, 0, layout.lengths[i])
+                piece = piece.contiguous()
             part[name] = piece
         parts.append(part)
         start += n
@@ -242,7 +284,11 @@ async def run(instance: ServedModel, batch: Sequence[Waiting], policy: Policy | 
 
     try:
         out = await instance.infer(inputs, priority=batch[0].priority)
-        parts: list[Result] = [out] if layout is None else list(split(out, layout))
+        axes = None
+        if layout is not None and layout.lengths is not None:
+            longest = batch[layout.lengths.index(layout.padded_to)].inputs
+            axes = await seq_axes(instance, longest, batch[0].priority)
+        parts: list[Result] = [out] if layout is None else list(split(out, layout, axes))
     except InferenceError:
         if len(batch) == 1 or not ready():
             raise

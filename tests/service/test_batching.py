@@ -216,3 +216,55 @@ def test_batching_config_is_checked() -> None:
                 {"preferred_batch_sizes": [0], "max_batch_size": 8}, {"max_queue_delay_us": 1.5}):
         with pytest.raises(ConfigError):
             model_config("m", {"uri": "/x", **bad})
+
+
+@pytest.fixture(scope="module")
+def qa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cicada_async.models.catalogue import make_model
+
+    return make_model("tiny-bert-qa", tmp_path_factory.mktemp("qa") / "tiny-bert-qa")
+
+
+def test_padded_question_answering_batch_returns_each_its_own_length(qa_dir: Path) -> None:
+    # C-5: start_logits / end_logits are [batch, seq]; the padded columns must not come back.
+    from tests.fixtures.helpers import reference as plain
+
+    cfg = with_model(real_config({"qa": qa_dir}, ("qa",)), "qa", max_batch_size=8)
+    with live_server(cfg) as server:
+        server.call(lambda: server.repo.load("qa"))
+        server.wait_until(lambda: server.repo.get("qa").instance.pad_token_id == 0)
+        xs = [ids(5, seq=5), ids(12, seq=12)]
+        before = metrics(server, "qa")
+        results = held_batch(server, "qa", xs)
+        assert metrics(server, "qa")["exec"] - before["exec"] == 1  # one padded forward for both
+        for x, res in zip(xs, results):
+            want = plain(qa_dir, {"input_ids": torch.from_numpy(x)})  # this request alone
+            for key in ("start_logits", "end_logits"):
+                got = res.as_numpy(key)
+                assert got.shape == (1, x.shape[1]), (key, got.shape)
+                # Float tolerance, not bit equality: the padded row's attention and matmuls run
+                # at another shape (docs/service.md, "Dynamic batching"); the answer is the same.
+                np.testing.assert_allclose(got, want[key].numpy(), rtol=0, atol=1e-6, err_msg=key)
+                assert got.argmax() == want[key].numpy().argmax()
+
+
+def test_a_policy_made_before_describe_pads_once_the_model_is_described(qa_dir: Path) -> None:
+    # The cold start's policy is made when its first request arrives, often before the engine's
+    # background describe has read pad_token_id; the requests that join the cold forward must
+    # still pad by it, not run one forward each.
+    from cicada_async.engine.runtime import Engine
+    from cicada_async.service import batcher
+    from protocols.serving import ModelOptions
+
+    async def go() -> None:
+        async with Engine() as engine:
+            inst = engine.instance("qa", str(qa_dir), ModelOptions(), describe=False)
+            policy = batcher.policy_for(model_config("qa", {"uri": str(qa_dir), "max_batch_size": 8}), inst)
+            assert policy is not None and policy.pad_token_id is None
+            short, long = {"input_ids": torch.zeros(1, 5, dtype=torch.int64)}, {"input_ids": torch.zeros(1, 12, dtype=torch.int64)}
+            assert batcher.key(short, policy) != batcher.key(long, policy)
+            await inst.describe()
+            assert policy.pad_token_id == 0
+            assert batcher.key(short, policy) == batcher.key(long, policy)
+
+    asyncio.run(asyncio.wait_for(go(), 60))
