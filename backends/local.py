@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import aiofiles.os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from protocols.errors import IntegrityError, ObjectChanged, ObjectNotFound, StorageError
 from protocols.storage import ObjectInfo
@@ -21,7 +23,13 @@ from protocols.storage import ObjectInfo
 # every block size in use and matches the page size, so page-aligned arenas qualify.
 DIRECT_ALIGN = 4096
 
-_preadv = aiofiles.os.wrap(os.preadv)  # runs in the loop's default executor, off the loop
+# Disk reads (preadv, MADV_POPULATE_READ, stat) run on threads of the backend's own, never on
+# the loop's default executor: that pool (min(32, cores + 4) threads) also carries request body
+# codecs, whole-file hashes and CUDA event waits, so a packed cold start's hashes or a burst of
+# large bodies would queue weight reads behind them, and a read behind them stalls the layer
+# that waits for it. Bounded, so one backend's reads cannot take a thread per call.
+IO_THREADS = 8
+T = TypeVar("T")
 
 
 def _addr(buf: memoryview) -> int:
@@ -58,10 +66,6 @@ def _populate_call(addr: int, length: int) -> int:
     return 0 if fn(addr, length, _MADV_POPULATE_READ) == 0 else ctypes.get_errno()
 
 
-async def _populate(addr: int, length: int) -> int:
-    return await asyncio.to_thread(_populate_call, addr, length)
-
-
 _populate_ok: bool | None = None
 
 
@@ -82,19 +86,35 @@ def _populate_supported() -> bool:
 class LocalBackend:
     """Files under one root directory; keys are relative paths that must stay inside it."""
 
-    def __init__(self, root: str | os.PathLike[str], *, direct_io: bool = True) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, direct_io: bool = True, io_threads: int = IO_THREADS
+    ) -> None:
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise ObjectNotFound(f"model directory {self.root} does not exist")
         self.direct_io = direct_io and hasattr(os, "O_DIRECT")
         self.alignment = DIRECT_ALIGN if self.direct_io else 1
         self._fds: dict[tuple[str, bool], int] = {}
+        self.io_threads = max(1, io_threads)
+        # Made on the first call and shut down at aclose (a later call makes a new one, as the
+        # descriptors reopen): a backend that is never read starts no thread.
+        self._io: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_uri(cls, uri: str, settings: dict[str, Any]) -> "LocalBackend":
         parts = urlsplit(uri)
         path = unquote(parts.path) if parts.scheme == "file" else uri
-        return cls(path, direct_io=bool(settings.get("direct_io", True)))
+        return cls(
+            path,
+            direct_io=bool(settings.get("direct_io", True)),
+            io_threads=int(settings.get("io_threads", IO_THREADS)),
+        )
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the backend's disk threads (blocking syscalls, GIL released)."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(self.io_threads, thread_name_prefix="cicada-disk")
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     def _path(self, key: str) -> Path:
         if not key or key.startswith("/") or "\\" in key or ".." in Path(key).parts:
@@ -130,7 +150,7 @@ class LocalBackend:
     async def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         try:
-            st = await aiofiles.os.stat(path)
+            st = await self._run(os.stat, path)
         except FileNotFoundError:
             raise ObjectNotFound(f"{path} does not exist") from None
         except OSError as e:
@@ -155,7 +175,7 @@ class LocalBackend:
                 body = want - want % DIRECT_ALIGN
                 fd = self._fd(key, True)
                 while got < body:
-                    n = await _preadv(fd, [buf[got:body]], offset + got)
+                    n = await self._run(os.preadv, fd, [buf[got:body]], offset + got)
                     if n <= 0:
                         break
                     got += n
@@ -163,7 +183,7 @@ class LocalBackend:
                         break  # short direct read: finish through the page cache
             fd = self._fd(key, False)
             while got < want:
-                n = await _preadv(fd, [buf[got:]], offset + got)
+                n = await self._run(os.preadv, fd, [buf[got:]], offset + got)
                 if n <= 0:
                     break
                 got += n
@@ -204,13 +224,18 @@ class LocalBackend:
         copy and no zeroing of fresh memory, so the CPU stays free for compute.
         """
         lo = offset - offset % mmap.PAGESIZE
-        err = await _populate(_addr_of(mapping) + lo, length + offset - lo)
+        err = await self._run(_populate_call, _addr_of(mapping) + lo, length + offset - lo)
         if err:
             raise StorageError(f"reading {self.root / key} at {offset}: {os.strerror(err)}")
         if version is not None and self._version(os.fstat(self._fd(key, False))) != version:
             raise ObjectChanged(f"{self.root / key} changed while it was being read")
 
     async def aclose(self) -> None:
+        # Not waited for: a read still in flight belongs to a caller that is going away; its
+        # threads end once it returns (with EBADF at worst, as before this pool existed).
+        io, self._io = self._io, None
+        if io is not None:
+            io.shutdown(wait=False)
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
