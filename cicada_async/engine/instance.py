@@ -20,7 +20,9 @@ from protocols.storage import FileWatch, StorageBackend
 from cicada_async.engine.capabilities import Capabilities, open_with_capabilities
 from cicada_async.engine.executor import AHEAD_OF_REQUESTS, Executor
 from cicada_async.engine.fetch import FetchSettings, LoadPriority
+from cicada_async.engine.footprint import estimated_bytes, served_bytes
 from cicada_async.engine.forward import inputs_meta, io_spec, pad_token, run_forward
+from cicada_async.engine.headers import read_header
 from cicada_async.engine.job import LoadJob, load_options
 from cicada_async.engine.modeldir import ModelSpec, read_model_spec
 from cicada_async.engine.pipeline import LoadRequest, Outputs, first_leaf
@@ -71,7 +73,9 @@ class ModelInstance:
         self.options = options
         self.state: ModelState = "unloaded"
         self.nbytes: int | None = None
-        self.weight_bytes: int | None = None  # the weight files' sizes, before any load
+        # Served bytes, before any load (from the files' headers, in the serving dtype).
+        self.weight_bytes: int | None = None
+        self.device_bytes: dict[str, int] = {}  # the loaded model's bytes per device
         self._describing: asyncio.Future[ModelSpec] | None = None
         self.last_error: str | None = None
         self.last_timeline: Timeline | None = None
@@ -251,12 +255,18 @@ class ModelInstance:
             self.uri, self.engine.storage.get(scheme_of(self.uri), {}), cache=self.engine.node_cache)
         try:
             spec = await read_model_spec(backend)
-            sizes = await asyncio.gather(*(backend.stat(k) for k in spec.weight_files))
+            dtype = load_options(self.options, 1, 1).dtype
+            if dtype is None:
+                sizes = await asyncio.gather(*(backend.stat(k) for k in spec.weight_files))
+                weight_bytes = sum(i.size for i in sizes)
+            else:  # converted on load: the headers say how many elements of which dtype
+                hdrs = await asyncio.gather(*(read_header(backend, k) for k in spec.weight_files))
+                weight_bytes = estimated_bytes([t for h in hdrs for t in h.tensors.values()], dtype)
         finally:
             await backend.aclose()
         self._inputs_meta = inputs_meta(spec)
         self.pad_token_id = await asyncio.to_thread(pad_token, spec)  # imports the model's class
-        self.weight_bytes = sum(i.size for i in sizes)
+        self.weight_bytes = weight_bytes
         return spec
 
     async def size_hint(self) -> int | None:
@@ -327,7 +337,9 @@ class ModelInstance:
         self._job = None  # the landing, index and tensor table: nothing needs them once ready
         self._plan = job.plan
         self._watches = list(job.landing.watches)
-        self.nbytes = job.plan.nbytes
+        # What the model holds, not what was read: a serving dtype changes the bytes.
+        self.device_bytes = served_bytes(model)
+        self.nbytes = sum(self.device_bytes.values())
         self.last_timeline = timeline
         self.last_error = None
         self.cold_starts += 1
