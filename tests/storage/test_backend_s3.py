@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import array
 import asyncio
+import os
 import random
+import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -255,9 +258,33 @@ async def test_close_is_final_and_idempotent(s3_model: S3Model) -> None:
         await backend.stat(BIG)
 
 
-async def test_close_before_use(s3_model: S3Model) -> None:
-    backend = open_backend(s3_model.uri, settings(s3_model))
+def _sockets() -> int:
+    """Sockets this process holds, from /proc (the client's and, in-process, moto's side)."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        try:
+            count += os.readlink(fd).startswith("socket:")
+        except OSError:
+            pass  # closed while listed
+    return count
+
+
+@pytest.mark.parametrize("data_path", ["threads", "loop"])
+async def test_close_before_use(s3_model: S3Model, data_path: str) -> None:
+    """A backend closed before any call stays closed: every later call raises the documented
+    StorageError, and none of them reaches the endpoint or leaves a socket or thread behind."""
+    threads_before = {t.ident for t in threading.enumerate()}
+    sockets_before = _sockets()
+    backend = open_backend(s3_model.uri, settings(s3_model, data_path=data_path))
     await backend.aclose()
+    with pytest.raises(StorageError, match="closed"):
+        await asyncio.wait_for(backend.stat(BIG), 10)
+    with pytest.raises(StorageError, match="closed"):
+        await asyncio.wait_for(backend.read_into(BIG, 0, memoryview(bytearray(10))), 10)
+    assert _sockets() == sockets_before  # no connection was made, on either side
+    assert not [t.name for t in threading.enumerate()
+                if t.ident not in threads_before and t.name.startswith("cicada-s3")]
 
 
 @pytest.mark.parametrize("retry_mode", ["standard", "adaptive"])
