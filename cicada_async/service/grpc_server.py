@@ -78,11 +78,46 @@ def _scope(method: str) -> auth.Scope | None:
     return None if method in _OPEN else "admin" if method in _ADMIN else "inference"
 
 
-def _authorization(context: aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
+def _authorization(metadata: Any) -> str | None:
+    for key, value in metadata or ():
         if key == "authorization":
             return str(value)
     return None
+
+
+def _denial(dp: DataPlane, method: str, metadata: Any) -> Abort | None:
+    """The refusal of a call to ``method`` carrying ``metadata``, or None when it may proceed."""
+    denied = dp.authorize(_scope(method), _authorization(metadata))
+    if denied is None:
+        return None
+    code = grpc.StatusCode.UNAUTHENTICATED if denied.status == 401 else grpc.StatusCode.PERMISSION_DENIED
+    return Abort(code, denied.message, (("www-authenticate", denied.challenge),))
+
+
+class AuthGate(aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
+    """Refuses an unauthorized call from its metadata, before its message is read.
+
+    grpc reads a unary call's whole message before the handler runs (up to
+    max_receive_message_length), but runs interceptors first: a refused call gets a
+    request-streaming handler that answers without ever asking for the message, so an
+    unauthenticated client cannot make the server buffer anything (HTTP likewise refuses
+    before the first body byte).
+    """
+
+    def __init__(self, dp: DataPlane) -> None:
+        self.dp = dp
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        service, _, method = str(details.method).lstrip("/").rpartition("/")
+        err = _denial(self.dp, method, details.invocation_metadata) if service == SERVICE else None
+        if err is None:
+            return await continuation(details)
+
+        async def refuse(requests: Any, context: aio.ServicerContext) -> bytes:
+            await context.abort(err.code, err.message, trailing_metadata=err.metadata)
+            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+        return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def _parse(cls: type[M], data: bytes) -> M:
@@ -197,7 +232,6 @@ HANDLERS: dict[str, Handler] = {
 def _wrap(dp: DataPlane, method: str, fn: Handler) -> grpc.RpcMethodHandler:
     """One RPC: auth, drain tracking, and the error mapping around ``fn``."""
     cfg = dp.config.server
-    need = _scope(method)
 
     async def handle(data: bytes, context: aio.ServicerContext) -> bytes:
         state = dp.state
@@ -207,10 +241,11 @@ def _wrap(dp: DataPlane, method: str, fn: Handler) -> grpc.RpcMethodHandler:
         if task is not None:
             state.inflight.add(task)
         try:
-            denied = dp.authorize(need, _authorization(context))
+            # AuthGate refused unauthorized calls before their message was read; checked again
+            # here so that a handler can never run unchecked, whatever the interceptor chain.
+            denied = _denial(dp, method, context.invocation_metadata())
             if denied is not None:
-                code = grpc.StatusCode.UNAUTHENTICATED if denied.status == 401 else grpc.StatusCode.PERMISSION_DENIED
-                raise Abort(code, denied.message, (("www-authenticate", denied.challenge),))
+                raise denied
             return await fn(dp, data, context)
         except asyncio.CancelledError:
             if not state.aborting or task is None:
@@ -231,6 +266,14 @@ def _wrap(dp: DataPlane, method: str, fn: Handler) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handle)
 
 
+MIN_CONCURRENT_RPCS = 8
+
+
+def max_concurrent_rpcs(body_budget: int, max_message: int) -> int:
+    """Concurrent calls such that their buffered messages fit the body budget."""
+    return max(MIN_CONCURRENT_RPCS, body_budget // max(1, max_message))
+
+
 class GrpcServer:
     """The gRPC listener of one data plane; ``start`` and ``stop`` beside the HTTP listener."""
 
@@ -242,19 +285,30 @@ class GrpcServer:
     async def start(self) -> None:
         cfg = self.dp.config.server
         options = [
-            # The HTTP body limit; grpc refuses a larger message (RESOURCE_EXHAUSTED) before
-            # any handler runs, and bounds a compressed one by its decompressed size.
+            # The HTTP body limit, kept as the receive limit: a model that takes a 64 MiB input
+            # over HTTP takes it over gRPC too. What bounds memory is the product below:
+            # grpc refuses a larger message (RESOURCE_EXHAUSTED) before any handler runs,
+            # bounds a compressed one by its decompressed size, and buffers a message only
+            # for an authorized call (AuthGate), at most ``max_concurrent_rpcs`` at a time.
             ("grpc.max_receive_message_length", cfg.max_request_bytes),
             ("grpc.max_send_message_length", -1),
             # grpc defaults to SO_REUSEPORT: a second server on a taken port would share it
             # silently instead of failing to start.
             ("grpc.so_reuseport", 0),
+            # No bandwidth-delay probing: it widens each connection's HTTP/2 window to
+            # megabytes, which a client fills before its call is even looked at (40 refused
+            # 8 MiB calls raised the peak RSS by 30-110 MiB with it, under 10 MiB without:
+            # tests/service/test_grpc_flood.py). A call being read still gets a window for its
+            # whole message, which grpc opens once the handler asks for it.
+            ("grpc.http2.bdp_probe", 0),
             ("grpc.max_connection_idle_ms", int(cfg.idle_timeout_s * 1000)),
         ]
         handlers = {m: _wrap(self.dp, m, fn) for m, fn in HANDLERS.items()}
-        # Calls beyond the cap are refused by grpc with RESOURCE_EXHAUSTED, as connections
-        # beyond max_open_connections are on HTTP.
-        server = aio.server(options=options, maximum_concurrent_rpcs=cfg.max_open_connections)
+        # Calls beyond the cap are refused by grpc with RESOURCE_EXHAUSTED. grpc buffers a
+        # whole message before the body budget can see it, so the cap is what the budget
+        # allows of full-size messages (at least a few, so that probes get through).
+        cap = min(cfg.max_open_connections, max_concurrent_rpcs(cfg.max_body_bytes_in_flight, cfg.max_request_bytes))
+        server = aio.server(options=options, interceptors=(AuthGate(self.dp),), maximum_concurrent_rpcs=cap)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
         try:
