@@ -7,8 +7,6 @@ import contextlib
 import os
 import re
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +31,7 @@ from backends._remote import (
     gather_chunks,
     reject_unknown,
 )
+from backends._s3urls import URL_EXPIRES_S, UrlCache, UrlExpired, expired, proxied
 from backends._threadfetch import ThreadFetch
 from backends._wireresp import Response
 from protocols.errors import (
@@ -52,10 +51,6 @@ _READ_PIECE = 1 * MiB
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NotFound", "404"}
 _CHANGED = {"PreconditionFailed", "412"}
-# Presigned GET URLs: valid an hour, reused for ten minutes (temporary credentials that
-# botocore refreshes stay valid well past that), so a URL never expires under a load.
-_URL_EXPIRES_S = 3600
-_URL_REUSE_S = 600
 _XML_FIELD = re.compile(r"<(Code|Message)>([^<]*)</")
 
 _LOADER: Any = None
@@ -96,14 +91,6 @@ def _error(status: int, code: str, message: str, what: str) -> StorageError:
     if code == "InvalidRange" or status == 416:
         return IntegrityError(f"{what}: the object is shorter than the range asked")
     return StorageError(f"{what}: S3 error {code or status}: {message}")
-
-
-def _proxied(url: str) -> bool:
-    """Whether the environment routes ``url`` through a proxy (which only botocore speaks)."""
-    parts = urlsplit(url)
-    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(
-        parts.hostname or ""
-    )
 
 
 @contextlib.contextmanager
@@ -173,7 +160,7 @@ class S3Backend:
 
             cafile = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
             self._threads = ThreadFetch(s, name="cicada-s3", cafile=cafile or None)
-        self._urls: dict[str, tuple[str, float]] = {}
+        self._urls = UrlCache()
 
     @classmethod
     def from_uri(cls, uri: str, settings: dict[str, Any]) -> "S3Backend":
@@ -278,29 +265,43 @@ class S3Backend:
 
         async def read_chunk(fill: Fill) -> None:
             what = f"GET {self._where(key)} bytes {fill.offset}-{fill.offset + len(fill.view) - 1}"
-            if url is not None:
-                once = lambda f: self._read_threaded(url, f, version, what)  # noqa: E731
-            else:
+            if url is None:
                 once = lambda f: self._read_once(client, obj, f, version, what)  # noqa: E731
-            await fill_resuming(fill, once, self.settings, what)
+                await fill_resuming(fill, once, self.settings, what)
+                return
+            signed = url
+            for last_try in (False, True):
+                try:
+                    threaded = lambda f: self._read_threaded(signed, f, version, what)  # noqa: E731
+                    await fill_resuming(fill, threaded, self.settings, what)
+                    return
+                except UrlExpired:
+                    if last_try:
+                        raise
+                # Signed again (resuming from the bytes landed), now that botocore had the
+                # chance to refresh the credentials; a second refusal is final.
+                fresh = await self._presigned(client, obj, key, stale=signed)
+                if fresh is None:
+                    raise StorageError(f"{what}: presigned URL expired and none could be made")
+                signed = fresh
 
         await gather_chunks(buf.cast("B"), offset, self.settings, self._sem, read_chunk)
 
-    async def _presigned(self, client: Any, obj: str, key: str) -> str | None:
+    async def _presigned(self, client: Any, obj: str, key: str, *, stale: str | None = None) -> str | None:
         """A presigned GET URL for ``obj`` (Range and If-Match go unsigned as headers), or
-        None when a proxy from the environment applies and the data must go via botocore."""
-        now = time.monotonic()
-        cached = self._urls.get(obj)
-        if cached is not None and now - cached[1] < _URL_REUSE_S:
-            return cached[0]
+        None when a proxy from the environment applies and the data must go via botocore.
+        ``stale``: a URL the origin refused as expired, never handed out again."""
+        cached = self._urls.get(obj, stale)
+        if cached is not None:
+            return cached
         with map_exceptions(f"presigning GET {self._where(key)}"):
             async with asyncio.timeout(self.op_timeout_s):
                 url = await client.generate_presigned_url(
-                    "get_object", Params={"Bucket": self.bucket, "Key": obj}, ExpiresIn=_URL_EXPIRES_S
+                    "get_object", Params={"Bucket": self.bucket, "Key": obj}, ExpiresIn=URL_EXPIRES_S
                 )
-        if not isinstance(url, str) or _proxied(url):  # aiobotocore is untyped: its answer is checked
+        if not isinstance(url, str) or proxied(url):  # aiobotocore is untyped: its answer is checked
             return None
-        self._urls[obj] = (url, now)
+        self._urls.put(obj, url)
         return url
 
     async def _read_threaded(self, url: str, fill: Fill, version: str | None, what: str) -> None:
@@ -312,7 +313,10 @@ class S3Backend:
         def check(resp: Response) -> int:  # in the worker thread, before the body
             if resp.status not in (200, 206):
                 fields = dict(_XML_FIELD.findall(resp.read_small().decode("utf-8", "replace")))
-                raise _error(resp.status, fields.get("Code", ""), fields.get("Message", ""), what)
+                code, message = fields.get("Code", ""), fields.get("Message", "")
+                if expired(resp.status, code, message):
+                    raise UrlExpired(f"{what}: S3 error {code}: {message}")
+                raise _error(resp.status, code, message, what)
             self._check_response(resp.headers, first, last, version, what)
             return 0
 
