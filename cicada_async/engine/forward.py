@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,45 +22,46 @@ V2_TYPES = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"
 
 
 class Widening:
-    """Torch threads of a forward: as set until ``idle()`` says no load fetches, every usable
-    core from then on (checked on entry and at each ``check``: a gated forward's layer gates),
-    back to the setting at the end.
+    """Torch intra-op threads of one forward: every usable core for the whole forward (``wide``),
+    then back to the entering thread's setting.
 
-    The free core was kept for the fetch threads and the loop; a cold start's forward that
-    outlives the fetch (weights in the page cache or prefetched, or a batch of requests riding
-    the load) would otherwise finish on cores - 1 threads. On this executor thread only.
+    The count is set once, when the forward starts, and never changed inside it: a reduction
+    (a matmul's, a convolution's) is split by the thread count, so a forward that changed it at
+    a layer gate, as the cold start's once did on seeing the fetch end, computed its first
+    layers on cores - 1 threads and its answer differed from a warm one's (RoBERTa by 1e-7).
+    Every forward of the engine runs on the same count (``procfs.forward_threads``), and the
+    plain PyTorch load computes on every core too: cold == warm == plain load, bit for bit.
+
+    Set and restored by the entering thread only, never from another thread's layer gate (a
+    joined forward passing a gated forward's gate once widened for good). Note that
+    ``torch.set_num_threads`` acts on the whole process here (measured: a count set on one
+    thread is what the others and fresh threads then read), so the server sets the count once
+    at start (``forward_threads``) and a Widening has nothing left to change there; it matters
+    for an engine whose process setting is lower (tools, tests).
     """
 
-    def __init__(self, idle: Callable[[], bool] | None) -> None:
-        self._idle = idle
+    def __init__(self, wide: bool) -> None:
+        self._wide = wide
         self._before: int | None = None
-
-    def check(self) -> None:
-        if self._idle is None or self._before is not None or not self._idle():
-            return
-        cores = usable_cores()
-        if cores > torch.get_num_threads():
-            self._before = torch.get_num_threads()
-            torch.set_num_threads(cores)
+        self._thread: int | None = None
 
     def __enter__(self) -> "Widening":
-        self.check()
+        cores = usable_cores()
+        if self._wide and self._thread is None and cores != torch.get_num_threads():
+            self._thread = threading.get_ident()
+            self._before = torch.get_num_threads()
+            torch.set_num_threads(cores)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._before is not None:
+        if self._before is not None and self._thread == threading.get_ident():
             torch.set_num_threads(self._before)
-            self._before = None
+        self._before = self._thread = None
 
 
 def all_cores(enabled: bool = True) -> Widening:
-    """Torch intra-op threads = usable cores for the block, then back (this thread's setting).
-
-    The server keeps one core for the fetch threads and the event loop while a load fetches
-    (torch threads = cores - 1); a forward with nothing left to fetch needs neither. Set on the
-    thread that computes only: the loop's own small tensor ops stay on one thread.
-    """
-    return Widening((lambda: True) if enabled else None)
+    """Torch intra-op threads = usable cores for the block, then back to the setting before."""
+    return Widening(enabled)
 
 
 def run_forward(model: nn.Module, inputs: dict[str, torch.Tensor], device: torch.device,

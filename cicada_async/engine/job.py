@@ -45,9 +45,10 @@ class LoadOptions:
     # Local files: map them and let the kernel read into the page cache that tensors view
     # (no copy, no zeroing). False reads into anonymous arenas with O_DIRECT instead.
     mapped: bool = True
-    # A gated forward widens to every usable core at the first layer gate at which no load of
-    # the engine fetches (forward.Widening): the core kept free was for the fetch. The engine
-    # turns it on with every_core_when_idle (the server's default, like its warm forwards).
+    # The gated forward runs on every usable core from its start, like the engine's warm
+    # forwards (forward.Widening: one thread count for every forward, so the cold answer equals
+    # the warm one bit for bit). The engine turns it on with every_core_when_idle (the
+    # server's default: torch_threads unset).
     every_core_when_idle: bool = False
 
 
@@ -106,7 +107,6 @@ class LoadJob:
         self.ledger = ledger  # each shard's state and the load's error
         self.deadline = time.monotonic() + options.load_timeout_s
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._widening: Widening | None = None  # the gated forward's, checked at every gate
         # CUDA: this load computes on its own stream, ordered only after its own shards' copy
         # events, so loads of different models never queue behind each other on the device.
         self.stream = torch.cuda.Stream(options.device) if options.device.type == "cuda" else None  # type: ignore[no-untyped-call]  # unannotated in torch itself
@@ -197,8 +197,6 @@ class LoadJob:
             def pre(_m: nn.Module, _a: Any) -> None:
                 self.executor.yield_turn()  # a layer boundary: more urgent work goes first
                 self.wait_for(shards, name)
-                if self._widening is not None:
-                    self._widening.check()
                 starts[name] = self.timeline.now()
 
             return pre
@@ -229,14 +227,11 @@ class LoadJob:
 
     @contextlib.contextmanager
     def widening(self, scheduler: FetchScheduler | None) -> Iterator[None]:
-        """The gated forward's torch threads: every core once no load of ``scheduler`` fetches
-        (checked at each gate); None keeps the thread's setting."""
-        with Widening(None if scheduler is None else lambda: scheduler.fetching == 0) as w:
-            self._widening = w
-            try:
-                yield
-            finally:
-                self._widening = None
+        """The gated forward's torch threads: every usable core from its first layer to its last,
+        like every warm forward (forward.Widening: one count, so the cold answer is the warm
+        one, bit for bit); None (``scheduler`` not given) keeps the thread's setting."""
+        with Widening(scheduler is not None):
+            yield
 
     def computing(self) -> Any:
         """Context for a forward on this load's model while it loads (its own CUDA stream)."""

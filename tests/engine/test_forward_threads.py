@@ -1,15 +1,16 @@
-"""Forwards take every usable core while nothing fetches, and torch's setting while a load does.
+"""Every forward of the engine runs on one torch thread count, set when it starts.
 
-The server sets torch's intra-op threads to cores - 1 so that a cold start's fetch keeps a core
-(``[server] torch_threads``); a warm forward with no load in flight anywhere in the engine has
-nothing to leave it for (``Engine(every_core_when_idle=True)``, the server's default), and a
-cold start's gated forward widens at the first layer gate after every fetch ended.
+A reduction is split by the thread count, so a forward on another count answers differently in
+the last bits (issue 24, item 4): the server sets every usable core once
+(``procfs.forward_threads``); with ``Engine(every_core_when_idle=True)`` and a lower process
+setting, a forward (warm, or a cold start's gated one from its first layer) takes every core
+and gives the setting back at its end; nothing changes the count inside a forward.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from cicada_async.engine.job import ModelOptions
+from cicada_async.engine.procfs import forward_threads, threads_while_fetching
 from cicada_async.engine.runtime import Engine
 from tests.fixtures.odd_models import ThreadCount, ThreadsPerLayer, write_model
 
@@ -43,23 +45,23 @@ async def threads_of(inst) -> int:  # type: ignore[no-untyped-def]
     return int(value)
 
 
-async def test_idle_warm_forward_takes_every_core_and_a_load_takes_them_back(tmp_path: Path, one_thread: None) -> None:
+async def test_warm_forward_takes_every_core_and_gives_the_setting_back(tmp_path: Path, one_thread: None) -> None:
     d = write_model(ThreadCount, tmp_path / "threads")
-    slow = write_model(ThreadCount, tmp_path / "slow", seed=1)
-    storage = {"memory": {"delay_s": 1.5}}  # every read of the other model waits: it stays loading
-    async with Engine(every_core_when_idle=True, storage=storage) as engine:
+    async with Engine(every_core_when_idle=True) as engine:
         inst = engine.instance("threads", str(d), ModelOptions())
-        await inst.infer(dict(X))  # the cold start (its fetch may end before the only gate)
+        await inst.infer(dict(X))  # the cold start
         assert await threads_of(inst) == CORES  # warm, nothing fetching
-        other = engine.instance("slow", f"memory://{slow}", ModelOptions())
-        loading = asyncio.ensure_future(other.load())
-        await asyncio.sleep(0.2)
-        assert other.state == "loading"
-        assert await threads_of(inst) == 1  # another model's fetch keeps its core
-        await asyncio.wait_for(loading, 30)
-        assert other.state == "ready"
-        assert await threads_of(inst) == CORES
-        assert torch.get_num_threads() == 1  # the loop thread's setting was never touched
+        assert torch.get_num_threads() == 1  # given back at the forward's end
+        fresh: list[int] = []
+        t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+        t.start()
+        t.join(10)
+        assert fresh == [1]  # T-9: a thread that starts after the widened forward gets the setting
+
+
+def test_the_server_sets_every_core_for_every_forward() -> None:
+    # One count whatever fetches: the cold forward used to run on cores - 1.
+    assert forward_threads() == threads_while_fetching() == CORES
 
 
 async def test_off_keeps_torch_setting(tmp_path: Path, one_thread: None) -> None:
@@ -70,14 +72,15 @@ async def test_off_keeps_torch_setting(tmp_path: Path, one_thread: None) -> None
         assert await threads_of(inst) == 1
 
 
-async def test_gated_forward_widens_once_the_fetch_is_over(tmp_path: Path, one_thread: None) -> None:
-    """First layer: the last layer's reads are still on the wire, torch's setting. Last layer
-    (after a pause longer than those reads): nothing fetches, every core. Off: torch's setting."""
+async def test_gated_forward_runs_on_one_count_from_first_layer_to_last(tmp_path: Path, one_thread: None) -> None:
+    """First layer: the last layer's reads are still on the wire; last layer (after a pause
+    longer than those reads): nothing fetches. Both on every core (the count never changes
+    inside the forward, so the cold answer is the warm one); off: torch's setting, both."""
     d = write_model(ThreadsPerLayer, tmp_path / "layers", dim=256)  # 256 KiB per layer
     # Reads of 64 KiB (4 x read_bytes before the plan), one at a time, 0.1 s each: about 0.4 s
     # for the first layer's weights, 1 s for all, against the pause's 1.5 s.
     storage = {"memory": {"delay_s": 0.1}}
-    for every_core, want in ((True, [1, CORES]), (False, [1, 1])):
+    for every_core, want in ((True, [CORES, CORES]), (False, [1, 1])):
         async with Engine(every_core_when_idle=every_core, storage=storage, read_concurrency=1,
                           read_bytes=16 << 10, plan_files=False, warm_imports=False) as engine:
             inst = engine.instance("layers", f"memory://{d}", ModelOptions())
@@ -87,4 +90,4 @@ async def test_gated_forward_widens_once_the_fetch_is_over(tmp_path: Path, one_t
             assert tl is not None
             first = next(s for s in tl.spans if s.kind == "compute" and s.name == "first")
             assert any(s.kind == "fetch" and s.end > first.start for s in tl.spans)  # still fetching
-        assert torch.get_num_threads() == 1  # the loop thread's setting was never touched
+        assert torch.get_num_threads() == 1  # given back at the forward's end
