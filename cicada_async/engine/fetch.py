@@ -189,7 +189,8 @@ class Fetcher:
         self._landed: set[int] = set()
         self._applied: set[int] = set()
         self._notified: set[int] = set()
-        self._released: set[int] = set()
+        self._released: set[int] = set()  # reads whose budget was given back
+        self._given_back: set[int] = set()  # reads whose memory the landing was told to free
         self._acquired: set[int] = set()  # reads holding budget (given back when released)
         self._unlanded: set[int] = set()  # reads counted in the budget's in_flight
         self._stopped = False  # the load failed: nothing more is admitted (forfeit)
@@ -229,11 +230,19 @@ class Fetcher:
             self.ledger.landed(s)
 
     def _maybe_release(self, r: int) -> None:
-        # Bytes of a read that serves no shard (yet) are already where they belong.
-        if r in self._landed and r not in self._released and self._pending_shards[r] == 0:
+        # Bytes of a read that serves no shard (yet) are already where they belong: its budget
+        # goes back at once.
+        if r not in self._landed or self._pending_shards[r] != 0:
+            return
+        if r not in self._released:
             self._released.add(r)
-            self.landing.read_released(r, self.plan.reads[r])
             self.budget.release(self.plan.reads[r].nbytes)
+        # Its memory only once the shards it serves are applied: a read that landed before the
+        # plan serves none yet, and the plan may give it some whose converted spans are freed
+        # then (given back here, it found nothing converted and the raw bytes stayed).
+        if r not in self._given_back and (self.plan.reads[r].shards or self._final):
+            self._given_back.add(r)
+            self.landing.read_released(r, self.plan.reads[r])
 
     def _failed(self) -> bool:
         """Asked again after every await: a forfeit may have come meanwhile."""
