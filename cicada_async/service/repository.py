@@ -53,6 +53,9 @@ class ModelEntry:
     unloading: bool = False
     fetch_priority: Priority | None = None  # last value passed to set_fetch_priority
     reserved: int = 0  # bytes a load in progress will hold, counted before it has planned
+    # The tracked load ended before the engine was asked (refused or cancelled while making
+    # room): no cold start happened, so none is counted as failed.
+    never_started: bool = False
 
     @property
     def name(self) -> str:
@@ -161,8 +164,9 @@ class Repository:
             entry.reserved = 0
             entry.last_used = time.monotonic()
             ok = entry.state == "ready"
-            if not was_ready:
+            if not was_ready and not entry.never_started:
                 self._log_cold_start(entry, ok, time.monotonic() - t0)
+            entry.never_started = False
             self.on_change()
 
         task.add_done_callback(done)

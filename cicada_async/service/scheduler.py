@@ -124,14 +124,15 @@ class Scheduler:
             raise ShuttingDown("server is shutting down")
         loop = asyncio.get_running_loop()
         now = loop.time()
-        deadline = now + timeout_s if timeout_s else math.inf
+        # 0.0 is a deadline already passed (gRPC's time_remaining()), not "none".
+        deadline = now + timeout_s if timeout_s is not None else math.inf
         p = Pending((priority, deadline, next(self._seq)), entry, inputs, now, loop.create_future())
         self._admit(p)
-        if timeout_s:
+        if timeout_s is not None:
             p.timer = loop.call_at(deadline, self._expire, p)
         self.kick()
         try:
-            if timeout_s:
+            if timeout_s is not None:
                 # The heap timer answers requests that never started; this bound answers those
                 # that did (a cold start riding a slow load, a long forward): nobody waits past
                 # their deadline. The work itself cannot be preempted; its result is dropped.
@@ -316,7 +317,11 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         try:
             if cold:
-                await self.repo.make_room(entry)
+                try:
+                    await self.repo.make_room(entry)
+                except BaseException:  # refused by the budget, or cancelled by the drain
+                    entry.never_started = True
+                    raise
             policy = batcher.policy_for(entry.config, entry.instance)
             join = (lambda: self._join_cold(entry, batch, policy)) if cold and policy is not None else None
             results = await batcher.run(entry.instance, batch, policy, join=join,

@@ -9,11 +9,14 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import pytest
 import torch
 import tritonclient.http.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
 from cicada_async.service.metrics import parse_text
+from protocols.errors import DeadlineExceeded
+from protocols.serving import Priority
 from tests.fixtures.server import FakeEngine, LiveServer
 from tests.fixtures.triton import (
     TRITON_WARNINGS,
@@ -187,3 +190,16 @@ def test_a_strictly_more_urgent_request_is_handed_over_while_one_runs(fake_engin
         results = [f.result(30) for f in futs]
         assert not any(isinstance(r, Exception) for r in results), results
         assert [v for _, _, v in beta.calls] == [4.0, 2.0, 3.0]
+
+
+def test_a_zero_deadline_is_expired_not_none(fake_engine: FakeEngine) -> None:
+    # gRPC's context.time_remaining() is 0.0 once the deadline has passed: that is a deadline
+    # already expired, not "no deadline" (it used to run the request with no bound at all).
+    with run_server(fake_engine) as server:
+        server.call(lambda: server.repo.load("alpha"))
+        entry = server.sync(lambda: server.repo.get("alpha"))
+        x = {"x": torch.ones(1, 4)}
+        with pytest.raises(DeadlineExceeded):
+            server.call(lambda: server.scheduler.submit(entry, x, priority=Priority.DEFAULT, timeout_s=0.0), timeout=10)
+        out, _ = server.call(lambda: server.scheduler.submit(entry, x, priority=Priority.DEFAULT, timeout_s=None))
+        assert set(out) == {"y", "argmax"}
