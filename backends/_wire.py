@@ -40,12 +40,12 @@ from protocols.errors import StorageError, StorageTimeout
 # (at most this much per response) are the only bytes copied once more, into the caller's view.
 _HEAD_BUF = 16 << 10
 _MAX_HEAD = 64 << 10
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # Interim (1xx) answers skipped before the final one, at most this many per request.
 _MAX_INTERIM = 8
 # The request's own headers, which follow a redirect to another origin; every other header
 # the caller gave (Authorization, API keys, cookies, configured extras) is for the first origin.
-_CROSS_ORIGIN_HEADERS = frozenset(
+CROSS_ORIGIN_HEADERS = frozenset(
     {"range", "if-match", "if-range", "if-none-match", "if-modified-since",
      "if-unmodified-since", "accept", "accept-encoding", "user-agent"}
 )
@@ -237,10 +237,10 @@ class WirePool:
             if t.origin != origin:
                 # Credentials and custom headers meant for the first origin do not follow a
                 # redirect elsewhere; only the request's own (Range, preconditions) do.
-                sent = {k: v for k, v in sent.items() if k.lower() in _CROSS_ORIGIN_HEADERS}
+                sent = {k: v for k, v in sent.items() if k.lower() in CROSS_ORIGIN_HEADERS}
             resp = self._exchange(t, url, sent, ticket or Ticket())
             location = resp.headers.get("Location")
-            if resp.status not in _REDIRECTS or not location:
+            if resp.status not in REDIRECTS or not location:
                 return resp
             resp.read_small()
             resp.release()

@@ -23,6 +23,7 @@ from backends._remote import (
     reject_unknown,
 )
 from backends._threadfetch import ThreadFetch
+from backends._wire import CROSS_ORIGIN_HEADERS, REDIRECTS
 from backends._wireresp import Response
 from protocols.errors import (
     ConfigError,
@@ -56,6 +57,10 @@ def map_exceptions(what: str) -> Iterator[None]:
         raise StorageTimeout(f"{what}: timed out") from e
     except (aiohttp.ClientError, OSError) as e:
         raise StorageError(f"{what}: {type(e).__name__}: {e}") from e
+
+
+class _RedirectRefused(StorageError):
+    """Too many redirects, or one from https to http: final, not retried."""
 
 
 def _status_error(status: int, what: str) -> StorageError:
@@ -159,7 +164,6 @@ class HTTPBackend:
                         total=None, sock_connect=s.connect_timeout_s, sock_read=s.read_timeout_s
                     ),
                     connector=aiohttp.TCPConnector(limit=s.concurrency + 2),
-                    headers=self.headers,
                     auto_decompress=False,
                     trust_env=self.trust_env,
                 )
@@ -177,16 +181,9 @@ class HTTPBackend:
             try:
                 with map_exceptions(what):
                     async with asyncio.timeout(self._head_timeout_s):
-                        resp = await session.request(
-                            method,
-                            url,
-                            headers=headers,
-                            allow_redirects=True,
-                            max_redirects=self.max_redirects,
-                        )
+                        resp = await self._follow(session, method, url, headers, what)
             except StorageError as e:
-                redirects = isinstance(e.__cause__, aiohttp.TooManyRedirects)
-                if redirects or attempt >= s.max_attempts:
+                if isinstance(e, _RedirectRefused) or attempt >= s.max_attempts:
                     raise
                 await asyncio.sleep(s.backoff(attempt))
                 continue
@@ -198,6 +195,28 @@ class HTTPBackend:
                 await asyncio.sleep(delay)
                 continue
             return resp
+
+    async def _follow(
+        self, session: aiohttp.ClientSession, method: str, url: URL, headers: dict[str, str], what: str
+    ) -> aiohttp.ClientResponse:
+        """One request and its redirects, hop by hop, with the threaded client's policy
+        (``backends._wire``): aiohttp's own drops only Authorization across origins and follows
+        https -> http. Another origin gets only the request's own headers; a downgrade is refused."""
+        first = url.origin()
+        for _ in range(self.max_redirects + 1):
+            sent = {**self.headers, **headers}
+            if url.origin() != first:
+                sent = {k: v for k, v in sent.items() if k.lower() in CROSS_ORIGIN_HEADERS}
+            resp = await session.request(method, url, headers=sent, allow_redirects=False)
+            location = resp.headers.get("Location")
+            if resp.status not in REDIRECTS or not location:
+                return resp
+            resp.release()
+            target = url.join(URL(location))
+            if url.scheme == "https" and target.scheme != "https":
+                raise _RedirectRefused(f"{what}: refusing a redirect from https to {target}")
+            url = target
+        raise _RedirectRefused(f"{what}: too many redirects (more than {self.max_redirects})")
 
     async def stat(self, key: str) -> ObjectInfo:
         url = self.url(key)

@@ -127,3 +127,38 @@ async def test_redirect_from_https_to_http_is_refused(scripted: Any, tmp_path: P
         pool.close()
     assert secure.requests == 1  # the TLS origin was reached and answered
     assert plain.connections == 0  # and nothing went out in clear text
+
+
+@pytest.mark.parametrize("call", ["HEAD (stat)", "GET on the loop path"])
+async def test_aiohttp_path_redirect_drops_custom_headers(scripted: Any, call: str) -> None:
+    """HEAD (always on aiohttp) and the loop data path follow the same policy as the threaded
+    client; aiohttp's own redirects drop only Authorization."""
+
+    def target(conn: socket.socket, first: int, last: int) -> None:
+        if first == last == 0:  # the HEAD: no Range
+            conn.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {len(DATA)}\r\nETag: \"v1\"\r\n\r\n".encode())
+        else:
+            conn.sendall(answer(first, last) + DATA[first : last + 1])
+
+    other = scripted(target)
+
+    def redirect(conn: socket.socket, first: int, last: int) -> None:
+        where = f"http://127.0.0.1:{other.port}/m/{BIG}"
+        conn.sendall(f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {where}\r\nContent-Length: 0\r\n\r\n".encode())
+
+    first_origin = scripted(redirect)
+    backend = open_backend(first_origin.uri, {
+        **FAST, "read_timeout_s": 2, "data_path": "loop",
+        "headers": {"X-Api-Key": "secret-k", "Authorization": "Bearer secret-t"}})
+    try:
+        if call.startswith("HEAD"):
+            info = await asyncio.wait_for(backend.stat(BIG), 20)
+            assert info.size == len(DATA)
+        else:
+            buf = bytearray(100)
+            await asyncio.wait_for(backend.read_into(BIG, 7, memoryview(buf)), 20)
+            assert bytes(buf) == DATA[7:107]
+    finally:
+        await backend.aclose()
+    assert b"x-api-key: secret-k" in first_origin.last_head.lower()
+    assert b"secret" not in other.last_head.lower(), other.last_head
