@@ -29,6 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from cicada_async.service.config import ServerConfig
 from cicada_async.service.responses import error_response
+from protocols.errors import ConfigError
 
 log = logging.getLogger("cicada.server")
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
@@ -224,10 +225,38 @@ class GuardedServer(web.Server):
         return GuardedHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
 
 
+# aiohttp's private internals the guard relies on (pyproject pins aiohttp to the tested range).
+# A release that renames one would silently switch off the caps or the header timer (fail
+# open), so the server checks them all at start and refuses to run without them.
+HANDLER_INTERNALS = ("_request_handler", "_request_in_progress", "_messages", "_request_count", "_loop",
+                     "transport", "connection_made", "connection_lost", "data_received", "handle_error")
+SERVER_INTERNALS = ("_loop", "_kwargs", "request_handler", "request_factory", "handler_cancellation")
+RUNNER_INTERNALS = ("_make_server",)
+
+
+def check_internals(loop: asyncio.AbstractEventLoop) -> None:
+    """Raise ConfigError naming every internal of aiohttp the guard needs and cannot find."""
+    async def no_handler(request: web.BaseRequest) -> web.StreamResponse:  # pragma: no cover
+        raise web.HTTPNotFound()
+
+    server = web.Server(no_handler, loop=loop)  # instance attributes: web.Server has no slots
+    missing = [f"RequestHandler.{n}" for n in HANDLER_INTERNALS if not hasattr(RequestHandler, n)]
+    missing += [f"web.Server.{n}" for n in SERVER_INTERNALS if not hasattr(server, n)]
+    # AppRunner's own: BaseRunner declares _make_server abstract, which would pass hasattr.
+    missing += [f"web.AppRunner.{n}" for n in RUNNER_INTERNALS if n not in vars(web.AppRunner)]
+    if missing:
+        import aiohttp
+
+        raise ConfigError(f"aiohttp {aiohttp.__version__} lacks internals the connection guard needs "
+                          f"({', '.join(missing)}); install the version range pinned in pyproject.toml")
+
+
 class GuardedRunner(web.AppRunner):
-    """An AppRunner whose server is a ``GuardedServer``."""
+    """An AppRunner whose server is a ``GuardedServer``; refuses to exist (ConfigError) on an
+    aiohttp without the internals the guard needs."""
 
     def __init__(self, app: web.Application, guard: ConnectionGuard, **kwargs: Any) -> None:
+        check_internals(asyncio.get_running_loop())
         super().__init__(app, **kwargs)
         self.guard = guard
 
