@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from backends.memory import Faults, MemoryBackend
-from cicada_async.engine.executor import Executor
+from cicada_async.engine.executor import Executor, ExecutorDead
 from cicada_async.engine.fetch import FetchScheduler
 from cicada_async.engine.job import LoadJob, LoadOptions
 from cicada_async.engine.pipeline import LoadRequest, cold_start
@@ -109,10 +109,11 @@ def test_a_killed_worker_fails_queued_and_waiting_work_instead_of_hanging() -> N
         ex.post_apply(lambda: (_ for _ in ()).throw(SystemExit("killed")))
         t0 = time.monotonic()
         busy.result(timeout=5)
-        with pytest.raises(Exception) as e:
+        # The job waiting for weights is woken and told the executor stopped under it; the
+        # queued one never ran and is told the worker died, and of what.
+        with pytest.raises(ExecutorDead, match="^the executor stopped while a job was waiting for weights$"):
             first.result(timeout=10)
-        assert "stopped" in str(e.value) or "died" in str(e.value)
-        with pytest.raises(Exception, match="died"):
+        with pytest.raises(ExecutorDead, match=r"^the executor died \(SystemExit: killed\) before this job ran$"):
             queued.result(timeout=10)
         assert time.monotonic() - t0 < 10 and not ex.alive
     finally:
@@ -138,10 +139,13 @@ def test_jobs_after_a_wait_run_on_the_most_recently_idle_worker() -> None:
             started = threading.Event()
             waiting.append(ex.submit(gated, started))
             assert started.wait(5)
-        assert ex.submit(threading.get_ident).result(timeout=5)
+        # While all three wait off the turn, a fourth job runs on a fourth worker, not on the
+        # caller's thread nor on a waiting job's.
+        fourth = ex.submit(threading.get_ident).result(timeout=5)
         release.set()
         ex.post_apply(lambda: None)  # wakes the gated jobs' checks
-        [f.result(timeout=5) for f in waiting]
+        gated_on = {f.result(timeout=5) for f in waiting}
+        assert len(gated_on) == 3 and fourth not in gated_on and fourth != threading.get_ident()
         assert ex.threads >= 4
         time.sleep(0.05)  # every worker back in its idle wait
         ran_on = {ex.submit(threading.get_ident).result(timeout=5) for _ in range(50)}
