@@ -54,15 +54,23 @@ class FetchScheduler:
         # Loads whose fetch runs (Fetcher.run). Read by executor threads without a lock: a
         # forward widens to every core once it is 0 (forward.Widening), a heuristic, not a promise.
         self.fetching = 0
+        # Tests set a list: each slot grant is appended as (the load's priority, its arrival
+        # number), in the order the slots were granted.
+        self.grants: list[tuple[Priority, int]] | None = None
 
     async def acquire(self, priority: Priority) -> None:
+        seq = next(self._seq)
         if self._free > 0 and not self._waiters:
             self._free -= 1
+            if self.grants is not None:
+                self.grants.append((priority, seq))
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (priority if self.prioritized else _ARRIVAL, next(self._seq), fut))
+        heapq.heappush(self._waiters, (priority if self.prioritized else _ARRIVAL, seq, fut))
         try:
             await fut
+            if self.grants is not None:
+                self.grants.append((priority, seq))
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # granted just as we were cancelled: pass it on
