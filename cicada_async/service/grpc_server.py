@@ -30,7 +30,7 @@ from grpc import aio
 
 from cicada_async.service import auth
 from cicada_async.service.dataplane import EXTENSIONS, DataPlane
-from cicada_async.service.limits import OFFLOAD_BYTES
+from cicada_async.service.limits import OFFLOAD_BYTES, offload_codec
 from protocols import grpc_v2_pb2 as pb
 from protocols import v2_grpc
 from protocols.errors import (
@@ -198,13 +198,13 @@ async def model_infer(dp: DataPlane, data: bytes, context: aio.ServicerContext) 
     dp.reserve_body("", n)
     try:
         big = n > OFFLOAD_BYTES
-        msg = await asyncio.to_thread(_parse, pb.ModelInferRequest, data) if big else _parse(pb.ModelInferRequest, data)
+        msg = await offload_codec(lambda: _parse(pb.ModelInferRequest, data)) if big else _parse(pb.ModelInferRequest, data)
         entry = dp.admit(msg.model_name, msg.model_version)
         name = entry.name
         dp.check_queue(entry)
         with dp.accounted(name) as outcome:
             t = time.monotonic_ns()
-            req = await asyncio.to_thread(v2_grpc.decode_infer, msg) if big else v2_grpc.decode_infer(msg)
+            req = await offload_codec(lambda: v2_grpc.decode_infer(msg)) if big else v2_grpc.decode_infer(msg)
             outcome.decode_ns = time.monotonic_ns() - t
             del msg
             outputs = await dp.infer(entry, req, outcome, deadline_s=context.time_remaining())
@@ -214,7 +214,7 @@ async def model_infer(dp: DataPlane, data: bytes, context: aio.ServicerContext) 
             def encode() -> bytes:
                 return _bytes(v2_grpc.encode_infer(name, outputs, request_id=req.id, requested=req.outputs))
 
-            out = await asyncio.to_thread(encode) if nbytes > OFFLOAD_BYTES else encode()
+            out = await offload_codec(encode) if nbytes > OFFLOAD_BYTES else encode()
             outcome.encode_ns = time.monotonic_ns() - t
         return out
     finally:

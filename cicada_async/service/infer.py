@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from cicada_async.service.http_auth import refusal
-from cicada_async.service.limits import OFFLOAD_BYTES, BodyBudget
+from cicada_async.service.limits import OFFLOAD_BYTES, BodyBudget, offload_codec
 from cicada_async.service.responses import error_response
 from cicada_async.service.routes import path_model, plane
 from protocols import v2
@@ -144,7 +144,7 @@ async def infer(request: web.Request) -> web.Response:
             hl = _header_length(request)
             t = time.monotonic_ns()
             if len(body) > OFFLOAD_BYTES:
-                req = await asyncio.to_thread(v2.decode_request, body, hl)
+                req = await offload_codec(lambda: v2.decode_request(body, hl))
             else:
                 req = v2.decode_request(body, hl)
             outcome.decode_ns = time.monotonic_ns() - t
@@ -157,7 +157,7 @@ async def infer(request: web.Request) -> web.Response:
                                           binary_default=req.binary_output)
 
             t = time.monotonic_ns()
-            out, out_hl = await asyncio.to_thread(encode) if nbytes > OFFLOAD_BYTES else encode()
+            out, out_hl = await offload_codec(encode) if nbytes > OFFLOAD_BYTES else encode()
             outcome.encode_ns = time.monotonic_ns() - t
     finally:
         dp.release_body(reserved[0])

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
 # Decoding/encoding big bodies (numpy parsing of long JSON lists, protobuf parsing) would stall
 # the loop: above this many bytes it happens on a worker thread.
 OFFLOAD_BYTES = 256 * 1024
+# Those threads are the codecs' own, not the loop's default executor: that pool carries a cold
+# start's local reads and whole-file hashes (seconds each), and a warm request's decode must not
+# queue behind them. Bounded: codecs hold the GIL for much of their work, so more threads would
+# not decode faster, and the body budget already bounds the bytes waiting for one.
+CODEC_THREADS = 4
+_codecs = ThreadPoolExecutor(CODEC_THREADS, thread_name_prefix="cicada-codec")
+
+
+async def offload_codec(fn: Callable[[], T]) -> T:
+    """``fn()`` (a body decode or encode) on the codec threads."""
+    return await asyncio.get_running_loop().run_in_executor(_codecs, fn)
 
 
 class BodyBudget:
