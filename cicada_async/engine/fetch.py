@@ -323,6 +323,15 @@ class Fetcher:
                     self._unlanded.add(i)
                     for s in read.shards:
                         self.ledger.reading(s)
+                if not self.landing.try_reserve(i, read):
+                    # A staging slab waits for compute (an earlier read's copy), not storage:
+                    # no read slot is kept meanwhile, and no read timeout runs.
+                    if held:
+                        self.scheduler.release()
+                        held = False
+                    await self.landing.reserve(i, read)
+                    if self._failed():
+                        return
                 if not held:
                     await self.scheduler.acquire(self.priority.current)
                     held = True

@@ -37,8 +37,17 @@ class Landing(Protocol):
         """Files the loaded tensors view, to be checked before warm forwards (mapped files)."""
         ...
 
+    def try_reserve(self, r: int, read: ReadRange) -> bool:
+        """Take what read ``r`` will land in, if it is free now (True: nothing to wait for)."""
+        ...
+
+    async def reserve(self, r: int, read: ReadRange) -> None:
+        """Wait for what read ``r`` will land in: before its read slot and outside its read
+        timeout, since it waits for compute (a staging slab's copy), not for storage."""
+        ...
+
     async def fill(self, r: int, read: ReadRange, backend: StorageBackend, version: str | None) -> None:
-        """Fetch read ``r``'s bytes from ``backend`` to where they land."""
+        """Fetch read ``r``'s bytes from ``backend`` to where they land (after ``reserve``)."""
         ...
 
     def read_landed(self, r: int, read: ReadRange) -> None:
@@ -133,6 +142,12 @@ class _HostLanding:
 
     def read_landed(self, r: int, read: ReadRange) -> None:
         return None  # the bytes are already where the tensors will be
+
+    def try_reserve(self, r: int, read: ReadRange) -> bool:
+        return True  # file-shaped memory: every read has its place
+
+    async def reserve(self, r: int, read: ReadRange) -> None:
+        return None
 
     # With a manifest, converted spans are released only after verification: released pages
     # of an anonymous arena read back as zeros, and the file would hash wrong.

@@ -124,12 +124,26 @@ class StagingLanding(_BufferFill):
         self._copied = 0
         self._all_copied: asyncio.Event | None = None
 
-    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+    def try_reserve(self, r: int, read: ReadRange) -> bool:
+        self._check(read)
+        if r not in self.slabs:
+            if self._free.empty():
+                return False
+            self.slabs[r] = self._free.get_nowait()
+        return True
+
+    async def reserve(self, r: int, read: ReadRange) -> None:
+        self._check(read)
+        if r not in self.slabs:
+            self.slabs[r] = await self._free.get()  # a copy of an earlier read frees one
+
+    def _check(self, read: ReadRange) -> None:
         if read.nbytes > self.slab_bytes:
             raise ValueError(f"read of {read.nbytes} bytes exceeds the {self.slab_bytes}-byte slab")
-        slab = await self._free.get()
-        self.slabs[r] = slab
-        return slab.numpy().data.cast("B")[: read.nbytes]
+
+    async def buffer_for(self, r: int, read: ReadRange) -> memoryview:
+        await self.reserve(r, read)  # normally done already, before the read slot
+        return self.slabs[r].numpy().data.cast("B")[: read.nbytes]
 
     def read_landed(self, r: int, read: ReadRange) -> None:
         slab = self.slabs.pop(r)

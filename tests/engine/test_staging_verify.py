@@ -24,6 +24,7 @@ from cicada_async.engine.forward import run_forward
 from cicada_async.engine.job import LoadJob, LoadOptions
 from cicada_async.engine.pack import pack
 from cicada_async.engine.pipeline import LoadRequest, cold_start
+from cicada_async.engine.reads import MAX_GAP_BYTES
 from protocols.errors import IntegrityError
 from protocols.serving import Priority
 from tests.fixtures.helpers import assert_equal_outputs, inputs_for, reference
@@ -106,3 +107,27 @@ async def test_a_corrupt_file_fails_naming_that_file_only(packed_sharded: Path) 
         await _load_with_busy_executor(packed_sharded)
     msg = str(e.value)
     assert files[-1] in msg and not any(f in msg for f in files[:-1]), msg
+
+
+async def test_a_read_waiting_for_a_slab_is_not_a_storage_timeout(model_dirs: dict[str, Path]) -> None:
+    """Slabs come back only when the executor ran their copy: with its turn held longer than the
+    read timeout, reads wait for slabs, which is no storage stall (and holds no read slot)."""
+    d = model_dirs["tiny-gpt2"]
+    backend = MemoryBackend.from_dir(d)
+    ex = Executor()
+    ex.start()
+    hold = ex.submit(time.sleep, 1.5, priority=Priority.SETUP)  # before any copy can run
+    # Two slabs (a slab is a read plus the largest gap): the third read needs a copy to have
+    # run, while the byte budget (reads are far smaller than slabs) admits many more reads.
+    slab = 8192 + 8192 // 4 + 2 * backend.alignment + MAX_GAP_BYTES
+    request = LoadRequest(options=LoadOptions(read_bytes=8192, staging=True),
+                          fetch=FetchSettings(queue_bytes=2 * slab, read_timeout_s=0.5))
+    try:
+        model, _, _ = await cold_start(backend, ex, FetchScheduler(2), request)
+        inputs = inputs_for(d)
+        out = await ex.run(lambda: run_forward(model, inputs, torch.device("cpu")))
+    finally:
+        await backend.aclose()
+        ex.stop()
+    assert hold.done()
+    assert_equal_outputs(reference(d, inputs), out)
