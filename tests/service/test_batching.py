@@ -268,3 +268,51 @@ def test_a_policy_made_before_describe_pads_once_the_model_is_described(qa_dir: 
             assert batcher.key(short, policy) == batcher.key(long, policy)
 
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_a_large_warm_batch_is_built_off_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # C-10: four 3 MiB image batches joined into one 12 MiB input: no torch.cat of that size
+    # on the event loop's thread (torch's own function watched, not ours).
+    import dataclasses
+    import threading
+
+    from cicada_async.engine.runtime import Engine
+    from cicada_async.models.catalogue import make_model
+    from cicada_async.service import batcher
+    from protocols.serving import ModelOptions, Priority
+    from tests.fixtures.helpers import reference as plain
+
+    d = make_model("tiny-convnet", tmp_path / "convnet")
+
+    @dataclasses.dataclass
+    class Request:
+        inputs: dict[str, torch.Tensor]
+        enqueued: float = 0.0
+        priority: Priority = Priority(10)
+
+    requests = [Request({"x": torch.randn(1024, 3, 16, 16, generator=torch.Generator().manual_seed(i))}) for i in range(4)]
+    cat, big_on_loop = torch.cat, []
+
+    def watched(tensors: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if threading.current_thread() is threading.main_thread() and sum(t.nbytes for t in tensors) > 1 << 20:
+            big_on_loop.append(sum(t.nbytes for t in tensors))
+        return cat(tensors, *args, **kwargs)
+
+    async def go() -> list[Any]:
+        async with Engine() as engine:
+            inst = engine.instance("convnet", str(d), ModelOptions())
+            await inst.load()
+            policy = batcher.policy_for(model_config("convnet", {"uri": str(d), "max_batch_size": 4096}), inst)
+            monkeypatch.setattr(torch, "cat", watched)
+            sizes: list[int] = []
+            out = await batcher.run(inst, requests, policy, join=None, ready=lambda: True,
+                                    on_batch=lambda n, ns: sizes.append(n))
+            monkeypatch.setattr(torch, "cat", cat)
+            assert sizes == [4]  # one forward for the four
+            return out
+
+    results = asyncio.run(asyncio.wait_for(go(), 120))
+    assert big_on_loop == []
+    for r, res in zip(requests, results):
+        assert isinstance(res, dict)
+        np.testing.assert_allclose(res["output"].numpy(), plain(d, r.inputs)["output"].numpy(), rtol=0, atol=1e-6)
