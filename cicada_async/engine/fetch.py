@@ -49,7 +49,9 @@ class FetchScheduler:
         self.slots = slots
         self.prioritized = prioritized
         self._free = slots
-        self._waiters: list[tuple[Priority, int, asyncio.Future[None]]] = []
+        # (rank, arrival, grant, the load's live priority): re-ranked before every grant, so a
+        # load raised while its reads wait (set_fetch_priority) moves up at once.
+        self._waiters: list[tuple[Priority, int, asyncio.Future[None], LoadPriority | None]] = []
         self._seq = itertools.count()
         # Loads whose fetch runs (Fetcher.run). Read by executor threads without a lock: a
         # forward widens to every core once it is 0 (forward.Widening), a heuristic, not a promise.
@@ -58,7 +60,10 @@ class FetchScheduler:
         # number), in the order the slots were granted.
         self.grants: list[tuple[Priority, int]] | None = None
 
-    async def acquire(self, priority: Priority) -> None:
+    async def acquire(self, priority: Priority | LoadPriority) -> None:
+        """A read slot; ``priority`` may be a load's live priority, read again while it waits."""
+        live = priority if isinstance(priority, LoadPriority) else None
+        priority = priority.current if isinstance(priority, LoadPriority) else priority
         seq = next(self._seq)
         if self._free > 0 and not self._waiters:
             self._free -= 1
@@ -66,11 +71,11 @@ class FetchScheduler:
                 self.grants.append((priority, seq))
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, (priority if self.prioritized else _ARRIVAL, seq, fut))
+        heapq.heappush(self._waiters, (priority if self.prioritized else _ARRIVAL, seq, fut, live))
         try:
             await fut
             if self.grants is not None:
-                self.grants.append((priority, seq))
+                self.grants.append((live.current if live is not None else priority, seq))
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # granted just as we were cancelled: pass it on
@@ -83,15 +88,22 @@ class FetchScheduler:
         read in flight per load, handing it on after every read would alternate the loads
         whatever their priorities. Equal priorities take turns. Unprioritized: always.
         """
+        self._rerank()
         while self._waiters and self._waiters[0][2].done():
             heapq.heappop(self._waiters)
         if not self._waiters:
             return False
         return not self.prioritized or self._waiters[0][0] <= priority
 
+    def _rerank(self) -> None:
+        if self.prioritized and any(w[3] is not None and w[3].current != w[0] for w in self._waiters):
+            self._waiters = [(w[3].current if w[3] is not None else w[0], *w[1:]) for w in self._waiters]
+            heapq.heapify(self._waiters)
+
     def release(self) -> None:
+        self._rerank()
         while self._waiters:
-            _, _, fut = heapq.heappop(self._waiters)
+            _, _, fut, _ = heapq.heappop(self._waiters)
             if not fut.done():
                 fut.set_result(None)
                 return
@@ -333,7 +345,7 @@ class Fetcher:
                     if self._failed():
                         return
                 if not held:
-                    await self.scheduler.acquire(self.priority.current)
+                    await self.scheduler.acquire(self.priority)
                     held = True
                     if self._failed():
                         return  # no read for a failed load (the finally passes the slot on)
