@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from cicada_async.models.catalogue import make_model
 from loadtest.soak import ServerProcess, free_port
+from tests.fixtures.helpers import reference
 from tests.fixtures.triton import TRITON_WARNINGS
 from tests.service.trickle_origin import TrickleOrigin
 
@@ -44,7 +46,7 @@ class Live:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     def http_output(self) -> list[Any]:
-        """The same request over HTTP, the reference for the gRPC answers."""
+        """The same request over HTTP (checked against the plain forward too)."""
         c = httpclient.InferenceServerClient(f"127.0.0.1:{self.server.port}")
         try:
             i = httpclient.InferInput("input_ids", [1, 4], "INT64")
@@ -92,6 +94,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, int
 
 
 @pytest.fixture(scope="module")
+def want(models: tuple[Path, int]) -> list[Any]:
+    """The plain PyTorch forward of the same weights: the oracle for every transport's answer."""
+    out: list[Any] = reference(models[0], {"input_ids": torch.from_numpy(IDS)})["output"].tolist()
+    return out
+
+
+@pytest.fixture(scope="module")
 def live(models: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     mlp, origin_port = models
     server = start(tmp_path_factory.mktemp("grpc"), origin_port, mlp)
@@ -102,15 +111,15 @@ def live(models: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 @pytest.mark.timeout(120)
-def test_tritonclient_grpc_sync(live: Live) -> None:
+def test_tritonclient_grpc_sync(live: Live, want: list[Any]) -> None:
     out = live.probe("triton_sync")
     assert out["live"] and out["ready"] and out["model_ready"]
     meta = out["server_metadata"]
     assert meta["name"] == "cicada-async" and "statistics" in meta["extensions"]
     assert "model_configuration" in meta["extensions"] and "binary_tensor_data" not in meta["extensions"]
-    # raw_output_contents, bit for bit what HTTP answers for the same input.
+    # raw_output_contents, bit for bit the plain PyTorch forward.
     assert out["infer"]["id"] == "g1"
-    assert out["infer"]["output"] == live.http_output()
+    assert out["infer"]["output"] == want
     md = out["metadata"]
     assert md["name"] == "mlp" and md["platform"] == "pytorch"
     assert md["inputs"] == [{"name": "input_ids", "datatype": "INT64", "shape": ["-1", "-1"]}]
@@ -145,10 +154,11 @@ def test_tritonclient_grpc_sync(live: Live) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_tritonclient_grpc_aio_and_http_statistics_agree(live: Live) -> None:
+def test_tritonclient_grpc_aio_and_http_statistics_agree(live: Live, want: list[Any]) -> None:
     out = live.probe("triton_aio")
     assert out["live"] and out["ready"]
-    assert out["output"] == live.http_output()
+    assert out["output"] == want
+    assert live.http_output() == want
     assert int(out["stats_after"]["inference_count"]) == int(out["stats_before"].get("inference_count", 0)) + 1
     assert out["config"]["name"] == "mlp"
     # Both transports count into one set of statistics: HTTP sees the gRPC requests.
@@ -163,10 +173,9 @@ def test_tritonclient_grpc_aio_and_http_statistics_agree(live: Live) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_kserve_grpc_client(live: Live) -> None:
+def test_kserve_grpc_client(live: Live, want: list[Any]) -> None:
     out = live.probe("kserve")
     assert out["live"] and out["ready"] and out["model_ready"]
-    want = live.http_output()
     for mode in ("raw", "contents"):  # raw_input_contents and typed int64_contents
         assert out[mode] == {"id": f"k-{mode}", "output": want}, mode
     assert out["unknown_model"] == "NOT_FOUND"

@@ -129,7 +129,9 @@ async def test_storage_lost_mid_load(model_dirs: dict[str, Path], memory_faults:
             results = await asyncio.gather(*(_infer(s, "m", inputs, timeout_us=10_000_000) for _ in range(6)))
             for status, err, took in results:
                 assert status == 500 and "injected failure" in err, err
-                assert took < 10  # within the deadline
+                # The failure comes after ~300 kB at 10 ms per 64 KiB read (~50 ms): answered at
+                # once, not at the 10 s deadline (which would be a 504 anyway).
+                assert took < 1.0, took
             assert server.sync(lambda: server.repo.get("m").state) == "unloaded"
             async with s.post("/v2/repository/index") as r:
                 row = next(x for x in await r.json() if x["name"] == "m")
