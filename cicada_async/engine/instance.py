@@ -117,9 +117,13 @@ class ModelInstance:
                     out = await asyncio.shield(first)
                 finally:
                     # Read once, by this request: the instance must not keep the first answer's
-                    # tensors (outside any memory budget) until the next load.
-                    if self._first_outputs is first and first.done():
-                        self._first_outputs = None
+                    # tensors (outside any memory budget) until the next load. Cancelled before
+                    # the load ended, the request is not there to read them: dropped when set.
+                    if self._first_outputs is first:
+                        if first.done():
+                            self._first_outputs = None
+                        else:
+                            first.add_done_callback(self._drop_first)
                 if out is not None:
                     return out
             assert self._job is not None
@@ -172,6 +176,12 @@ class ModelInstance:
         self._reset()
         if box and self.engine.executor.alive:
             await self.engine.executor.run(box.clear, priority=Priority.UNLOAD)
+
+    def _drop_first(self, first: asyncio.Future[Tensors | None]) -> None:
+        if not first.cancelled():
+            first.exception()  # retrieved: nobody else will
+        if self._first_outputs is first:
+            self._first_outputs = None
 
     def _is_ready(self) -> bool:
         return self.state == "ready"
