@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cicada_async.service.config import ModelConfig
+from tests.fixtures.helpers import reference
 from tests.fixtures.server import live_server, real_config
 
 httpclient = pytest.importorskip("tritonclient.http")
@@ -31,6 +34,11 @@ def _infer(url: str, name: str) -> np.ndarray:
         return res.as_numpy(res.get_response()["outputs"][0]["name"])
     finally:
         c.close()
+
+
+def _assert_reference(model_dir: Path, got: np.ndarray) -> None:
+    want = next(iter(reference(model_dir, {"input_ids": torch.arange(8).reshape(1, 8)}).values()))
+    assert np.array_equal(got, want.numpy()), model_dir.name
 
 
 def _sizes(model_dirs: dict[str, Path]) -> dict[str, int]:
@@ -67,8 +75,8 @@ def test_concurrent_cold_starts_wait_for_room_instead_of_overrunning(model_dirs:
         while not all(f.done() for f in futs):
             worst = max(worst, s.sync(s.repo.resident_bytes))
             time.sleep(0.01)
-        for f in futs:
-            assert f.result().size > 0
+        for n, f in zip(NAMES, futs):  # the answers themselves: the plain PyTorch forward's
+            _assert_reference(model_dirs[n], f.result())
         assert 0 < worst <= budget
         evicted = [n for n in NAMES if s.repo.get(n).state == "unloaded"]
         assert len(evicted) == 1, "the second load made room by evicting the first"
@@ -92,3 +100,52 @@ def test_a_budget_held_by_a_busy_model_is_refused_after_the_wait(model_dirs: dic
         assert str(e.value.status()) == "503" and "held by models in use: tiny-gpt2" in e.value.message()
         assert s.repo.get("tiny-bert").instance.cold_starts == 0
         assert slow.result().size > 0
+
+
+# -- the process's real memory, not the repository's own count ----------------------------------------
+MLP = {"vocab": 8192, "dim": 1024, "hidden": 256}  # 34 MiB of float32 weights
+
+
+def _mlp(d: Path, seed: int) -> Path:
+    from safetensors.torch import save_model
+
+    from cicada_async.models.plain import TiedMLP
+
+    d.mkdir()
+    torch.manual_seed(seed)
+    save_model(TiedMLP(**MLP).eval(), str(d / "model.safetensors"))
+    (d / "cicada.json").write_text(json.dumps({"factory": "cicada_async.models.plain:TiedMLP", "kwargs": MLP,
+                                               "inputs": {"input_ids": {"shape": [-1, -1], "dtype": "int64"}}}))
+    return d
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.xfail(strict=True, reason="review-3 C-7: the budget counts checkpoint bytes; likely the skeletons (prebuilt, and "
+                   "refilled after each load) are outside it. Measured: 34 MiB models, budget 42.5 MiB, "
+                   "peak RSS growth 112 MiB")
+def test_real_rss_stays_within_the_budget(tmp_path: Path) -> None:
+    dirs = {"a": _mlp(tmp_path / "a", 1), "b": _mlp(tmp_path / "b", 2)}
+    size = (dirs["a"] / "model.safetensors").stat().st_size
+    budget = size + size // 4  # one at a time
+    cfg = real_config(dirs, ("a", "b"), memory_budget_bytes=budget, keep_alive_check_s=0.05)
+    for n in dirs:  # a slow origin: both loads are in flight together if nothing stops them
+        cfg.models[n] = dataclasses.replace(cfg.models[n], uri=f"memory://{dirs[n]}")
+    cfg = dataclasses.replace(cfg, storage={"memory": {"delay_s": 0.05}})
+    with live_server(cfg) as s, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        s.wait_until(lambda: all(s.repo.get(n).instance.weight_bytes for n in dirs), timeout=30)
+        time.sleep(2)  # prebuilt skeletons settled: the baseline is a started, idle server
+        base = peak = _rss()
+        futs = [pool.submit(_infer, s.url, n) for n in dirs]
+        while not all(f.done() for f in futs):
+            peak = max(peak, _rss())
+            time.sleep(0.005)
+        for n, f in zip(dirs, futs):
+            _assert_reference(dirs[n], f.result())
+    slack = 16 << 20  # allocator and request buffers
+    assert peak - base <= budget + slack, f"RSS grew {(peak - base) >> 20} MiB, budget {budget >> 20} MiB"
