@@ -76,3 +76,24 @@ async def test_a_request_that_joined_the_load_is_not_answered_from_corrupt_bytes
         second = asyncio.create_task(inst.infer(inputs))
         results = await asyncio.gather(first, second, return_exceptions=True)
     assert all(isinstance(r, IntegrityError) for r in results), results
+
+
+async def test_verification_does_not_queue_on_the_default_pool(packed: Path) -> None:
+    """Whole-file hashes run on a bounded pool of their own (review-3 C-8): with the loop's
+    default pool taken by other blocking work (disk reads, body codecs), a packed load still
+    verifies and answers."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.get_running_loop()
+    busy = ThreadPoolExecutor(1)
+    loop.set_default_executor(busy)
+    release = threading.Event()
+    blocker = loop.run_in_executor(None, release.wait, 60)
+    try:
+        inputs = inputs_for(packed)
+        _, out, _ = await asyncio.wait_for(_cold(packed, LoadOptions(read_bytes=8192)), 20)
+        assert_equal_outputs(reference(packed, inputs), out)
+    finally:
+        release.set()
+        await blocker
