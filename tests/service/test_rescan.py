@@ -32,7 +32,10 @@ def _repo_config(root: Path) -> Config:
 def _copy_model(src: Path, dst: Path) -> None:
     dst.mkdir()
     for f in src.iterdir():
-        os.link(f, dst / f.name)  # hard links: many model folders for the price of one
+        # Hard links: many model folders for the price of one. Only the model's files: a plan
+        # directory (.cicada/) that an earlier load wrote beside them is not the model's.
+        if f.is_file():
+            os.link(f, dst / f.name)
 
 
 async def _infer(s: aiohttp.ClientSession, model: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
