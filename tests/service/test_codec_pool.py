@@ -16,7 +16,7 @@ from cicada_async.service.config import Config, ModelConfig, ServerConfig
 from cicada_async.service.limits import OFFLOAD_BYTES
 from protocols import v2
 from tests.fixtures.helpers import reference
-from tests.fixtures.server import live_server
+from tests.fixtures.server import live_server, v2_infer
 
 
 def test_large_body_does_not_wait_for_the_default_executor(model_dirs: dict[str, Path]) -> None:
@@ -24,7 +24,7 @@ def test_large_body_does_not_wait_for_the_default_executor(model_dirs: dict[str,
     config = Config(server=ServerConfig(host="127.0.0.1", port=0), models={"mlp": ModelConfig(name="mlp", uri=str(mlp))})
     ids = torch.randint(0, 256, (1, 40_000), generator=torch.Generator().manual_seed(3))
     inputs = {"input_ids": ids}
-    body, hl = v2.encode_request(inputs, binary=True)
+    body, _ = v2.encode_request(inputs, binary=True)
     assert len(body) > OFFLOAD_BYTES
     want = reference(mlp, inputs)
     with live_server(config) as srv:
@@ -36,13 +36,7 @@ def test_large_body_does_not_wait_for_the_default_executor(model_dirs: dict[str,
 
         async def go() -> dict[str, torch.Tensor]:
             async with aiohttp.ClientSession(srv.http_url, timeout=aiohttp.ClientTimeout(total=20)) as s:
-                async with s.post("/v2/models/mlp/infer", data=body, headers={v2.HEADER_LENGTH: str(hl)},
-                                  params={"binary_data_output": "true"}) as r:
-                    raw = await r.read()
-                    assert r.status == 200, raw[:300]
-                    hl_out = r.headers.get(v2.HEADER_LENGTH)
-                    out: dict[str, torch.Tensor] = v2.decode_response(raw, int(hl_out) if hl_out else None)["outputs"]
-                    return out
+                return await v2_infer(s, "mlp", inputs)
 
         try:
             got = srv.call(go, timeout=30)

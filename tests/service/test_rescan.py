@@ -16,9 +16,8 @@ import pytest
 import torch
 
 from cicada_async.service.config import Config, ModelConfig, ServerConfig, scan_repository
-from protocols import v2
 from tests.fixtures.helpers import inputs_for, reference
-from tests.fixtures.server import live_server
+from tests.fixtures.server import live_server, v2_infer
 
 T = aiohttp.ClientTimeout(total=60)
 
@@ -37,17 +36,6 @@ def _copy_model(src: Path, dst: Path) -> None:
         if f.is_file():
             os.link(f, dst / f.name)
 
-
-async def _infer(s: aiohttp.ClientSession, model: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    body, hl = v2.encode_request(inputs, binary=True)
-    headers = {v2.HEADER_LENGTH: str(hl)} if hl is not None else {}
-    async with s.post(f"/v2/models/{model}/infer", data=body, headers=headers,
-                      params={"binary_data_output": "true"}) as r:
-        raw = await r.read()
-        assert r.status == 200, raw[:300]
-        hl_out = r.headers.get(v2.HEADER_LENGTH)
-        out: dict[str, torch.Tensor] = v2.decode_response(raw, int(hl_out) if hl_out else None)["outputs"]
-        return out
 
 
 def test_added_folder_gets_metadata_before_its_first_load(model_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -102,7 +90,7 @@ def _race(srv_config: Config, root: Path, src: Path, inputs: dict[str, torch.Ten
     with live_server(srv_config) as srv:
         async def go() -> None:
             async with aiohttp.ClientSession(srv.http_url, timeout=T) as s:
-                await _infer(s, "warm", inputs)
+                await v2_infer(s, "warm", inputs)
                 stop = asyncio.Event()
 
                 async def scrape() -> int:
@@ -116,7 +104,7 @@ def _race(srv_config: Config, root: Path, src: Path, inputs: dict[str, torch.Ten
                 async def infer() -> int:
                     n = 0
                     while not stop.is_set():
-                        got = await _infer(s, "warm", inputs)
+                        got = await v2_infer(s, "warm", inputs)
                         assert torch.equal(got["output"], want["output"])
                         n += 1
                     return n
