@@ -10,52 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import ClassVar, Literal, Protocol, TypedDict
+from typing import Literal, Protocol, TypedDict
 
 import torch
 
+from protocols.generation import GenerativeModel
+from protocols.priority import Priority
 
-@dataclass(frozen=True, order=True, slots=True)
-class Priority:
-    """Where work stands in line: a lower level runs first, on the executor and for reads.
-
-    Requests carry levels 1 (most urgent) and up; the wire's 0 ("the model's default") is
-    resolved once, at the edge (``from_wire``). The engine's own work has named levels.
-    """
-
-    level: int
-
-    # Named levels (assigned below the class).
-    SETUP: ClassVar[Priority]
-    """Planning and skeleton work of tools that prepare a model outside any request (pack)."""
-    UNLOAD: ClassVar[Priority]
-    """Dropping an unloaded model's last reference: ahead of every request, after the forward in flight."""
-    MOST_URGENT: ClassVar[Priority]
-    """The most urgent level a request can carry."""
-    DEFAULT: ClassVar[Priority]
-    """A request's level when neither the request nor the model's config names one."""
-    IMPORTS: ClassVar[Priority]
-    """Warming the model libraries' imports at start: as a default request, never ahead of one."""
-    BACKGROUND: ClassVar[Priority]
-    """Prebuilt skeletons and their refills: only when no request waits."""
-
-    @classmethod
-    def from_wire(cls, value: int, default: Priority) -> Priority:
-        """A request's ``priority`` parameter: 0 means ``default`` (the model's), 1 is most urgent."""
-        if value < 0:
-            raise ValueError(f"a wire priority is 0 or more, got {value}")
-        return default if value == 0 else cls(value)
-
-    def __str__(self) -> str:
-        return str(self.level)
+__all__ = ["Priority"]  # re-exported: the scale's home is protocols.priority
 
 
-Priority.SETUP = Priority(-1)
-Priority.UNLOAD = Priority(0)
-Priority.MOST_URGENT = Priority(1)
-Priority.DEFAULT = Priority(10)
-Priority.IMPORTS = Priority(10)
-Priority.BACKGROUND = Priority(1000)
 
 
 @dataclass(frozen=True)
@@ -66,6 +30,11 @@ class ModelOptions:
     """"float32", "bfloat16" or "float16"; None serves the checkpoint's dtype."""
     device: str = "cpu"
     """"cpu" or "cuda[:N]"."""
+    kv_cache_bytes: int = 256 << 20
+    """A causal LM's KV cache budget: sequences wait (or are shed) beyond it. Counted in the
+    memory budget with the weights."""
+    max_sequences: int = 16
+    """Sequences of one model generating at once (its continuous batch), at most."""
 
 
 ModelState = Literal["unloaded", "loading", "ready", "failed"]
@@ -89,8 +58,9 @@ class LoadSummary(Protocol):
     def summary(self) -> dict[str, object]: ...
 
 
-class ServedModel(Protocol):
-    """One model the engine can load, run and unload."""
+class ServedModel(GenerativeModel, Protocol):
+    """One model the engine can load, run and unload; a causal LM also generates text
+    (``GenerativeModel``: the others refuse with ``BadRequest``)."""
 
     @property
     def name(self) -> str: ...

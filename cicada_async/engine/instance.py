@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from backends import scheme_of
-from protocols.errors import CicadaError, LoadError
+from protocols.errors import BadRequest, CicadaError, LoadError
+from protocols.generation import GenerationDelta, GenerationStats, PromptCodec, SamplingParams
 from protocols.manifest import Plan
 from protocols.serving import Inputs, ModelOptions, ModelState, Priority, Tensors, TensorSpec
 from protocols.storage import FileWatch, StorageBackend
@@ -176,6 +177,23 @@ class ModelInstance:
         self._reset()
         if box and self.engine.executor.alive:
             await self.engine.executor.run(box.clear, priority=Priority.UNLOAD)
+
+    # generation (the generation issue's engine work replaces these refusals) -----------------
+    async def prompt_codec(self) -> PromptCodec:
+        raise BadRequest(f"model {self.name} does not generate text")
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                       priority: Priority) -> AsyncIterator[GenerationDelta]:
+        for delta in self._refuse_generation():  # an async generator that refuses at its first step
+            yield delta
+
+    def _refuse_generation(self) -> list[GenerationDelta]:
+        raise BadRequest(f"model {self.name} does not generate text")
+
+    @property
+    def generation_stats(self) -> GenerationStats:
+        return GenerationStats(running=0, waiting=0, kv_cache_bytes_used=0,
+                               kv_cache_bytes_budget=0)
 
     def _drop_first(self, first: asyncio.Future[Tensors | None]) -> None:
         if not first.cancelled():
