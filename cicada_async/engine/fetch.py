@@ -9,8 +9,10 @@ soon as its last read lands, in whatever order that happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from protocols.errors import CicadaError, StorageError, StorageTimeout
@@ -205,6 +207,7 @@ class Fetcher:
         self.timeline = timeline
         self.budget = ByteBudget(settings.queue_bytes)
         self._order = asyncio.Lock()
+        self._admitting = 0  # workers holding or waiting for ``_order`` (loop thread only)
         self._next = 0
         self._landed: set[int] = set()
         self._applied: set[int] = set()
@@ -299,16 +302,30 @@ class Fetcher:
         finally:
             self.scheduler.fetching -= 1
 
+    @contextlib.asynccontextmanager
+    async def _admission(self) -> AsyncIterator[None]:
+        """The admission lock, counted while waited for and held (``_admitting``)."""
+        self._admitting += 1
+        try:
+            async with self._order:
+                yield
+        finally:
+            self._admitting -= 1
+
     async def _worker(self) -> None:
         held = False  # a read slot kept from the last read (see FetchScheduler.contested)
         try:
             while True:
-                if held and self._order.locked():
+                if held and self._admitting:
                     # A kept slot never waits for anything: the worker that holds the admission
-                    # lock may be waiting for budget that only a read in flight frees.
+                    # lock may be waiting for budget that only a read in flight frees. Not
+                    # ``_order.locked()``: asyncio's lock is fair, so right after a release,
+                    # with the next waiter woken but not yet running, it reads unlocked while a
+                    # newcomer still queues behind that waiter (the staging CI hang: two slots
+                    # kept in that window, the read in flight starved of a slot).
                     self.scheduler.release()
                     held = False
-                async with self._order:  # admission strictly in plan order
+                async with self._admission():  # admission strictly in plan order
                     if self._failed():
                         return
                     while self._next >= len(self.plan.reads):
