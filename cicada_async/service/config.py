@@ -175,6 +175,11 @@ class ModelConfig:
     """Batch sizes run at once, without waiting out max_queue_delay_us (Triton's preferred_batch_size)."""
     max_queue_delay_us: int = 0
     """How long a batch smaller than max_batch_size may wait for more requests (docs/service.md)."""
+    kv_cache_bytes: int = 256 << 20
+    """A causal LM's KV cache budget in bytes, counted in the memory budget with its weights
+    (both defaults are protocols.serving.ModelOptions'; this module does not import torch)."""
+    max_sequences: int = 16
+    """Sequences of one causal LM generating at once (its continuous batch), at most."""
 
 
 @dataclass
@@ -213,9 +218,7 @@ def _check_keys(table: dict[str, Any], cls: type, where: str, extra: tuple[str, 
 
 
 def _typed(value: Any, types: tuple[type, ...], where: str, *, minimum: float | None = None) -> Any:
-    if isinstance(value, bool) and bool not in types:
-        raise ConfigError(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {value!r}")
-    if not isinstance(value, types):
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
         raise ConfigError(f"{where}: expected {'/'.join(t.__name__ for t in types)}, got {value!r}")
     if minimum is not None and isinstance(value, (int, float)) and value < minimum:  # minimums are numbers
         raise ConfigError(f"{where}: must be >= {minimum}, got {value!r}")
@@ -233,16 +236,12 @@ def _server(table: dict[str, Any]) -> ServerConfig:
             _typed(value, (int,), where, minimum=0)
             if value > 65535:
                 raise ConfigError(f"{where}: must be <= 65535")
-        elif key == "memory_budget_bytes":
-            _typed(value, (int,), where, minimum=1)
-        elif key == "torch_threads":
-            _typed(value, (int,), where, minimum=0)
         elif key in ("serialize_loads", "prefetch"):
             _typed(value, (bool,), where)
         elif key in ("max_request_bytes", "max_queue_total", "max_connections", "max_body_bytes_in_flight",
-                     "max_open_connections", "max_connections_per_peer"):
+                     "max_open_connections", "max_connections_per_peer", "memory_budget_bytes"):
             _typed(value, (int,), where, minimum=1)
-        elif key == "health_reserved_connections":
+        elif key in ("torch_threads", "health_reserved_connections"):
             _typed(value, (int,), where, minimum=0)
         elif key == "auth":
             value = _auth(_typed(value, (dict,), "[server.auth]"))
@@ -318,7 +317,7 @@ def model_config(name: str, table: dict[str, Any]) -> ModelConfig:
             value = _specs(value, w)
         elif key == "keep_alive_s":
             value = float(_typed(value, (int, float), w, minimum=0)) or None
-        elif key in ("max_queue", "default_priority"):
+        elif key in ("max_queue", "default_priority", "kv_cache_bytes", "max_sequences"):
             _typed(value, (int,), w, minimum=1)
         elif key in ("max_batch_size", "max_queue_delay_us"):
             _typed(value, (int,), w, minimum=0)

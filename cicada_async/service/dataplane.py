@@ -24,6 +24,7 @@ from types import TracebackType
 from cicada_async.service import auth, describe
 from cicada_async.service.checks import check_inputs, check_name, check_outputs, unknown_input
 from cicada_async.service.config import Config
+from cicada_async.service.generation import Generation, Generations, Prompt
 from cicada_async.service.limits import BodyBudget
 from cicada_async.service.metrics import Metrics
 from cicada_async.service.repository import IndexEntry, ModelEntry, Repository
@@ -31,7 +32,8 @@ from cicada_async.service.scheduler import Scheduler
 from cicada_async.service.state import ServingState
 from cicada_async.service.stats import Outcome, Stats
 from protocols import v2
-from protocols.errors import InferenceError, Overloaded, ShuttingDown
+from protocols.errors import BadRequest, InferenceError, Overloaded, ShuttingDown
+from protocols.generation import SamplingParams
 from protocols.serving import Priority, ServingEngine, Tensors
 
 log = logging.getLogger("cicada.server")
@@ -94,6 +96,7 @@ class DataPlane:
         self._engine: ServingEngine | None = None
         self._repo: Repository | None = None
         self._sched: Scheduler | None = None
+        self._gen: Generations | None = None
         self._stack: AsyncExitStack | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -106,7 +109,9 @@ class DataPlane:
                               on_shed=lambda model, reason: self.metrics.shed.inc(model=model, reason=reason),
                               on_batch=self._executed)
             self._engine, self._repo, self._sched = engine, repo, sched
+            self._gen = Generations(repo, self.metrics)
             self.metrics.add_collector(self._collect_pending)
+            self.metrics.add_collector(self._gen.collect)
             sched.start()
             stack.push_async_callback(sched.aclose)
             tasks = [asyncio.create_task(repo.maintain(), name="cicada-maintenance"),
@@ -308,6 +313,26 @@ class DataPlane:
         outcome.queue_ns = int(stats.queue_s * 1e9)
         outcome.compute_ns = int(stats.compute_s * 1e9)
         return outputs
+
+    async def generate(self, name: str, prompt: Prompt, params: SamplingParams, *, priority: int = 0,
+                       version: str | None = None) -> Generation:
+        """Admit one text generation (as ``admit`` does an infer), tokenize and check its prompt.
+
+        ``prompt`` is text (a completion) or chat messages (rendered by the model's chat
+        template); ``params.max_tokens`` may be ``generation.UP_TO_CONTEXT``. ``priority`` is the
+        wire's (0: the model's default, 1 most urgent), resolved here as for infer. The returned
+        ``Generation``'s deltas run the sequence; the caller must ``aclose`` it. Errors before the
+        first delta (not generative, context, overload, a failed load) come from the first
+        ``anext``, so a front end can still answer them with a status.
+        """
+        entry = self.admit(name, version)
+        if self._gen is None:
+            raise RuntimeError("the data plane has not started (use it inside `async with`)")
+        try:
+            level = Priority.from_wire(priority, Priority(entry.config.default_priority))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return await self._gen.start(entry, prompt, params, level)
 
     @contextlib.contextmanager
     def accounted(self, name: str) -> Iterator[Outcome]:

@@ -20,6 +20,13 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # GB-seconds (2**30 bytes x s) of one cold start: 0.5 GB for 0.2 s up to 16 GB for minutes.
 GB_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0)
 STATES = ("unloaded", "loading", "ready", "failed")
+# Text generation: vLLM's buckets, so that its dashboards' quantiles read the same.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+               40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0, 1920.0, 7680.0)
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -120,6 +127,27 @@ class Metrics:
         self.evictions = add("cicada_evictions_total", "counter", "Models unloaded, by reason (keep_alive, memory_budget, api)")
         self.shed = add("cicada_requests_shed_total", "counter", "Requests refused or dropped from the queue, by reason")
         self.resident = add("cicada_resident_weight_bytes", "gauge", "Weight bytes of loaded models")
+        # Text generation (OpenAI and Triton generate routes): vLLM's names and model_name label,
+        # so that dashboards made for vLLM chart us unchanged, as Triton's names above do.
+        self.ttft_s = add("vllm:time_to_first_token_seconds", "histogram",
+                          "Histogram of time to first token in seconds (from admission, tokenizing included)",
+                          TTFT_BUCKETS)
+        self.itl_s = add("vllm:inter_token_latency_seconds", "histogram",
+                         "Histogram of inter-token latency in seconds (one observation per generated token)",
+                         ITL_BUCKETS)
+        self.e2e_s = add("vllm:e2e_request_latency_seconds", "histogram",
+                         "Histogram of end-to-end generation request latency in seconds", E2E_BUCKETS)
+        self.prompt_tokens = add("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed")
+        self.generation_tokens = add("vllm:generation_tokens_total", "counter", "Number of generation tokens processed")
+        self.request_success = add("vllm:request_success_total", "counter",
+                                   "Count of finished generation requests, by finished_reason (stop, length, abort)")
+        self.request_failure = add("cicada_generation_failures_total", "counter",
+                                   "Generation requests that ended in an error, by reason")
+        self.running = add("vllm:num_requests_running", "gauge", "Number of sequences in the model's running batch")
+        self.waiting = add("vllm:num_requests_waiting", "gauge", "Number of sequences waiting to join the batch")
+        self.kv_usage = add("vllm:kv_cache_usage_perc", "gauge", "KV cache usage: 1 means the budget is full")
+        self.kv_used = add("cicada_kv_cache_used_bytes", "gauge", "KV cache bytes held by the model's sequences")
+        self.kv_budget = add("cicada_kv_cache_budget_bytes", "gauge", "KV cache byte budget of the model")
         self._collectors: list[Callable[[], None]] = []
 
     def family(self, name: str) -> Family:

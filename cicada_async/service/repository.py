@@ -29,7 +29,8 @@ _INDEX_STATE = {"unloaded": "UNAVAILABLE", "loading": "LOADING", "ready": "READY
 
 def model_options(cfg: ModelConfig) -> ModelOptions:
     """How the engine serves a configured model."""
-    return ModelOptions(dtype=cfg.dtype, device=cfg.device)
+    return ModelOptions(dtype=cfg.dtype, device=cfg.device, kv_cache_bytes=cfg.kv_cache_bytes,
+                        max_sequences=cfg.max_sequences)
 
 
 class IndexEntry(TypedDict):

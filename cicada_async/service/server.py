@@ -27,10 +27,13 @@ from cicada_async.engine.procfs import threads_while_fetching
 from cicada_async.service import auth
 from cicada_async.service.config import Config, ModelConfig, load_config, scan_repository
 from cicada_async.service.dataplane import DataPlane, EngineFactory
+from cicada_async.service.generate_api import generate, generate_stream
 from cicada_async.service.http_auth import auth_middleware
 from cicada_async.service.infer import expect_continue, infer
 from cicada_async.service.lifecycle import drain_middleware, serve
 from cicada_async.service.logs import setup_logging
+from cicada_async.service.openai_api import add_routes as add_openai_routes
+from cicada_async.service.openai_api import openai_errors
 from cicada_async.service.responses import errors_middleware
 from cicada_async.service.routes import (
     DATAPLANE, list_models, live, metrics, model_config, model_metadata, model_ready, ready, repo_index, repo_load,
@@ -70,8 +73,9 @@ def default_engine_factory(config: Config) -> AbstractAsyncContextManager[Servin
 def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory) -> web.Application:
     """The aiohttp application over a new data plane; ``engine_factory`` lets tests swap the engine."""
     # Auth runs first: an unauthenticated request touches no handler and no body byte.
-    # The drain middleware is outermost: at the shutdown deadline it answers for any handler.
-    app = web.Application(middlewares=[drain_middleware, auth_middleware, errors_middleware])
+    # The drain middleware is outermost but one: at the shutdown deadline it answers for any
+    # handler. Outside it, the OpenAI routes' answers of every layer get OpenAI's error shape.
+    app = web.Application(middlewares=[openai_errors, drain_middleware, auth_middleware, errors_middleware])
     dp = app[DATAPLANE] = DataPlane(config, engine_factory)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -108,6 +112,9 @@ def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_
         r.add_get(prefix + "/config", model_config)
         r.add_get(prefix + "/stats", stats)
         r.add_post(prefix + "/infer", infer, **infer_route)
+        r.add_post(prefix + "/generate", generate)  # Triton's generate extension
+        r.add_post(prefix + "/generate_stream", generate_stream)
+    add_openai_routes(r)  # /v1/... and /openai/v1/...
     r.add_get("/metrics", metrics)
     return app
 
