@@ -22,6 +22,7 @@ from cicada_async.engine.capabilities import Capabilities, open_with_capabilitie
 from cicada_async.engine.executor import AHEAD_OF_REQUESTS, Executor
 from cicada_async.engine.fetch import FetchSettings, LoadPriority
 from cicada_async.engine.footprint import estimated_bytes, served_bytes
+from cicada_async.engine.generate import GenerationCodec, GenerationLoop, is_causal_lm
 from cicada_async.engine.forward import inputs_meta, io_spec, pad_token, run_forward
 from cicada_async.engine.headers import read_header
 from cicada_async.engine.job import LoadJob, load_options
@@ -94,6 +95,9 @@ class ModelInstance:
         self.pad_token_id: int | None = None  # set by describe(): padding of token batches allowed
         self._watches: list[FileWatch] = []  # mapped weight files the ready model's tensors view
         self._ready = ReadySkeleton(name)  # kept across unloads once prebuild() asked for it
+        self.causal_lm = False  # known from the config (describe, or a load)
+        self.generation = GenerationLoop(name, options, engine, lambda p: self.load(priority=p),
+                                         lambda: self._model if self.state == "ready" else None)
         load_options(options, read_bytes=1, load_timeout_s=1)  # validate early
 
     # public API --------------------------------------------------------------------------------
@@ -163,6 +167,8 @@ class ModelInstance:
             raise self._load_error or LoadError(f"loading {self.name} failed")
 
     async def unload(self) -> None:
+        # Its sequences fail at once (never a hang), before the model goes.
+        await self.generation.stop(LoadError(f"model {self.name} was unloaded"))
         load = self._load
         if load is not None and not load.done():
             load.cancel()
@@ -178,22 +184,23 @@ class ModelInstance:
         if box and self.engine.executor.alive:
             await self.engine.executor.run(box.clear, priority=Priority.UNLOAD)
 
-    # generation (the generation issue's engine work replaces these refusals) -----------------
+    # generation (engine/generate.py) ----------------------------------------------------------
     async def prompt_codec(self) -> PromptCodec:
         raise BadRequest(f"model {self.name} does not generate text")
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        priority: Priority) -> AsyncIterator[GenerationDelta]:
-        for delta in self._refuse_generation():  # an async generator that refuses at its first step
+        codec = await self._generation_codec()
+        async for delta in self.generation.generate(prompt_ids, params, priority=priority, codec=codec):
             yield delta
 
-    def _refuse_generation(self) -> list[GenerationDelta]:
+    async def _generation_codec(self) -> GenerationCodec:
         raise BadRequest(f"model {self.name} does not generate text")
 
     @property
     def generation_stats(self) -> GenerationStats:
-        return GenerationStats(running=0, waiting=0, kv_cache_bytes_used=0,
-                               kv_cache_bytes_budget=0)
+        # The repository counts the budget in the memory budget: only a causal LM's.
+        return self.generation.stats(self.options.kv_cache_bytes if self.causal_lm else 0)
 
     def _drop_first(self, first: asyncio.Future[Tensors | None]) -> None:
         if not first.cancelled():
@@ -294,6 +301,7 @@ class ModelInstance:
             await backend.aclose()
         self._inputs_meta = inputs_meta(spec)
         self.pad_token_id = await asyncio.to_thread(pad_token, spec)  # imports the model's class
+        self.causal_lm = is_causal_lm(spec.architecture)
         self.weight_bytes = weight_bytes
         return spec
 
@@ -372,6 +380,7 @@ class ModelInstance:
         self.last_error = None
         self.cold_starts += 1
         self._io = io_spec(job.spec, outputs if isinstance(outputs, dict) else None)
+        self.causal_lm = is_causal_lm(job.spec.architecture)
         self.state = "ready"
         self._load_error = None
         if isinstance(outputs, BaseException):

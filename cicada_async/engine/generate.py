@@ -1,0 +1,340 @@
+"""Text generation: one model's continuous batch, stepped on the executor by priority.
+
+``GenerationLoop.generate`` checks a sequence, loads the model if cold and puts the sequence in
+a waiting heap ordered by (priority, arrival). The loop (one asyncio task per model, started on
+demand, ending when it has nothing left) repeats one iteration:
+
+1. drop what left: finished and abandoned rows go at the next executor job, in its first copy;
+2. admit the most urgent waiting sequences while ``max_sequences`` and the KV budget allow
+   (``kvcache.py``: the padded worst case of the rows present stays within the budget);
+3. prefill each admitted sequence alone (batch of 1, one executor job at its priority) and
+   sample its first token;
+4. one decode step of the whole batch, the new rows merged in first (one executor job at the
+   most urgent priority among its rows); sequences that hit an end-of-sequence token or
+   ``max_tokens`` leave the cache in the same job.
+
+Every job runs under ``torch.inference_mode`` and the thread setting of a warm forward, and the
+model's layers keep the yield points ``LoadJob.remove_gates`` left, so a decode step hands the
+executor to more urgent work at each layer as a forward does. Tokens go to each sequence's
+queue as ``GenerationDelta``s, text detokenized on the loop (stop strings end a sequence there;
+its row leaves at the next job). A consumer that goes away (``aclose``, cancellation) takes its
+sequence out at once: from the heap, or its row at the next job, which the consumer awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import inspect
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+from protocols.errors import BadRequest, CicadaError, InferenceError, LoadError, Overloaded
+from protocols.generation import GenerationDelta, GenerationStats, SamplingParams
+from protocols.serving import ModelOptions, Priority
+
+from cicada_async.engine.executor import Executor
+from cicada_async.engine.forward import all_cores
+from cicada_async.engine.kvcache import BatchCache, KVShape, kv_shape, new_cache, tensors_bytes
+from cicada_async.engine.sampling import Choice, RowSampler, choose
+from cicada_async.engine.sequence import GenerationCodec, GenSequence
+
+if TYPE_CHECKING:  # transformers is imported on the executor, never at the engine's import
+    from transformers.cache_utils import DynamicCache
+
+__all__ = ["GenerationCodec", "GenerationLoop", "is_causal_lm"]
+
+WAITING_PER_SLOT = 4  # the waiting line holds this many sequences per batch slot, then sheds
+
+
+class LoopEngine(Protocol):
+    """What the loop uses of the engine (``instance.EngineParts`` has it)."""
+
+    @property
+    def executor(self) -> Executor: ...
+    @property
+    def every_core_when_idle(self) -> bool: ...
+    def no_load_running(self) -> bool: ...
+
+
+def is_causal_lm(architecture: str) -> bool:
+    """A transformers class that generates text (``LlamaForCausalLM``, ``GPT2LMHeadModel``)."""
+    return architecture.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+class GenerationLoop:
+    """The continuous batch of one model (``ModelInstance.generation``)."""
+
+    def __init__(self, name: str, options: ModelOptions, engine: LoopEngine,
+                 load: Callable[[Priority], Awaitable[None]], model: Callable[[], nn.Module | None]) -> None:
+        self.name = name
+        self.options = options
+        self._engine = engine
+        self._load = load
+        self._model = model
+        self._heap: list[tuple[Priority, int, GenSequence]] = []
+        self._arrival = itertools.count()
+        self._loading = 0  # sequences waiting for the model's load (counted as waiting)
+        self._joining: list[GenSequence] = []  # admitted this iteration, not yet in the batch
+        self._running: list[GenSequence] = []  # the batch's rows, in order
+        self._batch = BatchCache()
+        self._kv_bytes = 0  # the cache's tensors after the last job
+        self._task: asyncio.Task[None] | None = None
+        self._shape: tuple[nn.Module, KVShape, str, bool] | None = None  # per loaded model
+
+    # public ------------------------------------------------------------------------------
+    def stats(self, budget: int) -> GenerationStats:
+        running = sum(s.live for s in self._running) + sum(s.live for s in self._joining)
+        return GenerationStats(running=running, waiting=len(self._heap) + self._loading,
+                               kv_cache_bytes_used=self._kv_bytes, kv_cache_bytes_budget=budget)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Worst-case bytes of the live rows (prompt + max_tokens each, no padding)."""
+        shape = self._shape
+        live = [s for s in self._running + self._joining if s.live]
+        return sum(s.final_len for s in live) * shape[1].token_bytes if shape else 0
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, priority: Priority,
+                       codec: GenerationCodec) -> AsyncIterator[GenerationDelta]:
+        params.check()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise BadRequest("the prompt has no tokens")
+        bad = [t for t in prompt if not 0 <= t < codec.vocab_size]
+        if bad:
+            raise BadRequest(f"token id {bad[0]} is outside the vocabulary of {self.name} (0..{codec.vocab_size - 1})")
+        self._check_fits(len(prompt), params.max_tokens, codec.context_length, "context length")
+        self._check_room()
+        seq: GenSequence | None = None
+        self._loading += 1
+        try:
+            try:
+                await self._load(priority)
+            finally:
+                self._loading -= 1
+            model, shape = self._model_shape()
+            seq = GenSequence(prompt, params, priority, codec, codec.detokenizer(params.stop),
+                              RowSampler(params, _device(model)))
+            if shape.context_cap is not None:
+                self._check_fits(len(prompt), params.max_tokens, shape.context_cap, "sliding window")
+            need = seq.final_len * shape.token_bytes
+            if need > self.options.kv_cache_bytes:
+                raise BadRequest(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} need {need} bytes "
+                                 f"of KV cache; {self.name}'s budget is {self.options.kv_cache_bytes}")
+            heapq.heappush(self._heap, (priority, next(self._arrival), seq))
+            if self._task is None:
+                self._task = asyncio.get_running_loop().create_task(self._run(), name=f"generate {self.name}")
+            while True:
+                delta = await seq.next_delta()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if seq is not None:
+                await self._abandon(seq)
+
+    async def stop(self, error: CicadaError) -> None:
+        """Stop the loop and fail every sequence, waiting or running, with ``error``."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._fail(self._heap_seqs() + self._joining + self._running, error)
+        self._heap, self._joining, self._running = [], [], []
+        self._batch, self._kv_bytes, self._shape = BatchCache(), 0, None
+
+    # the consumer's side ------------------------------------------------------------------
+    def _check_fits(self, prompt: int, max_tokens: int, limit: int, what: str) -> None:
+        if prompt + max_tokens > limit:
+            raise BadRequest(f"{prompt} prompt tokens + max_tokens {max_tokens} = {prompt + max_tokens} "
+                             f"exceed the {what} of {self.name} ({limit} tokens)")
+
+    def _check_room(self) -> None:
+        limit = WAITING_PER_SLOT * self.options.max_sequences
+        if len(self._heap) + self._loading >= limit:
+            raise Overloaded(f"{self.name}: {limit} sequences already wait to generate", retry_after_s=1.0)
+
+    async def _abandon(self, seq: GenSequence) -> None:
+        """The consumer is done: finished, failed, or gone early (then take its sequence out)."""
+        if not seq.live or seq.left.done():
+            return
+        seq.gone = True
+        if not seq.admitted:
+            self._heap = [e for e in self._heap if e[2] is not seq]
+            heapq.heapify(self._heap)
+            seq.release()
+            return
+        # Its row leaves at the loop's next job; its caller learns the KV is free when it returns.
+        await asyncio.shield(seq.left)
+
+    # the loop --------------------------------------------------------------------------------
+    def _model_shape(self) -> tuple[nn.Module, KVShape]:
+        model = self._model()
+        if model is None:
+            raise LoadError(f"model {self.name} was unloaded")
+        if self._shape is None or self._shape[0] is not model:
+            params = inspect.signature(model.forward).parameters
+            dtype = next(model.parameters()).dtype
+            self._shape = (model, kv_shape(model.config, dtype),
+                           "cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
+        return model, self._shape[1]
+
+    async def _run(self) -> None:
+        me = asyncio.current_task()
+        try:
+            while True:
+                try:
+                    model, _ = self._model_shape()
+                except LoadError as e:
+                    self._fail(self._heap_seqs() + self._joining + self._running, e)
+                    self._heap, self._joining, self._running = [], [], []
+                    self._batch, self._kv_bytes = BatchCache(), 0
+                    return
+                self._admit()
+                for seq in sorted(self._joining, key=lambda s: s.priority):
+                    if seq.live:
+                        await self._prefill(model, seq)
+                if not any(s.live for s in self._running + self._joining):
+                    for s in self._running + self._joining:
+                        s.release()
+                    self._running, self._joining = [], []
+                    self._batch, self._kv_bytes = BatchCache(), 0  # nothing live: the tensors go
+                    if not self._heap:
+                        return
+                    continue
+                await self._decode(model)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a bug of ours: nobody may hang on it
+            self._fail(self._heap_seqs() + self._joining + self._running,
+                       InferenceError(f"the generation loop of {self.name} failed: {type(e).__name__}: {e}"))
+            self._heap, self._joining, self._running, self._batch, self._kv_bytes = [], [], [], BatchCache(), 0
+            raise
+        finally:
+            if self._task is me:
+                self._task = None
+
+    def _admit(self) -> None:
+        """Most urgent first, while a batch slot is free and the padded worst case fits."""
+        shape = self._shape
+        assert shape is not None
+        rows = [s for s in self._running if s.live]
+        while self._heap and len(rows) + len(self._joining) < self.options.max_sequences:
+            seq = self._heap[0][2]
+            after = rows + self._joining + [seq]
+            if len(after) * max(s.final_len for s in after) * shape[1].token_bytes > self.options.kv_cache_bytes:
+                break  # the head waits for room; nothing less urgent passes it
+            heapq.heappop(self._heap)
+            seq.admitted = True
+            self._joining.append(seq)
+
+    def _every_core(self, model: nn.Module) -> bool:
+        engine = self._engine
+        return engine.every_core_when_idle and engine.no_load_running() and _device(model).type == "cpu"
+
+    async def _prefill(self, model: nn.Module, seq: GenSequence) -> None:
+        every = self._every_core(model)
+
+        def job() -> tuple[DynamicCache, Choice]:
+            with torch.inference_mode(), all_cores(every):
+                cache = new_cache()
+                device = _device(model)
+                ids = torch.tensor([seq.prompt], dtype=torch.long, device=device)
+                positions = torch.arange(len(seq.prompt), device=device).unsqueeze(0)
+                logits = self._forward(model, ids, None, positions, cache)
+                return cache, choose(logits, [seq.sampler])[0]
+
+        try:
+            cache, choice = await self._engine.executor.run(job, priority=seq.priority)
+        except Exception as e:  # noqa: BLE001 - this sequence's failure; the loop goes on
+            self._fail([seq], _as_cicada(e))
+            return
+        ended = seq.ends_on(choice.token)
+        seq.take(choice)
+        if not ended and seq.live:
+            seq.cache = cache
+            self._kv_bytes += tensors_bytes(cache)
+
+    async def _decode(self, model: nn.Module) -> None:
+        keep = [i for i, s in enumerate(self._running) if s.live]
+        joins = [s for s in self._joining if s.live and s.cache is not None]
+        order = [self._running[i] for i in keep] + joins
+        dropped = [s for s in self._running + self._joining if not s.live or (s.cache is None and s not in order)]
+        self._joining = []
+        batch, every = self._batch, self._every_core(model)
+
+        def job() -> tuple[list[Choice], list[int], int]:
+            with torch.inference_mode(), all_cores(every):
+                batch.keep(keep)
+                for s in joins:
+                    assert s.cache is not None
+                    batch.join(s.cache, len(s.prompt))
+                    s.cache = None
+                device = _device(model)
+                ids = torch.tensor([[s.last] for s in order], dtype=torch.long, device=device)
+                mask, positions = batch.step_inputs(device)
+                logits = self._forward(model, ids, mask, positions, batch.cache)
+                batch.advanced()
+                choices = choose(logits, [s.sampler for s in order])
+                ended = [i for i, (s, c) in enumerate(zip(order, choices)) if s.ends_on(c.token)]
+                if ended:
+                    batch.keep([i for i in range(len(order)) if i not in ended])
+                return choices, ended, batch.nbytes()
+
+        priority = min(s.priority for s in order)
+        try:
+            choices, ended, self._kv_bytes = await self._engine.executor.run(job, priority=priority)
+        except Exception as e:  # noqa: BLE001 - the step's sequences fail; new ones start afresh
+            self._fail(order, _as_cicada(e))
+            for s in dropped + order:
+                s.release()
+            self._running, self._batch, self._kv_bytes = [], BatchCache(), 0
+            return
+        for s in dropped:
+            s.release()
+        for s, c in zip(order, choices):
+            if s.live:
+                s.take(c)
+        for i in ended:
+            order[i].release()
+        self._running = [s for i, s in enumerate(order) if i not in set(ended)]
+
+    def _forward(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
+                 positions: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
+        """The last position's logits [rows, vocab]; on the executor, under inference_mode."""
+        assert self._shape is not None
+        _, _, cache_arg, keep_arg = self._shape
+        kwargs: dict[str, object] = {"input_ids": ids, "position_ids": positions, cache_arg: cache,
+                                     "use_cache": True}  # the served config says use_cache=False
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if keep_arg:
+            kwargs["logits_to_keep"] = 1  # as transformers' generate: the head on the last position only
+        try:
+            out = model(**kwargs)
+        except CicadaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any forward failure is the model's
+            raise InferenceError(f"forward failed: {type(e).__name__}: {e}") from e
+        logits: torch.Tensor = out.logits[:, -1]
+        return logits
+
+    def _fail(self, seqs: list[GenSequence], error: BaseException) -> None:
+        for s in seqs:
+            s.fail(error)
+
+    def _heap_seqs(self) -> list[GenSequence]:
+        return [e[2] for e in self._heap]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_cicada(e: BaseException) -> CicadaError:
+    return e if isinstance(e, CicadaError) else InferenceError(f"generation failed: {type(e).__name__}: {e}")
