@@ -7,7 +7,7 @@ doubles. One ``Priority`` scale runs from the wire to the executor and the fetch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, TypedDict
@@ -70,6 +70,11 @@ class ServedModel(GenerativeModel, Protocol):
     def last_error(self) -> str | None: ...
     @property
     def nbytes(self) -> int | None: ...
+    @property
+    def device_bytes(self) -> Mapping[str, int]:
+        """The loaded model's served bytes per device (``str(torch.device)``); empty before its
+        first load. The memory budget charges each device its own."""
+        ...
     @property
     def last_timeline(self) -> LoadSummary | None: ...
     @property
