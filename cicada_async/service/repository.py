@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypedDict
 
+import torch
+
 from cicada_async.service.config import Config, ModelConfig, scan_repository
 from cicada_async.service.metrics import STATES, Metrics
 from protocols.errors import CicadaError, ModelNotFound, Overloaded
@@ -73,10 +75,45 @@ class ModelEntry:
             self.state == "failed" or bool(self.instance.last_error))
 
     @property
+    def device(self) -> str:
+        """The device the model is served on, as the budget names it (``cuda`` is ``cuda:0``)."""
+        return device_key(self.config.device)
+
+    @property
+    def footprint(self) -> dict[str, int]:
+        """Bytes the model holds (or a load in progress will hold), per device.
+
+        A loaded model: the bytes its tensors hold on each device (served bytes, in the serving
+        dtype, not the checkpoint's). Before that: the reservation its load made (``size_hint``,
+        on the model's device). A causal LM's KV cache budget is charged to its device on top,
+        whether or not the cache is filled yet: sequences may fill it at any time.
+        """
+        if self.state not in ("ready", "loading") and self.loading is None:
+            return {self.device: self.reserved} if self.reserved else {}
+        held = {device_key(d): n for d, n in self.instance.device_bytes.items() if n}
+        if not held:  # not loaded yet: the reservation (weights and KV cache) stands for it
+            n = self.reserved or int(self.instance.nbytes or 0)
+            return {self.device: n} if n else {}
+        kv = self.instance.generation_stats.kv_cache_bytes_budget
+        if kv:
+            held[self.device] = held.get(self.device, 0) + kv
+        return held
+
+    @property
     def resident_bytes(self) -> int:
-        if self.state in ("ready", "loading") or self.loading is not None:
-            return int(self.instance.nbytes or self.reserved or 0)
-        return self.reserved
+        """Bytes held on every device together (the ``resident`` metric)."""
+        return sum(self.footprint.values())
+
+    def bytes_on(self, device: str) -> int:
+        return self.footprint.get(device, 0)
+
+
+def device_key(device: str) -> str:
+    """One name per device: ``cuda`` is the current CUDA device (as the engine loads it)."""
+    d = torch.device(device)
+    if str(d) == "cuda":  # no index (torch's stubs type ``index`` as never None)
+        return f"cuda:{torch.cuda.current_device() if torch.cuda.is_available() else 0}"
+    return str(d)
 
 
 class Repository:
@@ -228,56 +265,86 @@ class Repository:
         return (entry.state == "ready" and entry.busy == 0 and entry.loading is None
                 and not entry.unloading and self.queued(entry.name) == 0)
 
-    def resident_bytes(self) -> int:
-        return sum(e.resident_bytes for e in self.models.values())
+    def resident_bytes(self, device: str | None = None) -> int:
+        """Bytes held by every model on ``device`` (None: on every device together)."""
+        if device is None:
+            return sum(e.resident_bytes for e in self.models.values())
+        return sum(e.bytes_on(device) for e in self.models.values())
+
+    def budget_for(self, device: str) -> int | None:
+        """The bytes models may hold on ``device``: the host's memory budget for the CPU; for a
+        GPU its whole memory (its own budget: a CUDA model never evicts CPU models, nor the
+        other way round), None where unbounded."""
+        if device == "cpu":
+            return self.config.server.memory_budget_bytes
+        d = torch.device(device)
+        if d.type == "cuda" and torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(d).total_memory)
+        return None
 
     async def make_room(self, incoming: ModelEntry | None = None) -> None:
-        """Evict idle models, least recently used first, until the budget holds.
+        """Evict idle models, least recently used first, until every device's budget holds.
 
-        An incoming load's size is known before it fetches (the weight files' sizes). Loads
+        Each device has its own budget (``budget_for``): host memory for CPU models, the GPU's
+        memory for models served there; a model is charged its served bytes on each device it
+        holds some, and a causal LM its KV cache budget on its device. An incoming load's size
+        is known before it fetches (``size_hint``: served bytes from the files' headers). Loads
         make room one at a time and reserve their size once it fits, so concurrent loads cannot
-        overrun the budget between them; one that must wait for models in use to go idle waits
+        overrun a budget between them; one that must wait for models in use to go idle waits
         (bounded), and one that can never fit fails here, before any fetch.
         """
-        budget = self.config.server.memory_budget_bytes
-        if budget is None:
-            return
         if incoming is None:
             if not self._budget_lock.locked():  # a waiting load is already making room
                 async with self._budget_lock:
-                    await self._evict_until(budget, None, 0)
+                    for device in self._devices():
+                        budget = self.budget_for(device)
+                        if budget is not None:
+                            await self._evict_until(device, budget, None, 0)
+            return
+        device = incoming.device
+        budget = self.budget_for(device)
+        if budget is None:
             return
         need = 0
         if not incoming.resident_bytes:
             need = await incoming.instance.size_hint() or 0
+            # The KV cache budget is a causal LM's own (known once described: size_hint did).
+            need += incoming.instance.generation_stats.kv_cache_bytes_budget
             if need > budget:
                 raise Overloaded(f"model {incoming.name!r} needs {need} bytes, more than the whole "
-                                 f"memory budget ({budget} bytes)", self.config.server.retry_after_s)
+                                 f"memory budget ({budget} bytes) of {device}", self.config.server.retry_after_s)
         async with self._budget_lock:
-            await self._evict_until(budget, incoming, need)
+            await self._evict_until(device, budget, incoming, need)
             incoming.reserved = need  # counted from now on: the next load sees it
 
-    async def _evict_until(self, budget: int, incoming: ModelEntry | None, need: int) -> None:
+    def _devices(self) -> list[str]:
+        return sorted({d for e in self.models.values() for d in e.footprint})
+
+    async def _evict_until(self, device: str, budget: int, incoming: ModelEntry | None, need: int) -> None:
         give_up = time.monotonic() + BUDGET_WAIT_S
-        while self.resident_bytes() + need > budget:
-            victims = sorted((e for e in self.models.values() if e is not incoming and self.idle(e)),
+        while self.resident_bytes(device) + need > budget:
+            # Only models holding bytes on this device free any of it.
+            victims = sorted((e for e in self.models.values()
+                              if e is not incoming and self.idle(e) and e.bytes_on(device)),
                              key=lambda e: e.last_used)
-            in_use = [e for e in self.models.values() if e.resident_bytes and e is not incoming and e not in victims]
-            enough = self.resident_bytes() + need - sum(e.resident_bytes for e in victims) <= budget
+            in_use = [e for e in self.models.values()
+                      if e.bytes_on(device) and e is not incoming and e not in victims]
+            enough = self.resident_bytes(device) + need - sum(e.bytes_on(device) for e in victims) <= budget
             if victims and (enough or not in_use or incoming is None):
                 # Only when evicting can make room: emptying idle models (hot small ones too)
                 # while the budget is held by models in use would cost cold starts for nothing.
                 await self.unload(victims[0].name, reason="memory_budget")
                 continue
-            if incoming is None or (incoming.resident_bytes + need) == 0:
+            if incoming is None or (incoming.bytes_on(device) + need) == 0:
                 log.warning("memory budget exceeded and nothing idle to evict",
-                            extra={"event": "budget", "resident": self.resident_bytes(), "budget": budget})
+                            extra={"event": "budget", "device": device,
+                                   "resident": self.resident_bytes(device), "budget": budget})
                 return
             if in_use and time.monotonic() < give_up:
                 await asyncio.sleep(0.02)  # models in use become idle (evictable) soon
                 continue
-            held = ", ".join(f"{e.name} ({e.resident_bytes})" for e in in_use)
-            raise Overloaded(f"model {incoming.name!r} needs {incoming.resident_bytes + need} bytes and "
+            held = ", ".join(f"{e.name} ({e.bytes_on(device)})" for e in in_use)
+            raise Overloaded(f"model {incoming.name!r} needs {incoming.bytes_on(device) + need} bytes and "
                              f"the memory budget ({budget}) is held by models in use: {held}; retry later",
                              self.config.server.retry_after_s)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from cicada_async.service.config import ModelConfig
+from cicada_async.service.config import Config, ModelConfig
 from tests.fixtures.helpers import reference
 from tests.fixtures.server import live_server, real_config
 
@@ -41,8 +41,24 @@ def _assert_reference(model_dir: Path, got: np.ndarray) -> None:
     assert np.array_equal(got, want.numpy()), model_dir.name
 
 
+# A causal LM is charged its KV cache budget on top of its weights (tiny-gpt2 is one): a small
+# one here, so that the budgets below stay about the weights.
+KV = 64 << 10
+LMS = {"tiny-gpt2"}
+
+
 def _sizes(model_dirs: dict[str, Path]) -> dict[str, int]:
-    return {n: sum(p.stat().st_size for p in model_dirs[n].glob("*.safetensors")) for n in NAMES}
+    """What each model is charged: its weights (fp32 files, served as they are) and, for a causal
+    LM, the KV cache budget its config gives it."""
+    return {n: sum(p.stat().st_size for p in model_dirs[n].glob("*.safetensors")) + (KV if n in LMS else 0)
+            for n in NAMES}
+
+
+def _config(model_dirs: dict[str, Path], **server: object) -> Config:
+    cfg = real_config(model_dirs, NAMES, **server)
+    for n in NAMES:
+        cfg.models[n] = dataclasses.replace(cfg.models[n], kv_cache_bytes=KV)
+    return cfg
 
 
 def test_a_load_larger_than_the_budget_fails_at_once_without_fetching(model_dirs: dict[str, Path]) -> None:
@@ -64,7 +80,7 @@ def test_a_load_larger_than_the_budget_fails_at_once_without_fetching(model_dirs
 def test_concurrent_cold_starts_wait_for_room_instead_of_overrunning(model_dirs: dict[str, Path]) -> None:
     sizes = _sizes(model_dirs)
     budget = max(sizes.values()) + min(sizes.values()) // 2  # one at a time
-    cfg = real_config(model_dirs, NAMES, memory_budget_bytes=budget, keep_alive_check_s=0.05)
+    cfg = _config(model_dirs, memory_budget_bytes=budget, keep_alive_check_s=0.05)
     for n in NAMES:  # a slow origin: both loads are in flight together if nothing stops them
         cfg.models[n] = dataclasses.replace(cfg.models[n], uri=f"memory://{model_dirs[n]}")
     cfg = dataclasses.replace(cfg, storage={"memory": {"delay_s": 0.1}})
@@ -88,8 +104,8 @@ def test_a_budget_held_by_a_busy_model_is_refused_after_the_wait(model_dirs: dic
 
     monkeypatch.setattr(repository, "BUDGET_WAIT_S", 0.5)
     sizes = _sizes(model_dirs)
-    cfg = real_config(model_dirs, NAMES, memory_budget_bytes=max(sizes.values()) + 100)
-    cfg.models["tiny-gpt2"] = ModelConfig(name="tiny-gpt2", uri=f"memory://{model_dirs['tiny-gpt2']}")
+    cfg = _config(model_dirs, memory_budget_bytes=max(sizes.values()) + 100)
+    cfg.models["tiny-gpt2"] = ModelConfig(name="tiny-gpt2", uri=f"memory://{model_dirs['tiny-gpt2']}", kv_cache_bytes=KV)
     cfg = dataclasses.replace(cfg, storage={"memory": {"delay_s": 1.0}})  # gpt2 loads for seconds
     with live_server(cfg) as s, concurrent.futures.ThreadPoolExecutor(1) as pool:
         s.wait_until(lambda: all(s.repo.get(n).instance.weight_bytes for n in NAMES), timeout=30)

@@ -19,7 +19,7 @@ import torch
 from cicada_async.service.config import ModelConfig
 from cicada_async.service.metrics import parse_text
 from protocols.serving import Inputs, Priority
-from tests.fixtures.server import LiveServer, live_server, real_config
+from tests.fixtures.server import LiveServer, live_server, real_config, with_model
 from tests.fixtures.triton import get_text
 
 pytestmark = [
@@ -157,15 +157,18 @@ def test_priority_order_with_real_engine(server: LiveServer) -> None:
 
 
 def test_keep_alive_and_memory_budget_real(zoo: dict[str, Path]) -> None:
-    cfg = real_config(zoo, NAMES, keep_alive_check_s=0.05)
-    with live_server(cfg) as s:  # learn the sizes
+    # tiny-gpt2 is a causal LM: charged its KV cache budget too, a small one here.
+    cfg = with_model(real_config(zoo, NAMES, keep_alive_check_s=0.05), "tiny-gpt2", kv_cache_bytes=64 << 10)
+    with live_server(cfg) as s:  # learn the sizes (what each model is charged)
         c = httpclient.InferenceServerClient(s.url)
         for n in NAMES:
             c.load_model(n)
-        sizes = {n: s.repo.get(n).instance.nbytes for n in NAMES}
+        sizes = {n: s.repo.get(n).resident_bytes for n in NAMES}
         c.close()
+    assert sizes["tiny-gpt2"] == s.repo.get("tiny-gpt2").instance.nbytes + (64 << 10)
     budget = sizes["tiny-gpt2"] + sizes["tiny-bert"] + sizes["tiny-mlp"] // 2
     cfg = real_config(zoo, NAMES, keep_alive_check_s=0.05, memory_budget_bytes=budget)
+    cfg = with_model(cfg, "tiny-gpt2", kv_cache_bytes=64 << 10)
     cfg.models["tiny-mlp"] = ModelConfig(name="tiny-mlp", uri=str(zoo["tiny-mlp"]), keep_alive_s=0.3)
     with live_server(cfg) as s:
         c = httpclient.InferenceServerClient(s.url)
