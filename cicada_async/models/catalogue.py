@@ -170,7 +170,8 @@ def make_model(
         kwargs["max_shard_size"] = max_shard_bytes
     model.save_pretrained(str(out), **kwargs)
     if is_causal_lm(entry.architecture):
-        write_tokenizer(out, tokenizer_vocab_size(config.vocab_size), context_length(config))
+        write_tokenizer(out, tokenizer_vocab_size(config.vocab_size), context_length(config),
+                        "qwen2" if entry.model_type == "qwen2" else "gpt2")
     return out
 
 

@@ -15,6 +15,12 @@ tokenizer's, as real checkpoints pad their embeddings (Qwen2: 151936 rows, 15166
 Special tokens take ids 0, 1, 2 in this order; the chat template is ChatML (Qwen2's):
 ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, then ``<|im_start|>assistant\\n``
 as the generation prompt.
+
+Two pre-tokenizer styles: "gpt2" (GPT-2's byte-level regex) and "qwen2" (NFC, then Qwen2's split
+regex, then bytes). transformers 5 loads a qwen2 model's tokenizer as its own Qwen2Tokenizer,
+whatever tokenizer_config.json names, and that class rebuilds the pre-tokenizer from the vocabulary
+and merges: a qwen2 directory with the gpt2 style would encode one way in the engine (from
+tokenizer.json) and another in transformers.
 """
 
 from __future__ import annotations
@@ -48,17 +54,31 @@ def tokenizer_vocab_size(model_vocab_size: int) -> int:
     return size
 
 
+# Qwen2's split (transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX): digits one by one.
+_QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+STYLES = ("gpt2", "qwen2")
+
+
 @functools.lru_cache(maxsize=8)
-def trained_tokenizer_json(vocab_size: int) -> str:
+def trained_tokenizer_json(vocab_size: int, style: str = "gpt2") -> str:
     """The serialized ``tokenizers.Tokenizer`` (tokenizer.json's text) of ``vocab_size`` tokens.
 
     A string, not the Tokenizer, is cached: a Tokenizer is mutable (padding, truncation), and
     callers rebuild theirs with ``Tokenizer.from_str``, which is cheap."""
     from pydoc_data.topics import topics
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if style == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif style == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        raise ConfigError(f"unknown tokenizer style {style!r}; known: {', '.join(STYLES)}")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
@@ -73,7 +93,7 @@ def trained_tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def write_tokenizer(dst: Path, vocab_size: int, context_length: int) -> None:
+def write_tokenizer(dst: Path, vocab_size: int, context_length: int, style: str = "gpt2") -> None:
     """tokenizer.json and tokenizer_config.json (ChatML ``chat_template`` in it) into ``dst``.
 
     Written by transformers' own ``save_pretrained``, so the special tokens are recorded as
@@ -84,7 +104,7 @@ def write_tokenizer(dst: Path, vocab_size: int, context_length: int) -> None:
     from tokenizers import Tokenizer
 
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(trained_tokenizer_json(vocab_size)),
+        tokenizer_object=Tokenizer.from_str(trained_tokenizer_json(vocab_size, style)),
         bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
         additional_special_tokens=[IM_START, IM_END],
         chat_template=CHATML_TEMPLATE, model_max_length=context_length,
@@ -93,7 +113,8 @@ def write_tokenizer(dst: Path, vocab_size: int, context_length: int) -> None:
     cfg_path = dst / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["chat_template"] = CHATML_TEMPLATE
-    # The portable class name: transformers 5 maps it to its TokenizersBackend, 4 has it.
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # The class a hub directory of the family names; "PreTrainedTokenizerFast" is the portable
+    # generic one (transformers 5 maps it to its TokenizersBackend, 4 has it).
+    cfg["tokenizer_class"] = "Qwen2Tokenizer" if style == "qwen2" else "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     (dst / "chat_template.jinja").unlink(missing_ok=True)

@@ -60,6 +60,13 @@ def test_tiny_lm_directory_loads_offline_and_generates(name: str, tmp_path: Path
     ids = tok.encode(MIXED)
     assert ids and max(ids) < vocab
     assert tok.decode(ids) == MIXED
+    # The engine encodes with tokenizer.json itself; transformers may pick its own class for
+    # the family (Qwen2Tokenizer for qwen2) and rebuild the pre-tokenizer: both must agree.
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer
+
+    corpus = "".join(topics[k] for k in sorted(topics)[:10]) + MIXED + " 12345  x\r\n\n y's"
+    assert tok.encode(corpus) == Tokenizer.from_file(str(d / "tokenizer.json")).encode(corpus).ids
 
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo 🎉"}]
     text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
