@@ -86,7 +86,7 @@ async def _serve(request: web.Request, *, stream: bool) -> web.StreamResponse:
     dp = plane(request)
     name, version = path_model(request)
     dp.admit(name, version)  # before the body: an unknown model or a draining server reads no byte
-    text, params = parse(await read_json(request))
+    text, params = parse(await read_json(request, name))
     gen = await dp.generate(name, text, params.sampling(), priority=params.priority, version=version)
     head = "" if params.exclude_input_in_output else text
     try:

@@ -38,9 +38,10 @@ class ClientGone(Exception):
     """The client closed the connection; its generation has been closed."""
 
 
-async def read_json(request: web.Request) -> object:
+async def read_json(request: web.Request, model: str = "") -> object:
     """The request's JSON body, read under the infer body's rules: no compression, the size
-    limit (413), the shared body budget (503), the body timeout and the slow-body floor (408)."""
+    limit (413), the shared body budget (503), the body timeout and the slow-body floor (408).
+    ``model`` labels a refusal's metric (unknown before an OpenAI body is read)."""
     dp = plane(request)
     cfg = dp.config.server
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -53,7 +54,7 @@ async def read_json(request: web.Request) -> object:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length,
                                             text=f"request body exceeds {limit} bytes")
     reserved = [request.content_length or 0]
-    dp.reserve_body("generate", reserved[0])
+    dp.reserve_body(model, reserved[0])
     try:
         try:
             async with asyncio.timeout(cfg.body_timeout_s):
