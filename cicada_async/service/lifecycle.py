@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from cicada_async.service.config import Config
+from cicada_async.service.dataplane import DataPlane
 from cicada_async.service.connections import (
     AcceptErrorLimiter,
     ConnectionGuard,
@@ -116,6 +117,13 @@ async def _answer_or_abort(app: web.Application, deadline: float) -> int:
     return len(late)
 
 
+async def stop_loads(dp: DataPlane) -> None:
+    """At the drain deadline: the engine's loads in flight, and the cold starts still waiting
+    for room in the memory budget (which the engine does not know of yet)."""
+    await dp.cancel_loads()
+    await dp.repository.cancel_waiting_loads()
+
+
 async def serve(app: web.Application, config: Config, access_log: logging.Logger | None) -> None:
     """Serve ``app`` until SIGTERM/SIGINT, then drain within ``shutdown_timeout_s``."""
     cfg = config.server
@@ -141,6 +149,6 @@ async def serve(app: web.Application, config: Config, access_log: logging.Logger
     dp = app[DATAPLANE]
     dp.begin_drain()
     aborted = await _answer_or_abort(app, started + max(0.0, cfg.shutdown_timeout_s - ANSWER_MARGIN_S))
-    await dp.cancel_loads()
+    await stop_loads(dp)
     await runner.cleanup()
     log.info("stopped", extra={"event": "stopped", "aborted": aborted, "drain_s": round(loop.time() - started, 3)})

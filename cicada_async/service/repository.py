@@ -348,6 +348,21 @@ class Repository:
                              f"the memory budget ({budget}) is held by models in use: {held}; retry later",
                              self.config.server.retry_after_s)
 
+    async def cancel_waiting_loads(self) -> None:
+        """Drain deadline: cancel the cold starts still waiting for room (``make_room``).
+
+        The engine has no load for them yet (their model is not "loading"), so cancelling the
+        engine's loads misses them; left running, one would evict a model and start its load
+        mid-shutdown once the budget frees, and teardown would wait for it (up to
+        ``BUDGET_WAIT_S``) until the process's exit backstop. Their requests fail as the drain
+        fails the others (ShuttingDown).
+        """
+        waiting = [e.loading for e in self.models.values()
+                   if e.loading is not None and not e.loading.done() and e.state != "loading"]
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+
     async def maintain(self) -> None:
         """Background loop: unload models idle past keep_alive_s, enforce the budget."""
         interval = self.config.server.keep_alive_check_s
