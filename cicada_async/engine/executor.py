@@ -59,7 +59,14 @@ class Executor:
         # all compute, the baseline the multi-model benchmark compares to.
         self._shared = shared
         self._max_threads = max_threads
-        self._cv = threading.Condition()
+        # One lock; jobs waiting for weights (wait_until) wait on ``_cv``, and each worker has a
+        # condition of its own on the same lock for waiting idle or for the turn. Only one idle
+        # worker (``_idle[-1]``) and one thread waiting for the turn (``_wanting[0]``) can act on
+        # any change, so only they are woken (``_notify_locked``): with one shared condition
+        # and ``notify_all``, each post woke every idle worker, up to 32 (review-3 C-9).
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._wakeups: dict[int, threading.Condition] = {}
         self._jobs: list[tuple[Key, Callable[[], object], concurrent.futures.Future[Any]]] = []
         self._applies: collections.deque[tuple[Callable[[], None], OnError | None]] = collections.deque()
         self._wanting: list[tuple[Key, int]] = []  # threads that want the turn back
@@ -88,7 +95,7 @@ class Executor:
             self._stopping = True
             jobs, self._jobs = self._jobs, []
             threads = list(self._threads.values())
-            self._cv.notify_all()
+            self._notify_everyone_locked()
         for _, _, fut in jobs:
             if fut.set_running_or_notify_cancel():  # skips jobs whose caller already gave up
                 fut.set_exception(ExecutorDead("the executor was stopped before this job ran"))
@@ -118,7 +125,7 @@ class Executor:
             heapq.heappush(self._jobs, ((priority, next(self._seq)), lambda: fn(*args), fut))
             if not self._idle:
                 self._spawn_locked()
-            self._cv.notify_all()
+            self._notify_locked()
         return fut
 
     async def run(self, fn: Callable[..., T], *args: Any, priority: Priority = AHEAD_OF_REQUESTS) -> T:
@@ -132,12 +139,12 @@ class Executor:
         """
         with self._cv:
             self._applies.append((fn, on_error))
-            self._cv.notify_all()
+            self._notify_locked()
 
     def wake(self) -> None:
         """Wake every waiting job to re-check what it waits for (a load failed: thread-safe)."""
         with self._cv:
-            self._cv.notify_all()
+            self._notify_locked()
 
     # on a worker, holding the turn ---------------------------------------------------------
     def run_applies(self) -> None:
@@ -226,7 +233,7 @@ class Executor:
         self._holder = None
         if self._jobs and not self._idle:
             self._spawn_locked()
-        self._cv.notify_all()
+        self._notify_locked()
 
     def _acquire_locked(self, key: Key) -> None:
         # A job gets the turn back before it returns or raises, even when stopping: its worker
@@ -234,12 +241,31 @@ class Executor:
         me = threading.get_ident()
         entry = (key, me)
         heapq.heappush(self._wanting, entry)
+        wakeup = self._wakeups.get(me, self._cv)  # always a worker: jobs run on workers
         while (self._holder is not None or self._wanting[0] != entry
                or (self._jobs and self._jobs[0][0] < key and self._idle and not self._stopping)):
-            self._cv.wait()
+            wakeup.wait()
         heapq.heappop(self._wanting)
         self._holder = me
+        self._notify_locked()
+
+    def _notify_locked(self) -> None:
+        """Wake whoever may act on a change: jobs waiting for weights (they re-check what they
+        wait for; one per waiting gate or load, not per worker), the idle worker that would
+        start the next job or run posted applies, and the head of the line for the turn.
+        Other idle workers and later wanters cannot act until these two move, and whatever
+        moves them notifies again."""
         self._cv.notify_all()
+        if self._idle:
+            self._wakeups[self._idle[-1]].notify()
+        if self._wanting:
+            self._wakeups[self._wanting[0][1]].notify()
+
+    def _notify_everyone_locked(self) -> None:
+        """Stopping or a dead worker: every thread must see it."""
+        self._cv.notify_all()
+        for wakeup in self._wakeups.values():
+            wakeup.notify_all()
 
     def _job_may_start_locked(self) -> bool:
         return (self._holder is None and bool(self._jobs)
@@ -252,6 +278,7 @@ class Executor:
         t.start()
         assert t.ident is not None  # started: it has an ident
         self._threads[t.ident] = t
+        self._wakeups[t.ident] = threading.Condition(self._lock)
         self._idle.append(t.ident)
         return True
 
@@ -265,7 +292,7 @@ class Executor:
                     if self._stopping and not self._jobs:
                         self._idle.remove(me)
                         self._threads.pop(me, None)
-                        self._cv.notify_all()
+                        self._notify_everyone_locked()
                         return
                     if self._idle[-1] == me:  # the most recently idle worker is next
                         if self._job_may_start_locked():
@@ -274,7 +301,7 @@ class Executor:
                         if self._applies and self._holder is None:
                             key, call, fut = _APPLIES_ONLY, None, None
                             break
-                    self._cv.wait()
+                    self._wakeups[me].wait()
                 self._holder = me
                 self._idle.pop()
             try:
@@ -287,7 +314,7 @@ class Executor:
             with self._cv:
                 self._idle.append(me)
                 self._holder = None
-                self._cv.notify_all()
+                self._notify_locked()
 
     def _die(self, e: BaseException, current: concurrent.futures.Future[Any] | None) -> None:
         """A worker was killed: nothing may wait for it. Queued jobs fail, waiting ones wake and
@@ -298,7 +325,7 @@ class Executor:
             jobs, self._jobs = self._jobs, []
             self._holder = None
             self._threads.pop(threading.get_ident(), None)
-            self._cv.notify_all()
+            self._notify_everyone_locked()
         futs = [fut for _, _, fut in jobs] + ([current] if current is not None else [])
         for fut in futs:
             if fut.done():
