@@ -212,8 +212,13 @@ class ColdStart:
         if landing.slab_bytes is None:
             read_bytes = max(read_bytes, min(4 * read_bytes, PREFETCH_READ_BYTES))
         known = self.request.cached_plan
-        if known is None and self._known_plan is not None:
-            known = await self._known_plan  # a small local file, read while the skeleton builds
+        if known is None and self._known_plan is not None and (
+                self._known_plan.done() or self.capabilities.root is not None):
+            # A local model's look-up reads small local files: worth its order from the first
+            # read. A remote one asks the model's storage first (stat + GET, one or two round
+            # trips): the first reads go out in file order meanwhile, and plan() applies the
+            # stored order when it comes (review-3 C-15).
+            known = await self._known_plan
         reads = tuple(first_reads(hdrs, known.modules if known else None, read_bytes=read_bytes,
                                   alignment=self.alignment))
         return Fetcher(Plan((), (), reads, "file", ()), self.backend, hdrs, landing,
