@@ -36,12 +36,15 @@ from torch import nn
 from protocols.errors import BadRequest, CicadaError, InferenceError, LoadError, Overloaded
 from protocols.generation import GenerationDelta, GenerationStats, SamplingParams
 from protocols.serving import ModelOptions, Priority
+from protocols.storage import StorageBackend
 
 from cicada_async.engine.executor import Executor
 from cicada_async.engine.forward import all_cores
 from cicada_async.engine.kvcache import BatchCache, KVShape, kv_shape, new_cache, tensors_bytes
 from cicada_async.engine.sampling import Choice, RowSampler, choose
+from cicada_async.engine.modeldir import read_model_spec
 from cicada_async.engine.sequence import GenerationCodec, GenSequence
+from cicada_async.engine.textcodec import TextCodec, read_codec
 
 if TYPE_CHECKING:  # transformers is imported on the executor, never at the engine's import
     from transformers.cache_utils import DynamicCache
@@ -70,7 +73,10 @@ class GenerationLoop:
     """The continuous batch of one model (``ModelInstance.generation``)."""
 
     def __init__(self, name: str, options: ModelOptions, engine: LoopEngine,
-                 load: Callable[[Priority], Awaitable[None]], model: Callable[[], nn.Module | None]) -> None:
+                 load: Callable[[Priority], Awaitable[None]], model: Callable[[], nn.Module | None],
+                 backend: Callable[[], StorageBackend]) -> None:
+        """``load`` loads the model (if cold), ``model`` is the loaded one (None: unloaded),
+        ``backend`` opens the model's storage (its tokenizer files)."""
         self.name = name
         self.options = options
         self._engine = engine
@@ -81,10 +87,15 @@ class GenerationLoop:
         self._loading = 0  # sequences waiting for the model's load (counted as waiting)
         self._joining: list[GenSequence] = []  # admitted this iteration, not yet in the batch
         self._running: list[GenSequence] = []  # the batch's rows, in order
+        # Admitted and not yet out of the cache, wherever they are (a job in flight holds the
+        # list of its rows): what stop() must fail.
+        self._members: set[GenSequence] = set()
         self._batch = BatchCache()
         self._kv_bytes = 0  # the cache's tensors after the last job
         self._task: asyncio.Task[None] | None = None
         self._shape: tuple[nn.Module, KVShape, str, bool] | None = None  # per loaded model
+        self._backend = backend
+        self._codec: asyncio.Future[TextCodec] | None = None
 
     # public ------------------------------------------------------------------------------
     def stats(self, budget: int) -> GenerationStats:
@@ -99,8 +110,27 @@ class GenerationLoop:
         live = [s for s in self._running + self._joining if s.live]
         return sum(s.final_len for s in live) * shape[1].token_bytes if shape else 0
 
+    async def codec(self) -> TextCodec:
+        """The model's tokenizer, read once from its storage (a failed read is tried again;
+        ``BadRequest``: the model does not generate text)."""
+        task = self._codec
+        if task is None or (task.done() and (task.cancelled() or _retry(task.exception()))):
+            task = self._codec = asyncio.ensure_future(self._read_codec())
+        return await asyncio.shield(task)
+
+    async def _read_codec(self) -> TextCodec:
+        backend = self._backend()
+        try:
+            return await read_codec(backend, await read_model_spec(backend), name=self.name)
+        finally:
+            await backend.aclose()
+
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, priority: Priority,
-                       codec: GenerationCodec) -> AsyncIterator[GenerationDelta]:
+                       codec: GenerationCodec | None = None) -> AsyncIterator[GenerationDelta]:
+        """One sequence's deltas (``GenerativeModel.generate``). ``codec``: the model's
+        tokenizer (read from its directory when None; a stand-in works on token ids alone)."""
+        if codec is None:
+            codec = await self.codec()
         params.check()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -144,9 +174,8 @@ class GenerationLoop:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        self._fail(self._heap_seqs() + self._joining + self._running, error)
-        self._heap, self._joining, self._running = [], [], []
-        self._batch, self._kv_bytes, self._shape = BatchCache(), 0, None
+        self._fail_all(error)
+        self._shape = None
 
     # the consumer's side ------------------------------------------------------------------
     def _check_fits(self, prompt: int, max_tokens: int, limit: int, what: str) -> None:
@@ -170,6 +199,8 @@ class GenerationLoop:
             seq.release()
             return
         # Its row leaves at the loop's next job; its caller learns the KV is free when it returns.
+        if self._task is None:
+            seq.release()  # no loop: nothing holds it (stop() dropped the batch)
         await asyncio.shield(seq.left)
 
     # the loop --------------------------------------------------------------------------------
@@ -191,10 +222,9 @@ class GenerationLoop:
                 try:
                     model, _ = self._model_shape()
                 except LoadError as e:
-                    self._fail(self._heap_seqs() + self._joining + self._running, e)
-                    self._heap, self._joining, self._running = [], [], []
-                    self._batch, self._kv_bytes = BatchCache(), 0
+                    self._fail_all(e)
                     return
+                self._members = {s for s in self._members if not s.left.done()}
                 self._admit()
                 for seq in sorted(self._joining, key=lambda s: s.priority):
                     if seq.live:
@@ -211,9 +241,7 @@ class GenerationLoop:
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a bug of ours: nobody may hang on it
-            self._fail(self._heap_seqs() + self._joining + self._running,
-                       InferenceError(f"the generation loop of {self.name} failed: {type(e).__name__}: {e}"))
-            self._heap, self._joining, self._running, self._batch, self._kv_bytes = [], [], [], BatchCache(), 0
+            self._fail_all(InferenceError(f"the generation loop of {self.name} failed: {type(e).__name__}: {e}"))
             raise
         finally:
             if self._task is me:
@@ -231,6 +259,7 @@ class GenerationLoop:
                 break  # the head waits for room; nothing less urgent passes it
             heapq.heappop(self._heap)
             seq.admitted = True
+            self._members.add(seq)
             self._joining.append(seq)
 
     def _every_core(self, model: nn.Module) -> bool:
@@ -264,8 +293,8 @@ class GenerationLoop:
         keep = [i for i, s in enumerate(self._running) if s.live]
         joins = [s for s in self._joining if s.live and s.cache is not None]
         order = [self._running[i] for i in keep] + joins
-        dropped = [s for s in self._running + self._joining if not s.live or (s.cache is None and s not in order)]
-        self._joining = []
+        dropped = [s for s in self._running + self._joining if not s.live]  # rows (or caches) that go now
+        self._running, self._joining = order, []  # (what stats count while the job runs)
         batch, every = self._batch, self._every_core(model)
 
         def job() -> tuple[list[Choice], list[int], int]:
@@ -328,8 +357,16 @@ class GenerationLoop:
         for s in seqs:
             s.fail(error)
 
-    def _heap_seqs(self) -> list[GenSequence]:
-        return [e[2] for e in self._heap]
+    def _fail_all(self, error: BaseException) -> None:
+        """Every sequence, waiting or admitted, fails; the batch's tensors go."""
+        self._fail([e[2] for e in self._heap] + list(self._members), error)
+        self._heap, self._joining, self._running, self._members = [], [], [], set()
+        self._batch, self._kv_bytes = BatchCache(), 0
+
+
+def _retry(error: BaseException | None) -> bool:
+    """A codec read that failed for a reason that may pass (storage), not a refusal."""
+    return error is not None and not isinstance(error, BadRequest)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -22,7 +22,7 @@ from cicada_async.engine.capabilities import Capabilities, open_with_capabilitie
 from cicada_async.engine.executor import AHEAD_OF_REQUESTS, Executor
 from cicada_async.engine.fetch import FetchSettings, LoadPriority
 from cicada_async.engine.footprint import estimated_bytes, served_bytes
-from cicada_async.engine.generate import GenerationCodec, GenerationLoop, is_causal_lm
+from cicada_async.engine.generate import GenerationLoop, is_causal_lm
 from cicada_async.engine.forward import inputs_meta, io_spec, pad_token, run_forward
 from cicada_async.engine.headers import read_header
 from cicada_async.engine.job import LoadJob, load_options
@@ -96,8 +96,9 @@ class ModelInstance:
         self._watches: list[FileWatch] = []  # mapped weight files the ready model's tensors view
         self._ready = ReadySkeleton(name)  # kept across unloads once prebuild() asked for it
         self.causal_lm = False  # known from the config (describe, or a load)
-        self.generation = GenerationLoop(name, options, engine, lambda p: self.load(priority=p),
-                                         lambda: self._model if self.state == "ready" else None)
+        self.generation = GenerationLoop(
+            name, options, engine, lambda p: self.load(priority=p), lambda: self._model if self.state == "ready" else None,
+            lambda: open_with_capabilities(uri, engine.storage.get(scheme_of(uri), {}), cache=engine.node_cache)[0])
         load_options(options, read_bytes=1, load_timeout_s=1)  # validate early
 
     # public API --------------------------------------------------------------------------------
@@ -186,16 +187,12 @@ class ModelInstance:
 
     # generation (engine/generate.py) ----------------------------------------------------------
     async def prompt_codec(self) -> PromptCodec:
-        raise BadRequest(f"model {self.name} does not generate text")
+        return await self.generation.codec()
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        priority: Priority) -> AsyncIterator[GenerationDelta]:
-        codec = await self._generation_codec()
-        async for delta in self.generation.generate(prompt_ids, params, priority=priority, codec=codec):
+        async for delta in self.generation.generate(prompt_ids, params, priority=priority):
             yield delta
-
-    async def _generation_codec(self) -> GenerationCodec:
-        raise BadRequest(f"model {self.name} does not generate text")
 
     @property
     def generation_stats(self) -> GenerationStats:

@@ -37,7 +37,8 @@ class IdCodec:
     def __init__(self, model_dir: Path) -> None:
         cfg = json.loads((model_dir / "config.json").read_text())
         self.context_length = int(cfg.get("max_position_embeddings") or cfg["n_positions"])
-        eos = cfg.get("eos_token_id")
+        gen = model_dir / "generation_config.json"  # what transformers' generate stops on
+        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else cfg.get("eos_token_id")
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.vocab_size = int(cfg["vocab_size"])
 
@@ -66,20 +67,13 @@ class IdDetokenizer:
 
 @pytest.fixture(scope="module")
 def lm_dirs(model_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The catalogue's causal LMs, plus Qwen2 and Mistral written here with transformers."""
-    import transformers
+    """The catalogue's causal LMs (hub-shaped directories with a tokenizer)."""
+    from cicada_async.models.catalogue import make_model
 
     root = tmp_path_factory.mktemp("lms")
     dirs = {k: model_dirs[k] for k in ("tiny-llama", "tiny-llama-untied", "tiny-gpt2")}
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128,
-                  tie_word_embeddings=False, use_cache=False, bos_token_id=1, eos_token_id=2)
-    for name, cfg_cls, model_cls in (("tiny-qwen2", transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-                                     ("tiny-mistral", transformers.MistralConfig, transformers.MistralForCausalLM)):
-        torch.manual_seed(3)
-        model = model_cls(cfg_cls(**common)).eval()
-        model.save_pretrained(root / name, safe_serialization=True)
-        dirs[name] = root / name
+    for name in ("tiny-qwen2", "tiny-mistral"):
+        dirs[name] = make_model(name, root / name, seed=1)
     return dirs
 
 
@@ -128,25 +122,39 @@ def tokens(deltas: list[GenerationDelta]) -> list[int]:
 
 @pytest.mark.parametrize("name", LM_FAMILIES)
 async def test_greedy_cold_then_warm_equals_transformers(lm_dirs, name):
+    """Through the served model's API (``ModelInstance.generate``, the directory's tokenizer):
+    the first request cold-starts the model, the later ones find it warm."""
     d = lm_dirs[name]
-    codec = IdCodec(d)
-    first, second = prompts(2, seed=11, lengths=[9, 4])
     async with Engine() as engine:
         inst = engine.instance("m", str(d))
-        assert inst.state == "unloaded"
-        cold = await collect(inst, codec, first, SamplingParams(max_tokens=24, temperature=0))
+        codec = await inst.prompt_codec()
+        assert inst.state == "unloaded"  # the tokenizer is read without the weights
+        first, second = codec.encode("The quick brown fox"), codec.encode("import sys")
+        params = SamplingParams(max_tokens=24, temperature=0)
+        cold = [x async for x in inst.generate(first, params, priority=Priority.DEFAULT)]
         assert inst.state == "ready" and inst.cold_starts == 1
-        warm = await collect(inst, codec, second, SamplingParams(max_tokens=24, temperature=0))
-        again = await collect(inst, codec, first, SamplingParams(max_tokens=24, temperature=0))
+        warm = [x async for x in inst.generate(second, params, priority=Priority.DEFAULT)]
+        again = [x async for x in inst.generate(first, params, priority=Priority.DEFAULT)]
         assert inst.cold_starts == 1
-    assert tokens(cold) == hf_greedy(d, first, 24)
-    assert tokens(warm) == hf_greedy(d, second, 24)
+        stats = inst.generation_stats
+    assert tokens(cold) == hf_greedy(d, tuple(first), 24)
+    assert tokens(warm) == hf_greedy(d, tuple(second), 24)
     assert tokens(again) == tokens(cold)
     last = cold[-1]
     assert last.finish_reason in ("stop", "length") and all(x.finish_reason is None for x in cold[:-1])
     assert last.prompt_tokens == len(first) and last.completion_tokens == len(tokens(cold))
-    assert "".join(x.text for x in cold) == "".join(f"<{t}>" for t in tokens(cold)
-                                                    if t not in codec.eos_token_ids)
+    assert "".join(x.text for x in cold) == codec.decode(tokens(cold))
+    assert stats.running == stats.waiting == stats.kv_cache_bytes_used == 0
+    assert stats.kv_cache_bytes_budget == inst.options.kv_cache_bytes
+
+
+async def test_models_that_do_not_generate_refuse(model_dirs):
+    async with Engine() as engine:
+        inst = engine.instance("m", str(model_dirs["tiny-bert"]))
+        with pytest.raises(BadRequest, match="does not generate text"):
+            [x async for x in inst.generate([1, 2], SamplingParams(max_tokens=2), priority=Priority.DEFAULT)]
+        await asyncio.sleep(0)
+        assert inst.generation_stats.kv_cache_bytes_budget == 0 and inst.state == "unloaded"
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-untied", "tiny-gpt2", "tiny-qwen2", "tiny-mistral"])
@@ -214,3 +222,174 @@ async def test_bad_requests(lm_dirs):
         with pytest.raises(BadRequest, match="need 5120 bytes of KV cache; m's budget is 4096"):
             await collect(inst, codec, [5] * 6, SamplingParams(max_tokens=4))
         assert inst.generation_stats == type(inst.generation_stats)(0, 0, 0, 4096)
+
+
+async def _until(cond, timeout: float = 10.0) -> None:
+    """Yield to the loop until ``cond()`` holds (bounded: a bug fails, never hangs)."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.001)
+
+
+def long_params(n: int = 120) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+async def test_more_urgent_waiting_sequence_is_admitted_first(lm_dirs):
+    d = lm_dirs["tiny-llama-untied"]
+    codec = IdCodec(d)
+    order: list[str] = []
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d), ModelOptions(max_sequences=1))
+
+        async def one(tag: str, priority: int) -> None:
+            async for _ in inst.generation.generate([5, 6, 7], SamplingParams(max_tokens=3, temperature=0),
+                                                    priority=Priority(priority), codec=codec):
+                if tag not in order:
+                    order.append(tag)
+
+        agen = inst.generation.generate([3, 4], long_params(), priority=Priority(10), codec=codec)
+        await agen.__anext__()  # A runs: the one batch slot is taken
+        late = asyncio.create_task(one("late, less urgent", 20))
+        await _until(lambda: inst.generation_stats.waiting == 1)
+        urgent = asyncio.create_task(one("later, more urgent", 2))
+        await _until(lambda: inst.generation_stats.waiting == 2)
+        assert inst.generation_stats.running == 1 and order == []
+        async for _ in agen:
+            pass
+        await asyncio.gather(late, urgent)
+    assert order == ["later, more urgent", "late, less urgent"]
+
+
+async def test_closing_early_frees_the_kv_cache_at_once(lm_dirs):
+    """aclose() and a cancelled consumer: running, waiting and KV bytes drop when they return;
+    the sequence that stays keeps generating exactly."""
+    d = lm_dirs["tiny-llama-untied"]
+    codec = IdCodec(d)
+    keep_prompt = prompts(1, seed=21, lengths=[6])[0]
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d), ModelOptions(max_sequences=2))
+        # Generates until closed (to the context's end): it is still running in every phase.
+        stays = inst.generation.generate(keep_prompt, long_params(codec.context_length - 6),
+                                         priority=Priority.DEFAULT, codec=codec)
+        kept = list((await stays.__anext__()).token_ids)
+        gone = inst.generation.generate([9] * 30, long_params(), priority=Priority.DEFAULT, codec=codec)
+        for _ in range(3):
+            await gone.__anext__()
+        both = inst.generation_stats
+        assert both.running == 2 and both.kv_cache_bytes_used > 0
+        await gone.aclose()
+        after = inst.generation_stats
+        assert after.running == 1 and after.kv_cache_bytes_used < both.kv_cache_bytes_used
+        # A consumer task cancelled while it waits for its next token.
+        got = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in inst.generation.generate([8] * 40, long_params(), priority=Priority.DEFAULT, codec=codec):
+                got.set()
+
+        task = asyncio.create_task(consume())
+        await got.wait()
+        assert inst.generation_stats.running == 2
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert inst.generation_stats.running == 1
+        # And one cancelled while it waits for a slot: it leaves the waiting line.
+        waiter = asyncio.create_task(consume())
+        await _until(lambda: inst.generation_stats.running == 2)
+        third = asyncio.create_task(collect(inst, codec, [4, 4], SamplingParams(max_tokens=2)))
+        await _until(lambda: inst.generation_stats.waiting == 1)
+        third.cancel()
+        await asyncio.gather(third, return_exceptions=True)
+        assert inst.generation_stats.waiting == 0
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        while len(kept) < 40:
+            kept += (await stays.__anext__()).token_ids
+        await stays.aclose()
+        final = inst.generation_stats
+        assert final.running == 0 and final.waiting == 0 and final.kv_cache_bytes_used == 0
+    ref = hf_greedy(d, keep_prompt, 40)
+    assert kept[:len(ref)] == ref  # (the reference may stop early, at an end-of-sequence token)
+
+
+async def test_unload_fails_running_and_waiting_sequences_promptly(lm_dirs):
+    d = lm_dirs["tiny-llama-untied"]
+    codec = IdCodec(d)
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d), ModelOptions(max_sequences=1))
+        running = asyncio.create_task(collect(inst, codec, [3, 4], long_params(200)))
+        await _until(lambda: inst.generation_stats.running == 1)
+        waiting = asyncio.create_task(collect(inst, codec, [5, 6], long_params(10)))
+        await _until(lambda: inst.generation_stats.waiting == 1)
+        async with asyncio.timeout(5):
+            await inst.unload()
+            results = await asyncio.gather(running, waiting, return_exceptions=True)
+        for r in results:
+            assert isinstance(r, LoadError) and str(r) == "model m was unloaded", r
+        assert inst.generation_stats == type(inst.generation_stats)(0, 0, 0, inst.options.kv_cache_bytes)
+        # The next request cold-starts the model again.
+        again = await collect(inst, codec, [7, 8, 9], SamplingParams(max_tokens=4, temperature=0))
+        assert inst.cold_starts == 2 and tokens(again) == hf_greedy(d, (7, 8, 9), 4)
+
+
+async def test_overloaded_when_the_waiting_line_is_full(lm_dirs):
+    d = lm_dirs["tiny-llama-untied"]
+    codec = IdCodec(d)
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d), ModelOptions(max_sequences=1))  # 4 may wait
+        tasks = [asyncio.create_task(collect(inst, codec, [3, 4], long_params(200)))]
+        await _until(lambda: inst.generation_stats.running == 1)
+        tasks += [asyncio.create_task(collect(inst, codec, [5, i], long_params(5))) for i in range(4)]
+        await _until(lambda: inst.generation_stats.waiting == 4)
+        with pytest.raises(Overloaded) as e:
+            await collect(inst, codec, [5, 6], long_params(5))
+        assert e.value.retry_after_s > 0 and inst.generation_stats.waiting == 4
+        await inst.unload()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_stop_string_and_logprobs(lm_dirs):
+    """A stop string ends the text before it (the row leaves); logprobs are the raw model's."""
+    d = lm_dirs["tiny-llama-untied"]
+    codec = IdCodec(d)
+    prompt = prompts(1, seed=31, lengths=[7])[0]
+    ref = hf_greedy(d, prompt, 12)
+    stop_at = next(i for i in range(2, len(ref)) if ref[i] not in ref[:i])
+    model = _hf_model(d)
+    with torch.inference_mode():
+        raw = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d))
+        deltas = await collect(inst, codec, prompt, SamplingParams(max_tokens=12, temperature=0, logprobs=3,
+                                                                  stop=(f"<{ref[stop_at]}>",)))
+        assert inst.generation_stats.running == 0
+    assert tokens(deltas) == ref[:stop_at + 1]  # the stop string's token was computed
+    assert "".join(x.text for x in deltas) == "".join(f"<{t}>" for t in ref[:stop_at])
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].completion_tokens == stop_at + 1
+    steps = [s for x in deltas for s in x.logprobs]
+    assert len(steps) == stop_at + 1
+    first = steps[0]
+    assert first.chosen.token == f"<{ref[0]}>" and len(first.top) == 3
+    assert first.top[0].token == first.chosen.token  # greedy: the chosen is the most likely
+    assert first.chosen.logprob == pytest.approx(float(raw[ref[0]]), abs=1e-5)
+    assert [t.logprob for t in first.top] == sorted((t.logprob for t in first.top), reverse=True)
+
+
+async def test_stop_string_with_the_models_tokenizer(lm_dirs):
+    """A stop string (it may span tokens) ends the streamed text right before it."""
+    d = lm_dirs["tiny-llama-untied"]
+    async with Engine() as engine:
+        inst = engine.instance("m", str(d))
+        codec = await inst.prompt_codec()
+        prompt = codec.encode("def main():")
+        full = [x async for x in inst.generate(prompt, SamplingParams(max_tokens=30, temperature=0),
+                                               priority=Priority.DEFAULT)]
+        text = "".join(x.text for x in full)
+        assert len(text) > 12, text
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        cut = [x async for x in inst.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop=(stop,)),
+                                              priority=Priority.DEFAULT)]
+        assert inst.generation_stats.running == 0
+    assert "".join(x.text for x in cut) == text[:text.index(stop)]
+    assert cut[-1].finish_reason == "stop" and tokens(cut) == tokens(full)[:len(tokens(cut))]
