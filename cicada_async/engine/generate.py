@@ -199,7 +199,7 @@ class GenerationLoop:
             seq.release()
             return
         # Its row leaves at the loop's next job; its caller learns the KV is free when it returns.
-        if self._task is None:
+        if self._task is None or self._task.done():
             seq.release()  # no loop: nothing holds it (stop() dropped the batch)
         await asyncio.shield(seq.left)
 
@@ -239,6 +239,8 @@ class GenerationLoop:
                     continue
                 await self._decode(model)
         except asyncio.CancelledError:
+            if self._task is me:  # cancelled from outside (the event loop closing), not by stop()
+                self._fail_all(InferenceError(f"the generation loop of {self.name} was cancelled"))
             raise
         except BaseException as e:  # a bug of ours: nobody may hang on it
             self._fail_all(InferenceError(f"the generation loop of {self.name} failed: {type(e).__name__}: {e}"))
