@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protocols.errors import BadRequest, LoadError, Overloaded
+from protocols.errors import BadRequest, InferenceError, LoadError, Overloaded
 from protocols.generation import GenerationDelta, SamplingParams, TokenLogprob
 from protocols.serving import ModelOptions, Priority
 from cicada_async.engine.instance import ModelInstance
@@ -175,13 +175,13 @@ async def test_continuous_batch_equals_transformers(lm_dirs, name):
             async for delta in inst.generation.generate(ps[i], SamplingParams(max_tokens=lengths[i], temperature=0),
                                                         priority=Priority.DEFAULT, codec=codec):
                 out.append(delta)
-                started[i].set()
+                if len(tokens(out)) >= 5 or delta.finish_reason:  # joined, a few decode steps done
+                    started[i].set()
                 seen.append(inst.generation_stats.running)
             return out
 
         first = [asyncio.create_task(one(i)) for i in range(3)]
-        await asyncio.gather(*(started[i].wait() for i in range(3)))
-        await asyncio.sleep(0.05)  # a few decode steps later
+        await started[2].wait()  # the longest of them (30) has 25 tokens to go: the others join it
         later = [asyncio.create_task(one(i)) for i in range(3, 6)]
         results = await asyncio.gather(*first, *later)
         stats = inst.generation_stats
@@ -191,15 +191,19 @@ async def test_continuous_batch_equals_transformers(lm_dirs, name):
         assert tokens(deltas) == hf_greedy(d, ps[i], lengths[i]), f"request {i} (prompt of {len(ps[i])})"
 
 
-async def test_prefill_failure_fails_that_sequence_only(lm_dirs):
-    """A token id the tokenizer allows but the embedding lacks: its forward fails, the loop goes on."""
-    d = lm_dirs["tiny-llama"]
+async def test_forward_failures_fail_their_step_only(lm_dirs):
+    """A tokenizer that claims more than the model has: a token id past the embedding fails its
+    prefill, a position past GPT-2's table fails a decode step (its rows); the loop goes on."""
+    d = lm_dirs["tiny-gpt2"]  # 128 positions
     codec = IdCodec(d)
-    codec.vocab_size = 5000  # a tokenizer larger than the embedding
+    codec.vocab_size, codec.context_length = 5000, 1000
     async with Engine() as engine:
         inst = engine.instance("m", str(d))
-        with pytest.raises(Exception, match="forward failed"):
+        with pytest.raises(InferenceError, match="forward failed"):
             await collect(inst, codec, [4000, 5], SamplingParams(max_tokens=4, temperature=0))
+        with pytest.raises(InferenceError, match="forward failed"):
+            await collect(inst, codec, [5] * 120, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        assert inst.generation_stats.running == 0 and inst.generation_stats.kv_cache_bytes_used == 0
         ok = await collect(inst, codec, [7, 8, 9], SamplingParams(max_tokens=4, temperature=0))
     assert tokens(ok) == hf_greedy(d, (7, 8, 9), 4)
 
@@ -248,7 +252,7 @@ async def test_more_urgent_waiting_sequence_is_admitted_first(lm_dirs):
                 if tag not in order:
                     order.append(tag)
 
-        agen = inst.generation.generate([3, 4], long_params(), priority=Priority(10), codec=codec)
+        agen = inst.generation.generate([3, 4], long_params(250), priority=Priority(10), codec=codec)
         await agen.__anext__()  # A runs: the one batch slot is taken
         late = asyncio.create_task(one("late, less urgent", 20))
         await _until(lambda: inst.generation_stats.waiting == 1)
