@@ -4,23 +4,22 @@
 a waiting heap ordered by (priority, arrival). The loop (one asyncio task per model, started on
 demand, ending when it has nothing left) repeats one iteration:
 
-1. drop what left: finished and abandoned rows go at the next executor job, in its first copy;
-2. admit the most urgent waiting sequences while ``max_sequences`` and the KV budget allow
-   (``kvcache.py``: the padded worst case of the rows present stays within the budget);
-3. prefill each admitted sequence alone (batch of 1, one executor job at its priority) and
+1. admit the most urgent waiting sequences while ``max_sequences`` and the KV budget allow
+   (``kvcache.py``: the padded worst case of the live rows stays within the budget); rows that
+   left (finished, abandoned) go first, in the first job that copies the cache anyway;
+2. prefill each admitted sequence alone (batch of 1, one executor job at its priority) and
    sample its first token;
-4. one decode step of the whole batch, the new rows merged in first (one executor job at the
-   most urgent priority among its rows); sequences that hit an end-of-sequence token or
-   ``max_tokens`` leave the cache in the same job.
+3. one decode step of the whole batch, the new rows merged in first (one executor job at the
+   most urgent priority among its rows); rows that hit end-of-sequence or ``max_tokens``
+   leave the cache in the same job.
 
-Every job runs under ``torch.inference_mode`` and the thread setting of a warm forward, and the
-model's layers keep the yield points ``LoadJob.remove_gates`` left, so a decode step hands the
-executor to more urgent work at each layer as a forward does. Tokens go to each sequence's
-queue as ``GenerationDelta``s, text detokenized on the loop (stop strings end a sequence there;
-its row leaves at the next job). A consumer that goes away (``aclose``, cancellation) takes its
-sequence out at once: from the heap, or its row at the next job, which the consumer awaits.
+Jobs run under ``torch.inference_mode`` and a warm forward's thread setting; the model keeps
+the yield points ``LoadJob.remove_gates`` left, so a decode step hands the executor to more
+urgent work at each layer. Tokens reach each sequence's queue as ``GenerationDelta``s, text
+detokenized on the loop (a stop string ends a sequence there; its row leaves at the next job).
+A consumer that goes away (``aclose``, cancellation) takes its sequence out at once: from the
+heap, or its row at the next job, which the consumer awaits.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -28,7 +27,7 @@ import heapq
 import inspect
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,30 +37,19 @@ from protocols.generation import GenerationDelta, GenerationStats, SamplingParam
 from protocols.serving import ModelOptions, Priority
 from protocols.storage import StorageBackend
 
-from cicada_async.engine.executor import Executor
 from cicada_async.engine.forward import all_cores
 from cicada_async.engine.kvcache import BatchCache, KVShape, kv_shape, new_cache, tensors_bytes
 from cicada_async.engine.sampling import Choice, RowSampler, choose
 from cicada_async.engine.modeldir import read_model_spec
-from cicada_async.engine.sequence import GenerationCodec, GenSequence
+from cicada_async.engine.sequence import GenerationCodec, GenSequence, LoopEngine
 from cicada_async.engine.textcodec import TextCodec, read_codec
 
 if TYPE_CHECKING:  # transformers is imported on the executor, never at the engine's import
     from transformers.cache_utils import DynamicCache
 
-__all__ = ["GenerationCodec", "GenerationLoop", "is_causal_lm"]
+__all__ = ["GenerationCodec", "GenerationLoop", "LoopEngine", "is_causal_lm"]
 
 WAITING_PER_SLOT = 4  # the waiting line holds this many sequences per batch slot, then sheds
-
-
-class LoopEngine(Protocol):
-    """What the loop uses of the engine (``instance.EngineParts`` has it)."""
-
-    @property
-    def executor(self) -> Executor: ...
-    @property
-    def every_core_when_idle(self) -> bool: ...
-    def no_load_running(self) -> bool: ...
 
 
 def is_causal_lm(architecture: str) -> bool:
@@ -226,6 +214,8 @@ class GenerationLoop:
                     return
                 self._members = {s for s in self._members if not s.left.done()}
                 self._admit()
+                if self._joining:
+                    await self._compact()
                 for seq in sorted(self._joining, key=lambda s: s.priority):
                     if seq.live:
                         await self._prefill(model, seq)
@@ -267,6 +257,29 @@ class GenerationLoop:
     def _every_core(self, model: nn.Module) -> bool:
         engine = self._engine
         return engine.every_core_when_idle and engine.no_load_running() and _device(model).type == "cpu"
+
+    async def _compact(self) -> None:
+        """Rows that left go before a prefill allocates more: what is allocated stays within
+        the budget admission counted (only live rows). Otherwise the decode step drops them."""
+        keep = [i for i, s in enumerate(self._running) if s.live]
+        if len(keep) == len(self._running):
+            return
+        dropped, batch = [s for s in self._running if not s.live], self._batch
+
+        def job() -> int:
+            with torch.inference_mode():
+                batch.keep(keep)
+                return batch.nbytes()
+
+        try:
+            self._kv_bytes = await self._engine.executor.run(job, priority=min(s.priority for s in self._joining))
+        except Exception as e:  # noqa: BLE001 - as a failed decode step: its rows fail
+            self._fail(self._running, _as_cicada(e))
+            self._running, self._batch, self._kv_bytes = [], BatchCache(), 0
+            return
+        self._running = [self._running[i] for i in keep]
+        for s in dropped:
+            s.release()
 
     async def _prefill(self, model: nn.Module, seq: GenSequence) -> None:
         every = self._every_core(model)

@@ -3,7 +3,8 @@
 The loop (``generate.py``) owns the batch; a ``GenSequence`` is what it keeps per sequence: the
 prompt, sampling state, where it stands (waiting, admitted, finished, abandoned), and the queue
 its consumer reads. ``take`` turns a sampled token into a ``GenerationDelta`` (text from the
-tokenizer's incremental detokenizer, logprobs, finish reason) on the event loop.
+tokenizer's incremental detokenizer, logprobs, finish reason) on the event loop. The protocols
+name what the loop needs of the tokenizer and of the engine.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from protocols.generation import FinishReason, GenerationDelta, SamplingParams, StepLogprobs, TokenLogprob
 from protocols.priority import Priority
 
+from cicada_async.engine.executor import Executor
 from cicada_async.engine.sampling import Choice, RowSampler
 
 if TYPE_CHECKING:  # transformers is imported on the executor, never at the engine's import
@@ -43,6 +45,16 @@ class GenerationCodec(Protocol):
     def vocab_size(self) -> int: ...
     def token_logprob(self, token_id: int, logprob: float) -> TokenLogprob: ...
     def detokenizer(self, stop: Sequence[str]) -> Detokenizer: ...
+
+
+class LoopEngine(Protocol):
+    """What the loop uses of the engine (``instance.EngineParts`` has it)."""
+
+    @property
+    def executor(self) -> Executor: ...
+    @property
+    def every_core_when_idle(self) -> bool: ...
+    def no_load_running(self) -> bool: ...
 
 
 @dataclass(eq=False)
