@@ -1,0 +1,664 @@
+"""Cicada's Ray Serve application against Ray Serve's stock multiplexing pattern, on one cluster.
+
+    flock /tmp/cicada-bench.lock python -m cicada_async.bench.ray_serve --models bert-base,gpt2 \\
+        --repeat 3 --json bench-results/ray-serve.json
+    (one benchmark at a time, on a quiet machine: every figure is a cold start; about 15 s of
+    Ray start, then ~20-40 s per measured run with the waits for scale to zero)
+
+The cluster: a local ``ray.cluster_utils.Cluster`` started by this process, a head and one
+worker node (``--node-cpus`` logical CPUs each), Serve's HTTP proxy on the head only
+(``proxy_location="HeadOnly"``). Both applications are deployed on it side by side and share
+everything but their code:
+
+- **cicada**: ``cicada_async.service.ray_serve:build`` with a ``cicada.toml`` that names the
+  models (``CicadaIngress`` -> ``CicadaModels``; the engine inside each replica, pipelined cold
+  start, dynamic batching). Requests ``POST /cicada/v2/models/{model}/infer``; the ingress
+  sets the multiplexed model id from the path.
+- **stock**: ``StockModels`` below, the pattern of Ray Serve's model-multiplexing guide written
+  as a user would: ``@serve.multiplexed(max_num_models_per_replica=3)`` on an async loader that
+  calls ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` (decoders, ``architectures``
+  ending in ``LMHeadModel``/``ForCausalLM``) or ``AutoModel.from_pretrained(dir)`` (encoders),
+  ``.eval()``; ``__call__`` reads the same JSON body, builds ``input_ids`` and runs the forward
+  under ``torch.inference_mode()``, answering the first output (logits / last_hidden_state) as
+  raw bytes. torch threads = the replica's CPUs, set in ``__init__`` (where torch and
+  transformers are imported, as at the top of a user's module). Requests
+  ``POST /stock/v2/models/{model}/infer`` with Ray's ``serve_multiplexed_model_id`` header.
+
+Ray places the replicas (both nodes are this machine: no network between them); each run
+records the node that answered (``cluster.head_node``/``worker_node`` name them).
+
+Same for both: model replicas of ``--replica-cpus`` CPUs (1), torch threads = that; the same
+autoscaling config (``min_replicas`` 0, ``max_replicas`` ``--max-replicas`` (1),
+``target_ongoing_requests`` 2, ``upscale_delay_s`` 0, ``downscale_delay_s``
+``--downscale-delay-s``, metrics every 0.2 s over 0.5 s); ``max_ongoing_requests`` 16 (cicada's
+default, so a burst reaches one replica whole in both); three models per replica; the same
+weights (``cicada_async.models.catalogue.make_model`` into ``--dir``, default ``models/``);
+the same request: a V2 JSON body of ``--seq`` token ids (``input_ids``), the model's first
+output asked for in binary (``binary_data_output``: JSON-encoding millions of logits would be
+measured instead); the same client (``http.client`` through Ray's proxy, one connection per
+request, ``--timeout`` bounding each). Every answer is checked: status 200 and at least
+seq x (vocab or hidden) x 2 bytes, i.e. a real forward's output.
+
+What is timed (wall clock in this process, request sent to answer read), per repetition,
+strategies interleaved and their order rotated per repetition:
+
+- ``first_answer`` (per model): both applications at zero model replicas (``serve.status``:
+  none starting, running or stopping), the model's weights evicted from the page cache and
+  checked with mincore (``pagecache.evict_checked``), then one request: Ray starts a replica,
+  the replica starts (imports), loads and answers. The answering replica must be one never seen
+  before (a fresh process).
+- ``switch`` (per model B; A = the next model of ``--models``): from zero replicas, one request
+  for A (untimed, recorded) and a second (warm, recorded); B evicted; then one request for B is
+  timed: the model switch on a replica that holds another model. It must answer from A's replica.
+- ``burst`` (per model B, A as above): from zero replicas, a replica warmed with A as for the
+  switch, B evicted, then ``--burst`` (16) concurrent requests for B, released together by a
+  barrier: ``all_answered_s`` from the release to the last answer, and each request's own
+  latency (median, max). Every request must get an answer (200) or an error (another status,
+  counted); an exception or a timeout (a hang) is a failure. All are counted and kept.
+
+Before the first repetition each application answers one request and goes back to zero
+(``warmup``, kept in the JSON, not in the medians): the cluster's first worker starts pay
+one-off costs (the first import of each package from disk) that neither strategy should carry.
+
+The JSON: command, commit and machine (``procinfo``), Ray's version, the configuration, every
+run, the failed ones, and per strategy the medians; ``ratios`` are cicada / stock of each
+median (targets: first answer <= 0.7x, switch <= 0.6x). Exit status 1 when anything failed.
+
+Cleanup: ``serve.shutdown``, ``ray.shutdown``, ``Cluster.shutdown``; then every process this
+run started (the descendants of this process, recorded while the cluster ran) that is still
+alive is killed by pid, also from an atexit hook and on SIGTERM/SIGINT. Nothing else is
+touched: ``ray stop --force`` kills every Ray process of the user on the machine (other runs'
+clusters too), so it runs only when ``--ray-stop-force`` asks for it (a dedicated machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import concurrent.futures
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, cast
+
+from ray import serve
+from ray.serve import Deployment
+
+from cicada_async.bench.pagecache import evict_checked
+from cicada_async.bench.procinfo import commit, machine
+
+if TYPE_CHECKING:
+    from ray.serve import Application
+
+STRATEGIES = ("cicada", "stock")
+APP_DEPLOYMENT = {"cicada": "CicadaModels", "stock": "StockModels"}
+MEASURES = ("first_answer", "switch", "burst")
+TARGETS = {"first_answer_s": 0.7, "switch_s": 0.6}
+STOCK_MAX_MODELS = 3  # the guide's example; cicada's builder defaults to the same
+REPLICA_HEADERS = ("cicada-replica", "bench-replica")
+
+
+# ------------------------------------------------------------------------------ the stock app
+
+
+def _is_decoder(model_dir: str) -> bool:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        archs = json.load(f).get("architectures") or [""]
+    return bool(str(archs[0]).endswith(("LMHeadModel", "ForCausalLM")))
+
+
+class StockModels:
+    """Ray Serve's multiplexing guide, with transformers: load in the loader, forward in the call.
+
+    Deployed as ``serve.deployment(StockModels).options(...)`` with the bench's resources and
+    autoscaling; everything else is as a user writes it.
+    """
+
+    def __init__(self, model_dirs: dict[str, str], threads: int) -> None:
+        import ray
+        import torch  # a user's module imports these at its top: the replica's start pays them
+        import transformers  # noqa: F401
+
+        torch.set_num_threads(threads)
+        self.model_dirs = model_dirs
+        # Which replica and node answered (two response headers; the bench checks freshness).
+        self.where = {"bench-replica": serve.get_replica_context().replica_id.unique_id,
+                      "bench-node": ray.get_runtime_context().get_node_id()}
+
+    @serve.multiplexed(max_num_models_per_replica=STOCK_MAX_MODELS)  # type: ignore[untyped-decorator]
+    async def get_model(self, model_id: str) -> Any:
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        model_dir = self.model_dirs[model_id]
+        cls = AutoModelForCausalLM if _is_decoder(model_dir) else AutoModel
+        return cls.from_pretrained(model_dir).eval()
+
+    async def __call__(self, request: Any) -> Any:
+        import torch
+        from starlette.responses import Response
+
+        model = await self.get_model(serve.get_multiplexed_model_id())
+        body = await request.json()
+        inp = body["inputs"][0]
+        ids = torch.tensor(inp["data"], dtype=torch.int64).reshape(inp["shape"])
+        with torch.inference_mode():
+            out = model(input_ids=ids)[0]
+        return Response(out.numpy().tobytes(), media_type="application/octet-stream",
+                        headers={**self.where, "bench-shape": json.dumps(list(out.shape))})
+
+
+def stock_app(model_dirs: dict[str, str], autoscaling: dict[str, Any], replica_cpus: float,
+              max_ongoing: int) -> Application:
+    dep = cast(Deployment, serve.deployment(StockModels)).options(
+        autoscaling_config=autoscaling, ray_actor_options={"num_cpus": replica_cpus},
+        max_ongoing_requests=max_ongoing)
+    app: Application = dep.bind(model_dirs, max(1, int(replica_cpus)))
+    return app
+
+
+# ------------------------------------------------------------------------------ client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def request_body(model_dir: Path, seq: int) -> tuple[bytes, int]:
+    """The V2 JSON body, and the fewest bytes a real answer has (fp16 lower bound)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    vocab = int(cfg["vocab_size"])
+    decoder = _is_decoder(str(model_dir))
+    width = vocab if decoder else int(cfg.get("hidden_size") or cfg.get("n_embd"))
+    out = "logits" if decoder else "last_hidden_state"
+    data = [(i * 7919) % vocab for i in range(seq)]
+    body = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, seq], "data": data}],
+            "outputs": [{"name": out}], "parameters": {"binary_data_output": True}}
+    return json.dumps(body).encode(), seq * width * 2
+
+
+class Client:
+    """One HTTP connection per request through Ray's proxy; the same code for both apps."""
+
+    def __init__(self, port: int, bodies: dict[str, tuple[bytes, int]], timeout_s: float) -> None:
+        self.port, self.bodies, self.timeout_s = port, bodies, timeout_s
+
+    def infer(self, strategy: str, model: str) -> dict[str, Any]:
+        body, least = self.bodies[model]
+        headers = {"Content-Type": "application/json"}
+        if strategy == "stock":
+            headers["serve_multiplexed_model_id"] = model
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout_s)
+        try:
+            conn.request("POST", f"/{strategy}/v2/models/{model}/infer", body=body, headers=headers)
+            r = conn.getresponse()
+            raw = r.read()
+            hdrs = {k.lower(): v for k, v in r.getheaders()}
+        except Exception as e:  # noqa: BLE001 - a failure, counted, never dropped
+            return {"ok": False, "failure": f"{type(e).__name__}: {e}", "s": time.monotonic() - t0,
+                    "t_end": time.monotonic()}
+        finally:
+            conn.close()
+        t1 = time.monotonic()
+        replica = next((hdrs[h] for h in REPLICA_HEADERS if h in hdrs), None)
+        out: dict[str, Any] = {"s": t1 - t0, "t_end": t1, "status": r.status, "bytes": len(raw),
+                               "replica": replica, "node": hdrs.get("cicada-node") or hdrs.get("bench-node")}
+        out["ok"] = r.status == 200 and len(raw) >= least
+        if not out["ok"]:
+            out["error"] = raw[:300].decode(errors="replace") if r.status != 200 else \
+                f"answer of {len(raw)} bytes, fewer than a forward's output ({least})"
+        return out
+
+
+# ------------------------------------------------------------------------------ cluster, cleanup
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (ppid, start time) of every process we can read."""
+    table: dict[int, tuple[int, str]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        table[int(d)] = (int(fields[1]), fields[19])
+    return table
+
+
+class Descendants:
+    """Every process started under this one (raylets, GCS, Ray workers), by pid and start time."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def record(self) -> None:
+        table = _proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo, found = [os.getpid()], []
+        while todo:
+            for c in children.get(todo.pop(), []):
+                found.append(c)
+                todo.append(c)
+        with self._lock:
+            for pid in found:
+                self.seen.setdefault(pid, table[pid][1])
+
+    def alive(self) -> list[int]:
+        table = _proc_table()
+        with self._lock:
+            return [p for p, st in self.seen.items() if p in table and table[p][1] == st]
+
+    def kill_left(self, grace_s: float = 5.0) -> list[int]:
+        """SIGTERM what is still alive, then SIGKILL after ``grace_s``; the pids that were left."""
+        left = self.alive()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.alive():
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + grace_s
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        return left
+
+
+class Watcher(threading.Thread):
+    """Records the descendants every second while the cluster runs (workers come and go)."""
+
+    def __init__(self, procs: Descendants) -> None:
+        super().__init__(daemon=True)
+        self.procs = procs
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.procs.record()
+            self.halt.wait(1.0)
+
+
+class Bed:
+    """The two-node cluster, Serve's proxy and both applications."""
+
+    def __init__(self, args: argparse.Namespace, model_dirs: dict[str, Path], procs: Descendants) -> None:
+        import ray
+        from ray.cluster_utils import Cluster
+
+        from cicada_async.service.ray_serve import build
+
+        self.procs = procs
+        self.tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths
+        node = {"num_cpus": args.node_cpus, "object_store_memory": 256 << 20, "temp_dir": str(self.tmp)}
+        t0 = time.monotonic()
+        self.cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        procs.record()
+        self.worker = self.cluster.add_node(**node)
+        procs.record()
+        ray.init(address=self.cluster.address, log_to_driver=False)
+        self.ray_start_s = time.monotonic() - t0
+        self.port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.port})
+        autoscaling: dict[str, Any] = {
+            "min_replicas": 0, "max_replicas": args.max_replicas, "target_ongoing_requests": 2,
+            "upscale_delay_s": 0.0, "downscale_delay_s": args.downscale_delay_s,
+            "metrics_interval_s": 0.2, "look_back_period_s": 0.5}
+        self.autoscaling = autoscaling
+        toml = self.tmp / "cicada.toml"
+        toml.write_text("".join(f"[models.{json.dumps(m)}]\nuri = {json.dumps(str(d.resolve()))}\n\n"
+                                for m, d in model_dirs.items()))
+        self.serve_run_s: dict[str, float] = {}
+        t0 = time.monotonic()
+        serve.run(build({"config": str(toml), **{k: autoscaling[k] for k in (
+                             "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
+                             "downscale_delay_s")},
+                         "autoscaling": {"metrics_interval_s": 0.2, "look_back_period_s": 0.5},
+                         "max_ongoing_requests": args.max_ongoing, "max_models_per_replica": STOCK_MAX_MODELS,
+                         "num_cpus": args.replica_cpus}),
+                  name="cicada", route_prefix="/cicada")
+        self.serve_run_s["cicada"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        serve.run(stock_app({m: str(d.resolve()) for m, d in model_dirs.items()}, autoscaling,
+                            args.replica_cpus, args.max_ongoing), name="stock", route_prefix="/stock")
+        self.serve_run_s["stock"] = time.monotonic() - t0
+        procs.record()
+
+    def replicas(self, app: str) -> int:
+        """Model replicas of ``app`` starting, running or stopping (anything but STOPPED)."""
+        status = serve.status().applications.get(app)
+        if status is None:
+            return 0
+        dep = status.deployments.get(APP_DEPLOYMENT[app])
+        if dep is None:
+            return 0
+        return sum(int(n) for state, n in dep.replica_states.items() if str(getattr(state, "value", state)) != "STOPPED")
+
+    def wait_zero(self, timeout_s: float) -> float:
+        """Until no model replica of either app exists; the seconds waited."""
+        t0 = time.monotonic()
+        while any(self.replicas(a) for a in STRATEGIES):
+            if time.monotonic() - t0 > timeout_s:
+                raise RuntimeError(f"replicas did not scale to zero in {timeout_s:.0f} s: "
+                                   + ", ".join(f"{a}={self.replicas(a)}" for a in STRATEGIES))
+            time.sleep(0.25)
+        time.sleep(0.5)  # the stopped replica's worker process exits
+        self.procs.record()
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        import ray
+
+        self.procs.record()
+        steps: list[Callable[[], object]] = [serve.shutdown, ray.shutdown,
+                                             cast(Callable[[], object], self.cluster.shutdown)]
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - go on tearing down
+                print(f"cleanup: {step.__qualname__} failed: {e}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ measures
+
+
+def _check(r: dict[str, Any], what: str) -> None:
+    if not r["ok"]:
+        raise RuntimeError(f"{what}: {r.get('failure') or r.get('error')} (status {r.get('status')})")
+
+
+def first_answer(bed: Bed, client: Client, strategy: str, model: str, model_dir: Path,
+                 seen: set[str], zero_timeout_s: float) -> dict[str, Any]:
+    waited = bed.wait_zero(zero_timeout_s)
+    resident = evict_checked(model_dir)
+    r = client.infer(strategy, model)
+    _check(r, "first answer")
+    if r["replica"] in seen:
+        raise RuntimeError(f"answered by replica {r['replica']}, not a fresh one")
+    seen.add(r["replica"])
+    return {"first_answer_s": r["s"], "replica": r["replica"], "node": r["node"], "bytes": r["bytes"],
+            "resident_after_evict_bytes": resident, "waited_for_zero_s": waited}
+
+
+def warm_replica(bed: Bed, client: Client, strategy: str, model_a: str, seen: set[str],
+                 zero_timeout_s: float) -> dict[str, Any]:
+    """From zero replicas, a fresh replica that holds ``model_a`` (its first and a warm answer)."""
+    waited = bed.wait_zero(zero_timeout_s)
+    first = client.infer(strategy, model_a)
+    _check(first, f"warming with {model_a}")
+    warm = client.infer(strategy, model_a)
+    _check(warm, f"warm request for {model_a}")
+    if first["replica"] in seen:
+        raise RuntimeError(f"warmed replica {first['replica']} is not a fresh one")
+    seen.add(first["replica"])
+    return {"from_model": model_a, "a_first_s": first["s"], "a_warm_s": warm["s"], "replica": first["replica"],
+            "node": first["node"], "waited_for_zero_s": waited}
+
+
+def switch(bed: Bed, client: Client, strategy: str, model_a: str, model_b: str, dir_b: Path,
+           seen: set[str], zero_timeout_s: float) -> dict[str, Any]:
+    out = warm_replica(bed, client, strategy, model_a, seen, zero_timeout_s)
+    out["resident_after_evict_bytes"] = evict_checked(dir_b)
+    r = client.infer(strategy, model_b)
+    _check(r, f"switch to {model_b}")
+    if r["replica"] != out["replica"]:
+        raise RuntimeError(f"{model_b} answered by {r['replica']}, not by {model_a}'s replica {out['replica']}")
+    out.update({"switch_s": r["s"], "bytes": r["bytes"]})
+    return out
+
+
+def burst(bed: Bed, client: Client, strategy: str, model_a: str, model_b: str, dir_b: Path, n: int,
+          seen: set[str], zero_timeout_s: float) -> dict[str, Any]:
+    out = warm_replica(bed, client, strategy, model_a, seen, zero_timeout_s)
+    out["resident_after_evict_bytes"] = evict_checked(dir_b)
+    gate = threading.Barrier(n + 1)
+    released: list[float] = []
+
+    def one() -> dict[str, Any]:
+        gate.wait()
+        return client.infer(strategy, model_b)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        futs = [pool.submit(one) for _ in range(n)]
+        gate.wait()
+        released.append(time.monotonic())
+        answers: list[dict[str, Any]] = []
+        for f in futs:
+            try:
+                answers.append(f.result(timeout=client.timeout_s + 30))
+            except Exception as e:  # noqa: BLE001 - a hang past the client's own timeout
+                answers.append({"ok": False, "failure": f"{type(e).__name__}: {e}", "s": None, "t_end": None})
+    t0 = released[0]
+    lat = [a["s"] for a in answers if a["ok"]]
+    ends = [a["t_end"] for a in answers if a.get("t_end") is not None]
+    out.update({
+        "n": n,
+        "answered": sum(1 for a in answers if a["ok"]),
+        "errors": sum(1 for a in answers if not a["ok"] and "status" in a),
+        "failures": sum(1 for a in answers if "status" not in a),
+        "statuses": sorted(a.get("status", 0) for a in answers),
+        "all_answered_s": max(ends) - t0 if ends else None,
+        "latency_median_s": statistics.median(lat) if lat else None,
+        "latency_max_s": max(lat) if lat else None,
+        "latencies_s": [a["s"] for a in answers],
+        "replicas": sorted({str(a.get("replica")) for a in answers if a["ok"]}),
+        "problems": [a.get("failure") or a.get("error") for a in answers if not a["ok"]][:4],
+    })
+    return out
+
+
+# ------------------------------------------------------------------------------ summary, main
+
+RUN_KEYS = {"first_answer": ["first_answer_s"], "switch": ["switch_s"],
+            "burst": ["all_answered_s", "latency_median_s", "latency_max_s"]}
+
+
+def summarize(runs: list[dict[str, Any]], models: list[str]) -> dict[str, Any]:
+    medians: dict[str, dict[str, dict[str, float | None]]] = {}
+    for s in STRATEGIES:
+        med: dict[str, dict[str, float | None]] = {}
+        for measure, keys in RUN_KEYS.items():
+            for key in keys:
+                name = key if measure != "burst" else f"burst_{key}"
+                for m in models:
+                    vals = [r[key] for r in runs if r["strategy"] == s and r["measure"] == measure
+                            and r["model"] == m and r.get(key) is not None]
+                    med.setdefault(name, {})[m] = statistics.median(vals) if vals else None
+        medians[s] = med
+    ratios: dict[str, dict[str, float | None]] = {}
+    for name, per_model in medians["cicada"].items():
+        for m, c in per_model.items():
+            b = medians["stock"].get(name, {}).get(m)
+            ratios.setdefault(name, {})[m] = round(c / b, 3) if c is not None and b else None
+    meets = {name: {m: (r is not None and r <= TARGETS[name]) for m, r in ratios.get(name, {}).items()}
+             for name in TARGETS}
+    bursts = [r for r in runs if r["measure"] == "burst"]
+    counts = {s: {k: sum(r[k] for r in bursts if r["strategy"] == s) for k in ("n", "answered", "errors", "failures")}
+              for s in STRATEGIES}
+    return {"medians": medians, "ratios_cicada_over_stock": ratios, "targets": TARGETS, "meets_target": meets,
+            "burst_requests": counts}
+
+
+def _fmt(x: float | None) -> str:
+    return "      -" if x is None else f"{x:7.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m cicada_async.bench.ray_serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="bert-base,gpt2", help="catalogue names, comma separated (at least 2)")
+    ap.add_argument("--dir", type=Path, default=Path("models"), help="where catalogue models live (made if missing)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--measures", default=",".join(MEASURES), help="a subset of " + ",".join(MEASURES))
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--burst", type=int, default=16, help="concurrent requests of the cold burst")
+    ap.add_argument("--seq", type=int, default=32, help="tokens per request")
+    ap.add_argument("--node-cpus", type=float, default=2, help="logical CPUs of each of the two nodes")
+    ap.add_argument("--replica-cpus", type=float, default=1, help="Ray CPUs of a model replica (torch threads)")
+    ap.add_argument("--max-replicas", type=int, default=1)
+    ap.add_argument("--max-ongoing", type=int, default=16, help="max_ongoing_requests of a model replica")
+    ap.add_argument("--downscale-delay-s", type=float, default=2.0)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (a hang fails)")
+    ap.add_argument("--zero-timeout", type=float, default=180.0, help="seconds to wait for scale to zero")
+    ap.add_argument("--prefetch", choices=["config", "on", "off"], default="config",
+                    help="CICADA_PREFETCH in the cluster's environment (config: leave it unset)")
+    ap.add_argument("--ray-stop-force", action="store_true",
+                    help="also run `ray stop --force` at the end: kills EVERY Ray process of this user")
+    ap.add_argument("--json", type=Path, default=Path("bench-results/ray-serve.json"))
+    args = ap.parse_args(argv)
+
+    models = [m for m in args.models.split(",") if m]
+    measures = [m for m in args.measures.split(",") if m]
+    strategies = [s for s in args.strategies.split(",") if s]
+    if len(models) < 2 and {"switch", "burst"} & set(measures):
+        ap.error("switch and burst need at least two models (A held, B switched to)")
+    if set(measures) - set(MEASURES) or set(strategies) - set(STRATEGIES):
+        ap.error(f"measures are {MEASURES}, strategies {STRATEGIES}")
+    model_dirs: dict[str, Path] = {}
+    for m in models:
+        d = args.dir / m
+        if not (d / "config.json").exists():
+            from cicada_async.models.catalogue import make_model
+
+            print(f"making {m} with random weights in {d} ...", flush=True)
+            make_model(m, d)
+        model_dirs[m] = d
+    if args.prefetch != "config":
+        os.environ["CICADA_PREFETCH"] = "1" if args.prefetch == "on" else "0"
+
+    import ray
+
+    doc: dict[str, Any] = {
+        "command": "python -m cicada_async.bench.ray_serve " + " ".join(argv), "commit": commit(),
+        "machine": machine(), "ray": ray.__version__,
+        "config": {"models": models, "repeat": args.repeat, "measures": measures, "strategies": strategies,
+                   "burst": args.burst, "seq": args.seq, "nodes": 2, "node_cpus": args.node_cpus,
+                   "replica_cpus": args.replica_cpus, "torch_threads": max(1, int(args.replica_cpus)),
+                   "max_replicas": args.max_replicas, "max_ongoing_requests": args.max_ongoing,
+                   "max_models_per_replica": STOCK_MAX_MODELS, "downscale_delay_s": args.downscale_delay_s,
+                   "timeout_s": args.timeout, "cicada_prefetch_env": os.environ.get("CICADA_PREFETCH")},
+    }
+    runs: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    procs = Descendants()
+    watcher = Watcher(procs)
+    bed: Bed | None = None
+    done = False
+
+    def cleanup() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        watcher.halt.set()
+        if bed is not None:
+            bed.close()
+        left = procs.kill_left()
+        if left:
+            print(f"cleanup: killed {len(left)} leftover processes of this run: {left}", file=sys.stderr, flush=True)
+        doc["leftover_processes_killed"] = len(left)
+        if args.ray_stop_force:
+            subprocess.run(["ray", "stop", "--force"], check=False)
+        if bed is not None and not failed:
+            shutil.rmtree(bed.tmp, ignore_errors=True)
+        elif bed is not None:
+            print(f"Ray's logs of this run: {bed.tmp}", file=sys.stderr, flush=True)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    atexit.register(cleanup)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    watcher.start()
+    try:
+        bodies = {m: request_body(d, args.seq) for m, d in model_dirs.items()}
+        bed = Bed(args, model_dirs, procs)
+        doc["cluster"] = {"ray_start_s": bed.ray_start_s, "serve_run_s": bed.serve_run_s,
+                          "autoscaling": bed.autoscaling, "head_node": getattr(bed.cluster.head_node, "node_id", None),
+                          "worker_node": bed.worker.node_id}
+        print(f"cluster up in {bed.ray_start_s:.1f} s; serve.run " +
+              ", ".join(f"{k} {v:.1f} s" for k, v in bed.serve_run_s.items()), flush=True)
+        client = Client(bed.port, bodies, args.timeout)
+        seen: dict[str, set[str]] = {s: set() for s in strategies}
+        for s in strategies:  # warm-up: the cluster's one-off costs, kept apart
+            try:
+                runs.append({"rep": -1, "strategy": s, "measure": "warmup", "model": models[0],
+                             **first_answer(bed, client, s, models[0], model_dirs[models[0]], seen[s], args.zero_timeout)})
+                print(f"warmup {s}: {runs[-1]['first_answer_s']:.2f} s", flush=True)
+            except Exception as e:  # noqa: BLE001 - counted and shown
+                failed.append({"rep": -1, "strategy": s, "measure": "warmup", "error": f"{type(e).__name__}: {e}"})
+                print(f"warmup {s}: FAILED {e}", flush=True)
+        for rep in range(args.repeat):
+            order = strategies[rep % len(strategies):] + strategies[: rep % len(strategies)]
+            for measure in measures:
+                for i, m in enumerate(models):
+                    a = models[(i + 1) % len(models)]
+                    for s in order:
+                        label = f"rep {rep} {measure:12s} {s:6s} {m}" + (f" (holding {a})" if measure != "first_answer" else "")
+                        try:
+                            if measure == "first_answer":
+                                r = first_answer(bed, client, s, m, model_dirs[m], seen[s], args.zero_timeout)
+                            elif measure == "switch":
+                                r = switch(bed, client, s, a, m, model_dirs[m], seen[s], args.zero_timeout)
+                            else:
+                                r = burst(bed, client, s, a, m, model_dirs[m], args.burst, seen[s], args.zero_timeout)
+                        except Exception as e:  # noqa: BLE001 - counted and shown, never dropped silently
+                            failed.append({"rep": rep, "strategy": s, "measure": measure, "model": m,
+                                           "error": f"{type(e).__name__}: {e}"})
+                            print(f"{label}: FAILED {e}", flush=True)
+                            continue
+                        runs.append({"rep": rep, "strategy": s, "measure": measure, "model": m, **r})
+                        if measure == "burst":
+                            print(f"{label}: all answered {_fmt(r['all_answered_s'])} s, median "
+                                  f"{_fmt(r['latency_median_s'])} s, max {_fmt(r['latency_max_s'])} s; "
+                                  f"{r['answered']}/{r['n']} answered, {r['errors']} errors, {r['failures']} failures",
+                                  flush=True)
+                            if r["answered"] != r["n"]:
+                                failed.append({"rep": rep, "strategy": s, "measure": measure, "model": m,
+                                               "error": f"{r['n'] - r['answered']} of {r['n']} not answered: {r['problems']}"})
+                        else:
+                            print(f"{label}: {_fmt(r[RUN_KEYS[measure][0]])} s", flush=True)
+    finally:
+        cleanup()
+    summary = summarize(runs, models)
+    summary["failed"] = len(failed)
+    print("\nmedians (s), cicada / stock:")
+    for name, per_model in summary["medians"]["cicada"].items():
+        for m in models:
+            c, b = per_model.get(m), summary["medians"]["stock"].get(name, {}).get(m)
+            ratio = summary["ratios_cicada_over_stock"][name][m]
+            target = f"  (target <= {TARGETS[name]}x)" if name in TARGETS else ""
+            print(f"  {name:28s} {m:12s} cicada {_fmt(c)}  stock {_fmt(b)}  "
+                  f"{'-' if ratio is None else f'{ratio:.2f}x'}{target}")
+    if failed:
+        print(f"FAILED: {len(failed)} (listed in the JSON)")
+    doc.update({"summary": summary, "runs": runs, "failed_runs": failed})
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    # Ray's workers import the stock deployment by this module's name, not as __main__.
+    from cicada_async.bench import ray_serve as _named
+
+    sys.exit(_named.main())
