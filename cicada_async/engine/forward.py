@@ -120,9 +120,12 @@ def pad_token(spec: ModelSpec) -> int | None:
     pad = spec.config.get("pad_token_id")
     if not isinstance(pad, int) or isinstance(pad, bool) or spec.kind != "transformers":
         return None
-    import transformers
+    from cicada_async.engine import hfimport
 
-    cls = getattr(transformers, spec.architecture, None)
+    try:  # runs in a worker thread: see hfimport for why not getattr(transformers, ...)
+        cls: object = hfimport.attr(spec.architecture)
+    except AttributeError:
+        cls = None
     forward = getattr(cls, "forward", None)
     try:
         takes_mask = forward is not None and "attention_mask" in inspect.signature(forward).parameters

@@ -47,7 +47,12 @@ class ModelSpec:
             return _import_factory(self.architecture)(**self.config.get("kwargs", {})).eval()
         import transformers
 
-        cls = getattr(transformers, self.architecture, None)
+        from cicada_async.engine import hfimport
+
+        try:
+            cls: object = hfimport.attr(self.architecture)
+        except AttributeError:
+            cls = None
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise ConfigError(f"config.json names {self.architecture!r}, not a transformers model class")
         cfg_dict = dict(self.config)
@@ -241,9 +246,9 @@ def import_conversion_mapping() -> None:
 def import_model_libraries() -> None:
     """transformers and its rename rules, for an idle executor thread to import ahead."""
     try:
-        import transformers
+        from cicada_async.engine import hfimport
 
-        transformers.PreTrainedModel  # noqa: B018 - the lazy module loads on first access
+        hfimport.warm()  # under the lock other threads resolve transformers names with
         # Not import_conversion_mapping(): its rules are built only for checkpoints whose
         # names need them (skeleton.index_skeleton), and in a scale-from-zero this import is
         # on the first request's path.

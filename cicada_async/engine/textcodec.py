@@ -263,10 +263,12 @@ def _build(tok_raw: bytes, tok_cfg: dict[str, Any], gen_cfg: dict[str, Any], tem
                 if (t := _token_text(tok_cfg.get(k))) is not None}
     chat = None
     if template is not None:
-        import transformers
+        from cicada_async.engine import hfimport
 
+        fast = hfimport.attr("PreTrainedTokenizerFast")  # a worker thread: see hfimport
+        assert isinstance(fast, type)
         # Its own Tokenizer: transformers may add tokens or set options on the one it is given.
-        chat = transformers.PreTrainedTokenizerFast(
+        chat = fast(
             tokenizer_object=Tokenizer.from_str(tok_raw.decode()), chat_template=template, **specials)
     eos = _ids(gen_cfg.get("eos_token_id")) or _ids(spec.config.get("eos_token_id"))
     if not eos and "eos_token" in specials:

@@ -1,0 +1,33 @@
+"""transformers' names, resolved under one process-wide lock.
+
+transformers is a lazy module: ``transformers.X`` imports X's submodule on first access. That
+is not thread-safe: while one thread is importing (the engine warms the import on its executor
+at start), another thread's first ``transformers.PreTrainedTokenizerFast`` raised
+``AttributeError: module 'transformers' has no attribute ...`` (reproduced 3 of 3 times), and
+``getattr(transformers, name, None)`` silently answered None. A scale-from-zero request arrives
+exactly then: the tokenizer build failed with a 500, and the pad-token probe turned padding
+off. Every thread that resolves a transformers name outside the executor's turn goes through
+``attr``; the warm import holds the same lock, so a caller waits for it instead of racing it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+_lock = threading.RLock()
+
+
+def attr(name: str) -> object:
+    """``transformers.<name>`` (AttributeError when it has none), after any import in flight."""
+    with _lock:
+        import transformers
+
+        return getattr(transformers, name)
+
+
+def warm() -> None:
+    """Import transformers and its model base class now (an idle thread at start)."""
+    with _lock:
+        import transformers
+
+        transformers.PreTrainedModel  # noqa: B018 - the lazy module loads on first access
