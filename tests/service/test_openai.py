@@ -83,9 +83,6 @@ def test_cold_then_warm_completion_is_transformers_greedy(lm_server: LiveServer,
     assert m[f'cicada_cold_starts_total{{model="{LM}",outcome="success"}}'] >= 1
 
 
-@pytest.mark.xfail(strict=False, reason="engine/textcodec._build reads transformers.PreTrainedTokenizerFast in a worker "
-                   "thread while the engine's start-up import of transformers may still run: AttributeError, 500 "
-                   "(seen on the first request of a fresh `cicada serve`; reported to the engine side)")
 def test_the_first_request_of_a_fresh_cicada_serve(lm_dir: Path, oracle: Oracle, tmp_path: Path) -> None:
     """A real ``cicada serve`` process whose very first request is a completion: it cold-starts
     the model and answers transformers' greedy text (a process in which nothing ran before)."""
