@@ -39,6 +39,12 @@ AHEAD_OF_REQUESTS = Priority.UNLOAD
 _APPLIES_ONLY: Key = (Priority(-(1 << 62)), -1)
 
 MAX_THREADS = 32
+# Idle workers kept past a burst; the others retire after RETIRE_IDLE_S without work. Workers
+# are spawned whenever a job waits or yields (gated forwards, refills that yield between
+# pieces), so a busy minute leaves many; kept for ever, each holds its stack and, if it ever
+# computed, an OpenMP team (the soak's idle thread count grew 11 -> 18 once refills yielded).
+KEEP_IDLE = 2
+RETIRE_IDLE_S = 1.0
 
 
 class ExecutorDead(CicadaError):
@@ -73,6 +79,7 @@ class Executor:
         self._holder: int | None = None  # thread ident holding the turn
         self._seq = itertools.count()
         self._threads: dict[int, threading.Thread] = {}
+        self._spawned = itertools.count()  # worker names stay unique as workers retire
         # Idle workers, the most recently idle last: it takes the next job. torch's OpenMP
         # gives every thread that computes its own team of helper threads; always computing on
         # the same worker keeps one team warm instead of several contending for the cores.
@@ -274,13 +281,17 @@ class Executor:
     def _spawn_locked(self) -> bool:
         if len(self._threads) >= self._max_threads or self._stopping:
             return False
-        t = threading.Thread(target=self._worker, name=f"{self._name}-{len(self._threads)}", daemon=True)
+        t = threading.Thread(target=self._worker, name=f"{self._name}-{next(self._spawned)}", daemon=True)
         t.start()
         assert t.ident is not None  # started: it has an ident
         self._threads[t.ident] = t
         self._wakeups[t.ident] = threading.Condition(self._lock)
         self._idle.append(t.ident)
         return True
+
+    def _may_retire_locked(self, me: int) -> bool:
+        """An idle worker past the kept few, never the next to run (``_idle[-1]``), may exit."""
+        return len(self._idle) > KEEP_IDLE and self._idle[-1] != me and me in self._idle
 
     def _worker(self) -> None:
         me = threading.get_ident()
@@ -301,7 +312,11 @@ class Executor:
                         if self._applies and self._holder is None:
                             key, call, fut = _APPLIES_ONLY, None, None
                             break
-                    self._wakeups[me].wait()
+                    if not self._wakeups[me].wait(RETIRE_IDLE_S) and self._may_retire_locked(me):
+                        self._idle.remove(me)
+                        self._threads.pop(me, None)
+                        self._wakeups.pop(me, None)
+                        return
                 self._holder = me
                 self._idle.pop()
             try:
