@@ -166,10 +166,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _few_malloc_arenas() -> None:
-    """The engine's worker threads take turns computing; glibc would give each its own malloc
-    arena, whose freed activations no other thread reuses. Measured over three rounds of four
-    models cold-started and served: RSS after unload 531 -> 617 MiB with per-thread arenas,
-    553 -> 552 MiB with two."""
+    """Caps glibc's malloc arenas at two (``mallopt(M_ARENA_MAX, 2)``); a no-op without glibc.
+
+    The engine's worker threads take turns computing, and glibc would give each thread its own
+    arena: the activations one worker frees stay in its arena, where the next forward (often on
+    another worker) does not reuse them, so RSS after a model's unload can keep growing with the
+    number of workers that ever computed. With two arenas the workers share freed memory."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc: nothing to tune
