@@ -17,6 +17,10 @@ What each strategy is, and what is timed:
   ``ignore_eos``) from this process: request sent to the first chunk, and chunk stamps for the
   decode speed. At concurrency 8, eight such streams at once; the aggregate is completion tokens
   over first send to last chunk.
+- **cicada-engine**: the same engine without the HTTP front end, in a fresh process:
+  ``ModelInstance.generate`` timed as transformers is (call to first token, token stamps), alone
+  and 8 at once. On two cores the served path's HTTP server, SSE and the bench's client share
+  the cores with the forward; this row shows what the engine itself does.
 - **llama.cpp**: ``python -m llama_cpp.server`` (llama-cpp-python, built from its PyPI sdist:
   no prebuilt wheel reaches these machines) on a GGUF converted from the same safetensors at the
   same precision (``--outtype f32``) with the converter vendored in that sdist
@@ -86,6 +90,42 @@ def one(k):
 one(min(n, 8))  # warm-up
 runs = [one(n) for _ in range(repeat)]
 print(json.dumps({"prompt_tokens": ids.shape[1], "threads": torch.get_num_threads(), "runs": runs}))
+"""
+
+# cicada's engine without the HTTP front end, in a fresh process: the same timing as
+# transformers' (call to first token, token stamps), so that the served path's cost on these
+# two cores (the HTTP server, SSE and this client share them with the forward) shows apart.
+_ENGINE = r"""
+import asyncio, json, sys, time
+from cicada_async.engine.runtime import Engine
+from protocols.generation import SamplingParams
+from protocols.serving import ModelOptions, Priority
+model_dir, prompt, n, repeat, conc = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+
+async def one(inst, ids, k):
+    stamps, t0 = [], time.perf_counter()
+    async for d in inst.generate(ids, SamplingParams(max_tokens=k, temperature=0, ignore_eos=True),
+                                 priority=Priority.DEFAULT):
+        stamps += [time.perf_counter()] * len(d.token_ids)
+    return {"t0": t0, "t_end": stamps[-1], "ttft_s": stamps[0] - t0, "tokens": len(stamps),
+            "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None}
+
+async def main():
+    async with Engine() as eng:
+        inst = eng.instance("m", model_dir, ModelOptions(dtype="float32", max_sequences=max(conc, 1)))
+        ids = (await inst.prompt_codec()).encode(prompt)
+        await one(inst, ids, 8)
+        await one(inst, ids, 8)
+        single = [await one(inst, ids, n) for _ in range(repeat)]
+        burst = []
+        for _ in range(repeat):
+            runs = await asyncio.gather(*(one(inst, ids, n) for _ in range(conc)))
+            start, end = min(r["t0"] for r in runs), max(r["t_end"] for r in runs)
+            burst.append({"aggregate_tok_s": sum(r["tokens"] for r in runs) / (end - start),
+                          "ttft_s": [r["ttft_s"] for r in runs], "tokens": [r["tokens"] for r in runs]})
+    print(json.dumps({"prompt_tokens": len(ids), "single": single, "concurrent": burst}))
+
+asyncio.run(main())
 """
 
 # Converts with the sdist's own converter; only the BPE pre-tokenizer's name is given, since
@@ -195,6 +235,13 @@ def run_transformers(model_dir: Path, prompt: str, n: int, repeat: int) -> dict[
     return doc
 
 
+def run_engine(model_dir: Path, prompt: str, n: int, repeat: int, concurrency: int) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", _ENGINE, str(model_dir.resolve()), prompt, str(n), str(repeat),
+                          str(concurrency)], check=True, capture_output=True, text=True)
+    doc: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return doc
+
+
 def run_cicada(model: str, model_dir: Path, prompt: str, n: int, repeat: int, concurrency: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cicada.toml"
@@ -255,7 +302,11 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         return round(a / b, 3) if a is not None and b else None
 
     c, t, lc = med.get("cicada", {}), med.get("transformers", {}), med.get("llama.cpp", {})
+    e = med.get("cicada-engine", {})
     ratios = {
+        "engine_decode_tok_s_over_transformers": ratio(e.get("decode_tok_s"), t.get("decode_tok_s")),
+        "engine_ttft_over_transformers": ratio(e.get("ttft_s"), t.get("ttft_s")),
+        "engine_concurrent_aggregate_over_single": ratio(e.get("aggregate_tok_s_concurrent"), e.get("decode_tok_s")),
         "decode_tok_s_cicada_over_transformers": ratio(c.get("decode_tok_s"), t.get("decode_tok_s")),
         "ttft_cicada_over_transformers": ratio(c.get("ttft_s"), t.get("ttft_s")),
         "concurrent_aggregate_over_single_cicada": ratio(c.get("aggregate_tok_s_concurrent"), c.get("decode_tok_s")),
@@ -277,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--strategies", default="transformers,cicada,llama.cpp")
+    ap.add_argument("--strategies", default="transformers,cicada-engine,cicada,llama.cpp")
     ap.add_argument("--converter", type=Path, default=None,
                     help="llama.cpp's source dir (vendor/llama.cpp of the llama-cpp-python sdist) for the GGUF conversion")
     ap.add_argument("--json", type=Path, default=Path("bench-results/generate.json"))
@@ -300,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if name == "transformers":
                 r = run_transformers(model_dir, prompt, args.max_tokens, args.repeat)
+            elif name == "cicada-engine":
+                r = run_engine(model_dir, prompt, args.max_tokens, args.repeat, args.concurrency)
             elif name == "cicada":
                 r = run_cicada(args.model, model_dir, prompt, args.max_tokens, args.repeat, args.concurrency)
             elif name == "llama.cpp":

@@ -45,9 +45,13 @@ class ZooEntry:
 
 
 _TEXT = {"use_cache": False}
+# The benchmark LMs' vocabulary is their tokenizer's (8192 tokens, what the locally trained BPE
+# reaches; tokenizer.py): with 32000 rows, random weights sampled ids past the tokenizer's
+# 75% of the time, which decode to no text, so a stream had no chunk to time.
+_LM_VOCAB = 8192
 # llama-small's shape, for the other decoder families
 _SMALL_LM = dict(_TEXT, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+                 num_attention_heads=12, num_key_value_heads=4, vocab_size=_LM_VOCAB,
                  max_position_embeddings=2048)
 _TINY_LM = dict(_TEXT, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
@@ -61,11 +65,11 @@ ZOO: dict[str, ZooEntry] = {
     "vit-base": ZooEntry("ViTModel", "vit", {}),
     "llama-small": ZooEntry("LlamaForCausalLM", "llama", dict(
         _TEXT, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+        num_attention_heads=12, num_key_value_heads=4, vocab_size=_LM_VOCAB,
         max_position_embeddings=2048, tie_word_embeddings=False)),
     "llama-1b": ZooEntry("LlamaForCausalLM", "llama", dict(
         _TEXT, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-        num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+        num_attention_heads=32, num_key_value_heads=4, vocab_size=_LM_VOCAB,
         max_position_embeddings=2048, tie_word_embeddings=False)),
     "qwen2-small": ZooEntry("Qwen2ForCausalLM", "qwen2", dict(
         _SMALL_LM, tie_word_embeddings=True)),
