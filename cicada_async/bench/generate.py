@@ -200,11 +200,11 @@ def stream_once(port: int, model: str, prompt: str, max_tokens: int) -> dict[str
         for line in r:
             if not line.startswith(b"data:"):
                 continue
-            if b'"choices":[{' in line:
-                stamps.append(time.perf_counter())
-            elif line.startswith(b"data: [DONE]"):
+            if line.startswith(b"data: [DONE]"):
                 break
-            if b'"usage":{' in line or b'"error"' in line:
+            if b'"text"' in line:  # a completion chunk (the usage chunk has no choice); any spacing
+                stamps.append(time.perf_counter())
+            if b'"completion_tokens"' in line or b'"error"' in line:
                 doc = json.loads(line[5:])
                 if "error" in doc:
                     raise RuntimeError(f"stream error: {doc['error']}")
