@@ -6,8 +6,9 @@ Each run is a fresh process with its imports done before the clock; CPU is
 ``getrusage(RUSAGE_SELF)`` plus ``RUSAGE_CHILDREN`` (tensorizer's HTTP reader runs curl
 processes) around the fetch alone. The origin's CPU is not counted. Strategies: our HTTP and
 S3 backends on the threaded byte path and on the older event-loop path (``data_path=loop``),
-curl, tensorizer's stream reader (its own format, 1 and 4 readers) and the Run:ai Model
-Streamer (local file and S3). Bytes land in memory each client allocates itself.
+curl, tensorizer's stream reader (its own format, 1 and 4 readers), the Run:ai Model
+Streamer (local file and S3) and urllib3 v2 doing our HTTP path's work (issue 24: could the
+byte path move onto it). Bytes land in memory each client allocates itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cicada_async.bench.origins import BUCKET, start_http_origin, start_s3, upload_s3
 
@@ -41,8 +42,15 @@ STRATEGIES = [
     # Not CPU figures: how much a Python thread (standing in for the executor) gets done
     # during the fetch, relative to alone; its own CPU is in cpu_s, so read only spin_ratio.
     "cicada-http-threads-gil", "cicada-http-loop-gil", "cicada-s3-threads-gil", "cicada-s3-loop-gil",
+    # urllib3 v2 doing what cicada-http-threads does (16 threads, 8 MiB ranged GETs, bodies
+    # into one Arena the size of the file): readinto 8 MiB at a time (-1mib: 1 MiB at a
+    # time); -1: one connection, the whole file in one GET; -fp: the private
+    # ``resp._fp.readinto`` (http.client, no copy), to show what urllib3's readinto copy costs.
+    "urllib3-http", "urllib3-http-1mib", "urllib3-http-1", "urllib3-http-fp",
 ]
 WORKER_TIMEOUT_S = 180
+URLLIB3_CONCURRENCY = 16  # backends/http.py's defaults (docs/storage.md)
+URLLIB3_CHUNK = 8 << 20
 
 
 def _cpu() -> float:
@@ -105,6 +113,60 @@ def _cicada(uri: str, settings: dict[str, Any], prefault: bool, gil: bool = Fals
     return asyncio.run(go())
 
 
+def _urllib3(name: str, url: str, extra: dict[str, Any]) -> tuple[float, float, int]:
+    """urllib3 v2 into one Arena, as ``_cicada``'s threaded path: a HEAD outside the clock,
+    the first range alone, then ``concurrency`` threads, each a ranged GET (``If-Match`` the
+    ETag, as ours sends) whose body lands by ``HTTPResponse.readinto`` in the Arena's slice."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import urllib3
+
+    from cicada_async.engine.arena import Arena
+
+    conc = int(extra.get("concurrency", 1 if name == "urllib3-http-1" else URLLIB3_CONCURRENCY))
+    chunk = int(extra.get("chunk_bytes", URLLIB3_CHUNK))
+    step = int(extra.get("read_bytes", (1 << 20) if name == "urllib3-http-1mib" else URLLIB3_CHUNK))
+    private = name == "urllib3-http-fp"
+    pool = urllib3.PoolManager(maxsize=conc, block=True, retries=False,
+                               timeout=urllib3.Timeout(connect=10, read=60))
+    head = pool.request("HEAD", url)  # client creation and first connection: not timed
+    size, etag = int(head.headers["Content-Length"]), head.headers.get("ETag")
+    arena = Arena(size)
+    view = arena.buffer(0, size)
+
+    def get(start: int, end: int) -> None:
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        if etag:
+            headers["If-Match"] = etag
+        resp = pool.request("GET", url, headers=headers, preload_content=False, decode_content=False)
+        try:
+            if resp.status != 206 or resp.headers.get("Content-Range", "").split("/")[0] != f"bytes {start}-{end - 1}":
+                raise RuntimeError(f"GET {start}-{end - 1}: HTTP {resp.status} {resp.headers.get('Content-Range')}")
+            got = start
+            while got < end:
+                if private:  # http.client's readinto: recv_into our slice, no copy
+                    n = cast(Any, resp)._fp.readinto(view[got:end])
+                else:
+                    n = resp.readinto(view[got:min(end, got + step)])
+                if not n:
+                    raise RuntimeError(f"body ended {end - got} bytes short")
+                got += n
+        finally:
+            resp.release_conn()
+
+    ranges = [(a, min(a + chunk, size)) for a in range(0, size, chunk)]
+    if name == "urllib3-http-1":
+        ranges = [(0, size)]
+    c0, t0 = _cpu(), time.perf_counter()
+    get(*ranges[0])  # alone first, as ours learns that the origin honours Range
+    with ThreadPoolExecutor(conc) as ex:
+        for _ in ex.map(lambda r: get(*r), ranges[1:]):
+            pass
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+    pool.clear()
+    return seconds, cpu, size
+
+
 def _presign(cfg: dict[str, Any], key: str) -> str:
     import boto3
     from botocore.config import Config
@@ -125,6 +187,8 @@ def worker(name: str, cfg: dict[str, Any], extra: dict[str, Any]) -> dict[str, A
     elif name.startswith("cicada-s3"):
         uri = f"s3://{BUCKET}/{cfg['dir']}"
         seconds, cpu, n = _cicada(uri, _s3_settings(cfg, path_kind[0], extra), prefault, gil)
+    elif name.startswith("urllib3-http"):
+        seconds, cpu, n = _urllib3(name, f"{http_uri}{KEY}", extra)
     elif name.startswith("curl"):
         url = f"{http_uri}{KEY}" if name == "curl-http" else _presign(cfg, f"{cfg['dir']}/{KEY}")
         c0, t0 = _cpu(), time.perf_counter()
@@ -305,12 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", type=Path)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--only", nargs="*", default=None, help="strategies, space- or comma-separated")
     p.add_argument("--sweep", action="store_true", help="also concurrency x chunk size of our threads")
     p.add_argument("--sweep-repeat", type=int, default=2)
     p.add_argument("--cold-start", action="store_true", help="also a fresh Engine's first answer, per data path")
     p.add_argument("--json", type=Path, default=Path("bench-results/client-cpu-per-gb.json"))
     args = p.parse_args(argv)
+    if args.only:
+        args.only = {n for arg in args.only for n in arg.split(",") if n}
+        unknown = args.only - set(STRATEGIES)
+        if unknown:
+            p.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
     _save(args.json, run(args))
     print(f"wrote {args.json}")
     return 0
