@@ -14,7 +14,7 @@ everything but their code:
   models (``CicadaIngress`` -> ``CicadaModels``; the engine inside each replica, pipelined cold
   start, dynamic batching). Requests ``POST /cicada/v2/models/{model}/infer``; the ingress
   sets the multiplexed model id from the path.
-- **stock**: ``StockModels`` below, the pattern of Ray Serve's model-multiplexing guide written
+- **stock**: ``StockModels`` (``ray_stock``), the pattern of Ray Serve's model-multiplexing guide written
   as a user would: ``@serve.multiplexed(max_num_models_per_replica=3)`` on an async loader that
   calls ``transformers.AutoModelForCausalLM.from_pretrained(dir)`` (decoders, ``architectures``
   ending in ``LMHeadModel``/``ForCausalLM``) or ``AutoModel.from_pretrained(dir)`` (encoders),
@@ -69,398 +69,33 @@ run started (the descendants of this process, recorded while the cluster ran) th
 alive is killed by pid, also from an atexit hook and on SIGTERM/SIGINT. Nothing else is
 touched: ``ray stop --force`` kills every Ray process of the user on the machine (other runs'
 clusters too), so it runs only when ``--ray-stop-force`` asks for it (a dedicated machine).
+
+The code: ``ray_stock`` (the stock app), ``ray_cluster`` (the cluster, Serve, both apps, the
+run's processes), ``ray_measures`` (the client and the three measures); this module runs them,
+summarizes and writes the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import concurrent.futures
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, cast
+from typing import Any
 
-from ray import serve
-from ray.serve import Deployment
-
-from cicada_async.bench.pagecache import evict_checked
 from cicada_async.bench.procinfo import commit, machine
+from cicada_async.bench.ray_cluster import STRATEGIES, Bed, Descendants, Watcher
+from cicada_async.bench.ray_measures import Client, burst, first_answer, request_body, switch
+from cicada_async.bench.ray_stock import STOCK_MAX_MODELS
 
-if TYPE_CHECKING:
-    from ray.serve import Application
-
-STRATEGIES = ("cicada", "stock")
-APP_DEPLOYMENT = {"cicada": "CicadaModels", "stock": "StockModels"}
 MEASURES = ("first_answer", "switch", "burst")
 TARGETS = {"first_answer_s": 0.7, "switch_s": 0.6}
-STOCK_MAX_MODELS = 3  # the guide's example; cicada's builder defaults to the same
-REPLICA_HEADERS = ("cicada-replica", "bench-replica")
-
-
-# ------------------------------------------------------------------------------ the stock app
-
-
-def _is_decoder(model_dir: str) -> bool:
-    with open(os.path.join(model_dir, "config.json")) as f:
-        archs = json.load(f).get("architectures") or [""]
-    return bool(str(archs[0]).endswith(("LMHeadModel", "ForCausalLM")))
-
-
-class StockModels:
-    """Ray Serve's multiplexing guide, with transformers: load in the loader, forward in the call.
-
-    Deployed as ``serve.deployment(StockModels).options(...)`` with the bench's resources and
-    autoscaling; everything else is as a user writes it.
-    """
-
-    def __init__(self, model_dirs: dict[str, str], threads: int) -> None:
-        import ray
-        import torch  # a user's module imports these at its top: the replica's start pays them
-        import transformers  # noqa: F401
-
-        torch.set_num_threads(threads)
-        self.model_dirs = model_dirs
-        # Which replica and node answered (two response headers; the bench checks freshness).
-        self.where = {"bench-replica": serve.get_replica_context().replica_id.unique_id,
-                      "bench-node": ray.get_runtime_context().get_node_id()}
-
-    @serve.multiplexed(max_num_models_per_replica=STOCK_MAX_MODELS)  # type: ignore[untyped-decorator]
-    async def get_model(self, model_id: str) -> Any:
-        from transformers import AutoModel, AutoModelForCausalLM
-
-        model_dir = self.model_dirs[model_id]
-        cls = AutoModelForCausalLM if _is_decoder(model_dir) else AutoModel
-        return cls.from_pretrained(model_dir).eval()
-
-    async def __call__(self, request: Any) -> Any:
-        import torch
-        from starlette.responses import Response
-
-        model = await self.get_model(serve.get_multiplexed_model_id())
-        body = await request.json()
-        inp = body["inputs"][0]
-        ids = torch.tensor(inp["data"], dtype=torch.int64).reshape(inp["shape"])
-        with torch.inference_mode():
-            out = model(input_ids=ids)[0]
-        return Response(out.numpy().tobytes(), media_type="application/octet-stream",
-                        headers={**self.where, "bench-shape": json.dumps(list(out.shape))})
-
-
-def stock_app(model_dirs: dict[str, str], autoscaling: dict[str, Any], replica_cpus: float,
-              max_ongoing: int) -> Application:
-    dep = cast(Deployment, serve.deployment(StockModels)).options(
-        autoscaling_config=autoscaling, ray_actor_options={"num_cpus": replica_cpus},
-        max_ongoing_requests=max_ongoing)
-    app: Application = dep.bind(model_dirs, max(1, int(replica_cpus)))
-    return app
-
-
-# ------------------------------------------------------------------------------ client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def request_body(model_dir: Path, seq: int) -> tuple[bytes, int]:
-    """The V2 JSON body, and the fewest bytes a real answer has (fp16 lower bound)."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    vocab = int(cfg["vocab_size"])
-    decoder = _is_decoder(str(model_dir))
-    width = vocab if decoder else int(cfg.get("hidden_size") or cfg.get("n_embd"))
-    out = "logits" if decoder else "last_hidden_state"
-    data = [(i * 7919) % vocab for i in range(seq)]
-    body = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, seq], "data": data}],
-            "outputs": [{"name": out}], "parameters": {"binary_data_output": True}}
-    return json.dumps(body).encode(), seq * width * 2
-
-
-class Client:
-    """One HTTP connection per request through Ray's proxy; the same code for both apps."""
-
-    def __init__(self, port: int, bodies: dict[str, tuple[bytes, int]], timeout_s: float) -> None:
-        self.port, self.bodies, self.timeout_s = port, bodies, timeout_s
-
-    def infer(self, strategy: str, model: str) -> dict[str, Any]:
-        body, least = self.bodies[model]
-        headers = {"Content-Type": "application/json"}
-        if strategy == "stock":
-            headers["serve_multiplexed_model_id"] = model
-        t0 = time.monotonic()
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout_s)
-        try:
-            conn.request("POST", f"/{strategy}/v2/models/{model}/infer", body=body, headers=headers)
-            r = conn.getresponse()
-            raw = r.read()
-            hdrs = {k.lower(): v for k, v in r.getheaders()}
-        except Exception as e:  # noqa: BLE001 - a failure, counted, never dropped
-            return {"ok": False, "failure": f"{type(e).__name__}: {e}", "s": time.monotonic() - t0,
-                    "t_end": time.monotonic()}
-        finally:
-            conn.close()
-        t1 = time.monotonic()
-        replica = next((hdrs[h] for h in REPLICA_HEADERS if h in hdrs), None)
-        out: dict[str, Any] = {"s": t1 - t0, "t_end": t1, "status": r.status, "bytes": len(raw),
-                               "replica": replica, "node": hdrs.get("cicada-node") or hdrs.get("bench-node")}
-        out["ok"] = r.status == 200 and len(raw) >= least
-        if not out["ok"]:
-            out["error"] = raw[:300].decode(errors="replace") if r.status != 200 else \
-                f"answer of {len(raw)} bytes, fewer than a forward's output ({least})"
-        return out
-
-
-# ------------------------------------------------------------------------------ cluster, cleanup
-
-
-def _proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (ppid, start time) of every process we can read."""
-    table: dict[int, tuple[int, str]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        table[int(d)] = (int(fields[1]), fields[19])
-    return table
-
-
-class Descendants:
-    """Every process started under this one (raylets, GCS, Ray workers), by pid and start time."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, str] = {}
-        self._lock = threading.Lock()
-
-    def record(self) -> None:
-        table = _proc_table()
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        todo, found = [os.getpid()], []
-        while todo:
-            for c in children.get(todo.pop(), []):
-                found.append(c)
-                todo.append(c)
-        with self._lock:
-            for pid in found:
-                self.seen.setdefault(pid, table[pid][1])
-
-    def alive(self) -> list[int]:
-        table = _proc_table()
-        with self._lock:
-            return [p for p, st in self.seen.items() if p in table and table[p][1] == st]
-
-    def kill_left(self, grace_s: float = 5.0) -> list[int]:
-        """SIGTERM what is still alive, then SIGKILL after ``grace_s``; the pids that were left."""
-        left = self.alive()
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in self.alive():
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = time.monotonic() + grace_s
-            while self.alive() and time.monotonic() < deadline:
-                time.sleep(0.1)
-        return left
-
-
-class Watcher(threading.Thread):
-    """Records the descendants every second while the cluster runs (workers come and go)."""
-
-    def __init__(self, procs: Descendants) -> None:
-        super().__init__(daemon=True)
-        self.procs = procs
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.is_set():
-            self.procs.record()
-            self.halt.wait(1.0)
-
-
-class Bed:
-    """The two-node cluster, Serve's proxy and both applications."""
-
-    def __init__(self, args: argparse.Namespace, model_dirs: dict[str, Path], procs: Descendants) -> None:
-        import ray
-        from ray.cluster_utils import Cluster
-
-        from cicada_async.service.ray_serve import build
-
-        self.procs = procs
-        self.tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths
-        node = {"num_cpus": args.node_cpus, "object_store_memory": 256 << 20, "temp_dir": str(self.tmp)}
-        t0 = time.monotonic()
-        self.cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-        procs.record()
-        self.worker = self.cluster.add_node(**node)
-        procs.record()
-        ray.init(address=self.cluster.address, log_to_driver=False)
-        self.ray_start_s = time.monotonic() - t0
-        self.port = free_port()
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.port})
-        autoscaling: dict[str, Any] = {
-            "min_replicas": 0, "max_replicas": args.max_replicas, "target_ongoing_requests": 2,
-            "upscale_delay_s": 0.0, "downscale_delay_s": args.downscale_delay_s,
-            "metrics_interval_s": 0.2, "look_back_period_s": 0.5}
-        self.autoscaling = autoscaling
-        toml = self.tmp / "cicada.toml"
-        toml.write_text("".join(f"[models.{json.dumps(m)}]\nuri = {json.dumps(str(d.resolve()))}\n\n"
-                                for m, d in model_dirs.items()))
-        self.serve_run_s: dict[str, float] = {}
-        t0 = time.monotonic()
-        serve.run(build({"config": str(toml), **{k: autoscaling[k] for k in (
-                             "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
-                             "downscale_delay_s")},
-                         "autoscaling": {"metrics_interval_s": 0.2, "look_back_period_s": 0.5},
-                         "max_ongoing_requests": args.max_ongoing, "max_models_per_replica": STOCK_MAX_MODELS,
-                         "num_cpus": args.replica_cpus}),
-                  name="cicada", route_prefix="/cicada")
-        self.serve_run_s["cicada"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        serve.run(stock_app({m: str(d.resolve()) for m, d in model_dirs.items()}, autoscaling,
-                            args.replica_cpus, args.max_ongoing), name="stock", route_prefix="/stock")
-        self.serve_run_s["stock"] = time.monotonic() - t0
-        procs.record()
-
-    def replicas(self, app: str) -> int:
-        """Model replicas of ``app`` starting, running or stopping (anything but STOPPED)."""
-        status = serve.status().applications.get(app)
-        if status is None:
-            return 0
-        dep = status.deployments.get(APP_DEPLOYMENT[app])
-        if dep is None:
-            return 0
-        return sum(int(n) for state, n in dep.replica_states.items() if str(getattr(state, "value", state)) != "STOPPED")
-
-    def wait_zero(self, timeout_s: float) -> float:
-        """Until no model replica of either app exists; the seconds waited."""
-        t0 = time.monotonic()
-        while any(self.replicas(a) for a in STRATEGIES):
-            if time.monotonic() - t0 > timeout_s:
-                raise RuntimeError(f"replicas did not scale to zero in {timeout_s:.0f} s: "
-                                   + ", ".join(f"{a}={self.replicas(a)}" for a in STRATEGIES))
-            time.sleep(0.25)
-        time.sleep(0.5)  # the stopped replica's worker process exits
-        self.procs.record()
-        return time.monotonic() - t0
-
-    def close(self) -> None:
-        import ray
-
-        self.procs.record()
-        steps: list[Callable[[], object]] = [serve.shutdown, ray.shutdown,
-                                             cast(Callable[[], object], self.cluster.shutdown)]
-        for step in steps:
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001 - go on tearing down
-                print(f"cleanup: {step.__qualname__} failed: {e}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------ measures
-
-
-def _check(r: dict[str, Any], what: str) -> None:
-    if not r["ok"]:
-        raise RuntimeError(f"{what}: {r.get('failure') or r.get('error')} (status {r.get('status')})")
-
-
-def first_answer(bed: Bed, client: Client, strategy: str, model: str, model_dir: Path,
-                 seen: set[str], zero_timeout_s: float) -> dict[str, Any]:
-    waited = bed.wait_zero(zero_timeout_s)
-    resident = evict_checked(model_dir)
-    r = client.infer(strategy, model)
-    _check(r, "first answer")
-    if r["replica"] in seen:
-        raise RuntimeError(f"answered by replica {r['replica']}, not a fresh one")
-    seen.add(r["replica"])
-    return {"first_answer_s": r["s"], "replica": r["replica"], "node": r["node"], "bytes": r["bytes"],
-            "resident_after_evict_bytes": resident, "waited_for_zero_s": waited}
-
-
-def warm_replica(bed: Bed, client: Client, strategy: str, model_a: str, seen: set[str],
-                 zero_timeout_s: float) -> dict[str, Any]:
-    """From zero replicas, a fresh replica that holds ``model_a`` (its first and a warm answer)."""
-    waited = bed.wait_zero(zero_timeout_s)
-    first = client.infer(strategy, model_a)
-    _check(first, f"warming with {model_a}")
-    warm = client.infer(strategy, model_a)
-    _check(warm, f"warm request for {model_a}")
-    if first["replica"] in seen:
-        raise RuntimeError(f"warmed replica {first['replica']} is not a fresh one")
-    seen.add(first["replica"])
-    return {"from_model": model_a, "a_first_s": first["s"], "a_warm_s": warm["s"], "replica": first["replica"],
-            "node": first["node"], "waited_for_zero_s": waited}
-
-
-def switch(bed: Bed, client: Client, strategy: str, model_a: str, model_b: str, dir_b: Path,
-           seen: set[str], zero_timeout_s: float) -> dict[str, Any]:
-    out = warm_replica(bed, client, strategy, model_a, seen, zero_timeout_s)
-    out["resident_after_evict_bytes"] = evict_checked(dir_b)
-    r = client.infer(strategy, model_b)
-    _check(r, f"switch to {model_b}")
-    if r["replica"] != out["replica"]:
-        raise RuntimeError(f"{model_b} answered by {r['replica']}, not by {model_a}'s replica {out['replica']}")
-    out.update({"switch_s": r["s"], "bytes": r["bytes"]})
-    return out
-
-
-def burst(bed: Bed, client: Client, strategy: str, model_a: str, model_b: str, dir_b: Path, n: int,
-          seen: set[str], zero_timeout_s: float) -> dict[str, Any]:
-    out = warm_replica(bed, client, strategy, model_a, seen, zero_timeout_s)
-    out["resident_after_evict_bytes"] = evict_checked(dir_b)
-    gate = threading.Barrier(n + 1)
-    released: list[float] = []
-
-    def one() -> dict[str, Any]:
-        gate.wait()
-        return client.infer(strategy, model_b)
-
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        futs = [pool.submit(one) for _ in range(n)]
-        gate.wait()
-        released.append(time.monotonic())
-        answers: list[dict[str, Any]] = []
-        for f in futs:
-            try:
-                answers.append(f.result(timeout=client.timeout_s + 30))
-            except Exception as e:  # noqa: BLE001 - a hang past the client's own timeout
-                answers.append({"ok": False, "failure": f"{type(e).__name__}: {e}", "s": None, "t_end": None})
-    t0 = released[0]
-    lat = [a["s"] for a in answers if a["ok"]]
-    ends = [a["t_end"] for a in answers if a.get("t_end") is not None]
-    out.update({
-        "n": n,
-        "answered": sum(1 for a in answers if a["ok"]),
-        "errors": sum(1 for a in answers if not a["ok"] and "status" in a),
-        "failures": sum(1 for a in answers if "status" not in a),
-        "statuses": sorted(a.get("status", 0) for a in answers),
-        "all_answered_s": max(ends) - t0 if ends else None,
-        "latency_median_s": statistics.median(lat) if lat else None,
-        "latency_max_s": max(lat) if lat else None,
-        "latencies_s": [a["s"] for a in answers],
-        "replicas": sorted({str(a.get("replica")) for a in answers if a["ok"]}),
-        "problems": [a.get("failure") or a.get("error") for a in answers if not a["ok"]][:4],
-    })
-    return out
 
 
 # ------------------------------------------------------------------------------ summary, main
@@ -658,7 +293,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Ray's workers import the stock deployment by this module's name, not as __main__.
-    from cicada_async.bench import ray_serve as _named
-
-    sys.exit(_named.main())
+    # The stock deployment lives in ray_stock, which Ray's workers import by name (not __main__).
+    sys.exit(main())
