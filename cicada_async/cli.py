@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bsub.add_parser("process-start", add_help=False,
                     help="spawn of a fresh cicada serve to its first answer, against torch + one forward")
+    bsub.add_parser("generate", add_help=False,
+                    help="warm generation: transformers, cicada serve's streamed completions, llama.cpp")
+    bsub.add_parser("ray-serve", add_help=False,
+                    help="cicada's Ray Serve app against Ray Serve's stock multiplexing, on one cluster")
 
     p = sub.add_parser("pack", help="rewrite a checkpoint in execution order with a sha256 manifest")
     p.add_argument("src", type=Path)
@@ -101,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         from cicada_async.bench.process_start import main as process_start
 
         return _guard(lambda: process_start(argv[2:]), "--traceback" in argv)
+    if argv[:2] == ["bench", "generate"]:
+        from cicada_async.bench.generate import main as generate_bench
+
+        return _guard(lambda: generate_bench(argv[2:]), "--traceback" in argv)
+    if argv[:2] == ["bench", "ray-serve"]:
+        from cicada_async.bench.ray_serve import main as ray_serve_bench
+
+        return _guard(lambda: ray_serve_bench(argv[2:]), "--traceback" in argv)
     if argv and argv[0] == "serve":
         from cicada_async.service.server import main as serve_main
 
