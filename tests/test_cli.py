@@ -52,7 +52,9 @@ def test_run_writes_timeline_and_plot(model_dirs, tmp_path):
     tensor_bytes = sum(_tensor_bytes(f) for f in files)
     # Every tensor byte was fetched; at most the files plus one alignment page each.
     assert tensor_bytes <= s["bytes"] <= sum(f.stat().st_size + 4096 for f in files), (s["bytes"], tensor_bytes)
-    assert 0.0 <= s["utilization"] <= 1.0 and s["time_to_first_compute_s"] is not None
+    assert 0 < s["time_to_first_compute_s"] < s["total_s"]
+    # The overlap the command printed is the one its timeline file holds.
+    assert f"overlap {s['utilization']:.2f}," in r.stdout, (r.stdout, s["utilization"])
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
 
