@@ -5,6 +5,12 @@ event loop, and the backend then copies it into the landing buffer, so each byte
 twice under the GIL. Here a worker thread calls ``sock.recv_into`` on a view of the buffer the
 tensor will live in: the kernel copies each byte once, with the GIL released.
 
+Why not urllib3 v2 (measured, ``bench-results/client-cpu-urllib3*.json``, nginx, gpt2, the same
+16 x 8 MiB ranged GETs into one buffer): its ``HTTPResponse.readinto`` reads into a new
+``bytes`` and copies; its client CPU per GB came out 1.06x and 1.21x ours in two runs (not
+decided within the 2-core machine's noise), and it fetched 25-30% slower (0.40-0.43 against
+0.56-0.58 GB/s).
+
 Only what ranged GETs need: keep-alive connections pooled per origin, redirects,
 Content-Length and chunked framing (RFC 9112: interim 1xx answers skipped, a duplicate or
 non-digit Content-Length refused), a timeout on every socket wait, and ``abort`` from another
