@@ -116,6 +116,9 @@ class Bed:
         self.procs = procs
         self.tmp = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))  # short: Ray's socket paths
         node = {"num_cpus": args.node_cpus, "object_store_memory": 256 << 20, "temp_dir": str(self.tmp)}
+        # Cluster() also writes the head's address to <RAY_TMPDIR or /tmp>/ray/ray_current_cluster,
+        # whatever temp_dir says; on a machine that never ran Ray that folder does not exist.
+        os.makedirs(os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), "ray"), exist_ok=True)
         t0 = time.monotonic()
         self.cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
         procs.record()
