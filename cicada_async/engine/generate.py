@@ -4,11 +4,15 @@
 a waiting heap ordered by (priority, arrival). The loop (one asyncio task per model, started on
 demand, ending when it has nothing left) repeats one iteration:
 
+0. (before the loop, while the model loads) a sequence rides the load's cold batch
+   (``coldprefill.py``): one padded prefill of every sequence that arrived during the load,
+   computed layer by layer through the gated model as the weights land; it enters the waiting
+   heap with its cache and first token;
 1. admit the most urgent waiting sequences while ``max_sequences`` and the KV budget allow
    (``kvcache.py``: the padded worst case of the live rows stays within the budget); rows that
    left (finished, abandoned) go first, in the first job that copies the cache anyway;
 2. prefill each admitted sequence alone (batch of 1, one executor job at its priority) and
-   sample its first token;
+   sample its first token, unless a cold batch did;
 3. one decode step of the whole batch, the new rows merged in first (one executor job at the
    most urgent priority among its rows); rows that hit end-of-sequence or ``max_tokens``
    leave the cache in the same job.
@@ -23,6 +27,7 @@ heap, or its row at the next job, which the consumer awaits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import inspect
 import itertools
@@ -37,6 +42,7 @@ from protocols.generation import GenerationDelta, GenerationStats, SamplingParam
 from protocols.serving import ModelOptions, Priority
 from protocols.storage import StorageBackend
 
+from cicada_async.engine.coldprefill import ColdBatch, Prefilled
 from cicada_async.engine.forward import all_cores
 from cicada_async.engine.kvcache import BatchCache, KVShape, kv_shape, new_cache, tensors_bytes
 from cicada_async.engine.sampling import Choice, RowSampler, choose
@@ -46,6 +52,8 @@ from cicada_async.engine.textcodec import TextCodec, read_codec
 
 if TYPE_CHECKING:  # transformers is imported on the executor, never at the engine's import
     from transformers.cache_utils import DynamicCache
+
+    from cicada_async.engine.job import LoadJob
 
 __all__ = ["GenerationCodec", "GenerationLoop", "LoopEngine", "is_causal_lm"]
 
@@ -62,9 +70,12 @@ class GenerationLoop:
 
     def __init__(self, name: str, options: ModelOptions, engine: LoopEngine,
                  load: Callable[[Priority], Awaitable[None]], model: Callable[[], nn.Module | None],
-                 backend: Callable[[], StorageBackend]) -> None:
+                 backend: Callable[[], StorageBackend],
+                 prepared: Callable[[Priority], Awaitable[LoadJob | None]] | None = None) -> None:
         """``load`` loads the model (if cold), ``model`` is the loaded one (None: unloaded),
-        ``backend`` opens the model's storage (its tokenizer files)."""
+        ``backend`` opens the model's storage (its tokenizer files), ``prepared`` starts the load
+        if cold and returns its job once the gates are in (None: the model is ready; no
+        ``prepared``: no cold batches, a sequence waits for the whole load)."""
         self.name = name
         self.options = options
         self._engine = engine
@@ -84,19 +95,27 @@ class GenerationLoop:
         self._shape: tuple[nn.Module, KVShape, str, bool] | None = None  # per loaded model
         self._backend = backend
         self._codec: asyncio.Future[TextCodec] | None = None
+        self._prepared = prepared
+        self._cold: tuple[ColdBatch, asyncio.Future[list[Prefilled]]] | None = None  # the open one
 
     # public ------------------------------------------------------------------------------
     def stats(self, budget: int) -> GenerationStats:
-        running = sum(s.live for s in self._running) + sum(s.live for s in self._joining)
-        return GenerationStats(running=running, waiting=len(self._heap) + self._loading,
-                               kv_cache_bytes_used=self._kv_bytes, kv_cache_bytes_budget=budget)
+        prefilled = len(self._prefilled())
+        running = sum(s.live for s in self._running) + sum(s.live for s in self._joining) + prefilled
+        held = sum(tensors_bytes(s.cache) for s in self._prefilled())
+        return GenerationStats(running=running, waiting=len(self._heap) - prefilled + self._loading,
+                               kv_cache_bytes_used=self._kv_bytes + held, kv_cache_bytes_budget=budget)
 
     @property
     def reserved_bytes(self) -> int:
         """Worst-case bytes of the live rows (prompt + max_tokens each, no padding)."""
         shape = self._shape
-        live = [s for s in self._running + self._joining if s.live]
+        live = [s for s in self._running + self._joining if s.live] + self._prefilled()
         return sum(s.final_len for s in live) * shape[1].token_bytes if shape else 0
+
+    def _prefilled(self) -> list[GenSequence]:
+        """Waiting sequences that hold a cache already (a cold batch prefilled them)."""
+        return [e[2] for e in self._heap if e[2].cache is not None and e[2].live]
 
     async def codec(self) -> TextCodec:
         """The model's tokenizer, read once from its storage (a failed read is tried again;
@@ -132,21 +151,25 @@ class GenerationLoop:
         self._loading += 1
         try:
             try:
+                job = await self._prepared(priority) if self._prepared is not None else None
+                if job is not None:  # loading: ride its first prefill
+                    seq = self._sequence(prompt, params, priority, codec, job.model, torch.device(self.options.device))
+                    await self._ride(job, seq)
+                    if job.error is not None:  # the load it rode failed (or was unloaded): not a new one
+                        raise job.error
+                    if job.spec.manifest is None:
+                        self._take_first(seq)  # without a manifest to verify, at once
                 await self._load(priority)
             finally:
                 self._loading -= 1
-            model, shape = self._model_shape()
-            seq = GenSequence(prompt, params, priority, codec, codec.detokenizer(params.stop),
-                              RowSampler(params, _device(model)))
-            if shape.context_cap is not None:
-                self._check_fits(len(prompt), params.max_tokens, shape.context_cap, "sliding window")
-            need = seq.final_len * shape.token_bytes
-            if need > self.options.kv_cache_bytes:
-                raise BadRequest(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} need {need} bytes "
-                                 f"of KV cache; {self.name}'s budget is {self.options.kv_cache_bytes}")
-            heapq.heappush(self._heap, (priority, next(self._arrival), seq))
-            if self._task is None:
-                self._task = asyncio.get_running_loop().create_task(self._run(), name=f"generate {self.name}")
+            if seq is None:
+                model, _ = self._model_shape()
+                seq = self._sequence(prompt, params, priority, codec, model, _device(model))
+            self._take_first(seq)  # (a model with a manifest: once the load verified it)
+            if seq.live:
+                heapq.heappush(self._heap, (priority, next(self._arrival), seq))
+                if self._task is None:
+                    self._task = asyncio.get_running_loop().create_task(self._run(), name=f"generate {self.name}")
             while True:
                 delta = await seq.next_delta()
                 yield delta
@@ -164,8 +187,66 @@ class GenerationLoop:
             await asyncio.gather(task, return_exceptions=True)
         self._fail_all(error)
         self._shape = None
+        self._cold = None
 
     # the consumer's side ------------------------------------------------------------------
+    def _sequence(self, prompt: list[int], params: SamplingParams, priority: Priority,
+                  codec: GenerationCodec, model: nn.Module, device: torch.device) -> GenSequence:
+        shape = self._shape_of(model)
+        seq = GenSequence(prompt, params, priority, codec, codec.detokenizer(params.stop), RowSampler(params, device))
+        if shape.context_cap is not None:
+            self._check_fits(len(prompt), params.max_tokens, shape.context_cap, "sliding window")
+        need = seq.final_len * shape.token_bytes
+        if need > self.options.kv_cache_bytes:
+            raise BadRequest(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} need {need} bytes "
+                             f"of KV cache; {self.name}'s budget is {self.options.kv_cache_bytes}")
+        return seq
+
+    async def _ride(self, job: LoadJob, seq: GenSequence) -> None:
+        """Prefill ``seq`` in the load's open cold batch, or in a new one: its cache and first
+        token (``seq.cache``, ``seq.first``). Left unset when it could not ride (no room; the
+        load failed: ``_load`` says why next); the warm path prefills it after the load."""
+        cold = self._cold
+        if cold is None or cold[0].job is not job or not cold[0].join(seq):
+            batch = ColdBatch(job, max_rows=self.options.max_sequences, kv_budget=self.options.kv_cache_bytes,
+                              token_bytes=self._shape_of(job.model).token_bytes)
+            if not batch.join(seq):
+                return
+            device = torch.device(self.options.device)
+            every = self._engine.every_core_when_idle and device.type == "cpu"
+            task = asyncio.ensure_future(self._engine.executor.run(
+                batch.prefill, self._forward, device, every, priority=seq.priority))
+            cold = self._cold = (batch, task)
+            # The job (landing, tensor table) must not outlive its batch here.
+            task.add_done_callback(functools.partial(self._closed, cold))
+        try:
+            rows = await asyncio.shield(cold[1])
+        except Exception as e:  # noqa: BLE001 - a failed load reaches us through _load
+            if job.error is not None:
+                return
+            raise _as_cicada(e) from e
+        for row in rows:
+            if row.seq is seq:
+                seq.cache, seq.first = row.cache, row.choice
+                return
+
+    def _closed(self, cold: tuple[ColdBatch, asyncio.Future[list[Prefilled]]], _task: object) -> None:
+        if self._cold is cold:
+            self._cold = None
+        if not cold[1].cancelled():
+            cold[1].exception()  # retrieved: its riders read it, if any still wait
+
+    def _take_first(self, seq: GenSequence) -> None:
+        """A cold batch's first token, to the consumer (and the row ends if that token ends it)."""
+        choice, seq.first = seq.first, None
+        if choice is None:
+            return
+        ended = seq.ends_on(choice.token)
+        if seq.live:
+            seq.take(choice)
+        if ended or not seq.live:
+            seq.cache = None
+
     def _check_fits(self, prompt: int, max_tokens: int, limit: int, what: str) -> None:
         if prompt + max_tokens > limit:
             raise BadRequest(f"{prompt} prompt tokens + max_tokens {max_tokens} = {prompt + max_tokens} "
@@ -196,12 +277,16 @@ class GenerationLoop:
         model = self._model()
         if model is None:
             raise LoadError(f"model {self.name} was unloaded")
+        return model, self._shape_of(model)
+
+    def _shape_of(self, model: nn.Module) -> KVShape:
+        """The model's KV shape and forward arguments (a loading model's skeleton is the model)."""
         if self._shape is None or self._shape[0] is not model:
             params = inspect.signature(model.forward).parameters
             dtype = next(model.parameters()).dtype
             self._shape = (model, kv_shape(model.config, dtype),
                            "cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
-        return model, self._shape[1]
+        return self._shape[1]
 
     async def _run(self) -> None:
         me = asyncio.current_task()
@@ -217,7 +302,7 @@ class GenerationLoop:
                 if self._joining:
                     await self._compact()
                 for seq in sorted(self._joining, key=lambda s: s.priority):
-                    if seq.live:
+                    if seq.live and seq.cache is None:  # (a cold batch prefilled the others)
                         await self._prefill(model, seq)
                 if not any(s.live for s in self._running + self._joining):
                     for s in self._running + self._joining:
@@ -250,6 +335,7 @@ class GenerationLoop:
             if len(after) * max(s.final_len for s in after) * shape[1].token_bytes > self.options.kv_cache_bytes:
                 break  # the head waits for room; nothing less urgent passes it
             heapq.heappop(self._heap)
+            self._kv_bytes += tensors_bytes(seq.cache)  # a cold batch's cache, now the loop's to count
             seq.admitted = True
             self._members.add(seq)
             self._joining.append(seq)

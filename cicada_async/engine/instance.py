@@ -98,7 +98,8 @@ class ModelInstance:
         self.causal_lm = False  # known from the config (describe, or a load)
         self.generation = GenerationLoop(
             name, options, engine, lambda p: self.load(priority=p), lambda: self._model if self.state == "ready" else None,
-            lambda: open_with_capabilities(uri, engine.storage.get(scheme_of(uri), {}), cache=engine.node_cache)[0])
+            lambda: open_with_capabilities(uri, engine.storage.get(scheme_of(uri), {}), cache=engine.node_cache)[0],
+            prepared=self._prepared_job)
         load_options(options, read_bytes=1, load_timeout_s=1)  # validate early
 
     # public API --------------------------------------------------------------------------------
@@ -193,6 +194,18 @@ class ModelInstance:
                        priority: Priority) -> AsyncIterator[GenerationDelta]:
         async for delta in self.generation.generate(prompt_ids, params, priority=priority):
             yield delta
+
+    async def _prepared_job(self, priority: Priority) -> LoadJob | None:
+        """Start the load if cold; its job once the gates are in (a forward may then ride it), or
+        None when the model is ready. A load that fails before that raises its error."""
+        if self.state == "ready" and self._model is not None:
+            return None
+        if self._load is None:
+            self._start_load(priority, None)
+        job = self._job
+        if job is None:  # the load finished meanwhile
+            return None
+        return await asyncio.shield(job)
 
     @property
     def generation_stats(self) -> GenerationStats:

@@ -10,6 +10,9 @@ are padding in every row are trimmed.
   cache of its own, then merged: both sides left-padded to the common width and stacked. This
   is the only time the whole cache is copied (besides the decode step's own ``torch.cat``, which
   is transformers' ``DynamicLayer.update``).
+- The first prefill of a cold model (``coldprefill.py``) is one left-padded batch of every
+  sequence that arrived during the load; each row's real columns are cut out of it
+  (``split_rows``) and merged as above.
 - A finished sequence leaves at once: its row is dropped and leading all-padding columns are
   trimmed in the same copy (``index_select`` of the trimmed view: no storage of the old width
   survives).
@@ -157,6 +160,22 @@ class BatchCache:
     def advanced(self) -> None:
         """After a decode step: every row holds one more real token."""
         self.lengths = [n + 1 for n in self.lengths]
+
+
+def split_rows(cache: DynamicCache, lengths: list[int]) -> list[DynamicCache]:
+    """A left-padded batch's cache [B, H, width, D] as B one-row caches of their real columns
+    (views: a row joins ``BatchCache`` by copy, and the batch's tensors go with the last view)."""
+    if len(lengths) == 1 and cache.get_seq_length() == lengths[0]:
+        return [cache]
+    layers = _layers(cache)
+    width = layers[0][1].shape[2]
+    out = []
+    for r, n in enumerate(lengths):
+        row = new_cache()
+        for i, (_, k, v) in enumerate(layers):
+            row.update(k[r:r + 1, :, width - n:], v[r:r + 1, :, width - n:], i)
+        out.append(row)
+    return out
 
 
 def _layers(cache: DynamicCache) -> list[tuple[DynamicLayer, torch.Tensor, torch.Tensor]]:

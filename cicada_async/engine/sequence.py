@@ -69,6 +69,7 @@ class GenSequence:
     left: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     """Set once its row is out of the cache (or it never had one)."""
     cache: DynamicCache | None = None  # its prefill's cache until it joins the batch
+    first: Choice | None = None  # its first token, sampled by a cold batch (coldprefill.py), not yet taken
     last: int = -1  # the last sampled token: the next decode step's input
     generated: int = 0
     admitted: bool = False

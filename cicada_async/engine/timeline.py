@@ -13,7 +13,7 @@ import orjson
 
 @dataclass
 class Span:
-    kind: str  # "stage", "fetch", "apply", "compute", "wait"
+    kind: str  # "stage", "fetch", "apply", "compute", "wait", "prefill" (a cold batch)
     name: str
     start: float  # seconds since the cold start began
     end: float
