@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="warm generation: transformers, cicada serve's streamed completions, llama.cpp")
     bsub.add_parser("ray-serve", add_help=False,
                     help="cicada's Ray Serve app against Ray Serve's stock multiplexing, on one cluster")
+    bsub.add_parser("first-token", add_help=False,
+                    help="cold time to first token of an LLM, served, against transformers, llama.cpp and the bound")
 
     p = sub.add_parser("pack", help="rewrite a checkpoint in execution order with a sha256 manifest")
     p.add_argument("src", type=Path)
@@ -113,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from cicada_async.bench.ray_serve import main as ray_serve_bench
 
         return _guard(lambda: ray_serve_bench(argv[2:]), "--traceback" in argv)
+    if argv[:2] == ["bench", "first-token"]:
+        from cicada_async.bench.first_token import main as first_token_bench
+
+        return _guard(lambda: first_token_bench([a for a in argv[2:] if a != "--traceback"]), "--traceback" in argv)
     if argv and argv[0] == "serve":
         from cicada_async.service.server import main as serve_main
 

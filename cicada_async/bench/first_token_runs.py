@@ -1,0 +1,309 @@
+"""One run of one peer in one cell of ``cicada bench first-token``: spawn, evict, send, time.
+
+Every run is a fresh process whose weights are dropped from the page cache and checked with
+mincore (``pagecache.evict_checked``: a run that could not be made cold raises, and is
+counted as failed) right before the request is sent. The clock is the driver's wall clock:
+request sent (or ``go``) -> the first token received, per request; a burst's requests are
+released together by a barrier, each on its own connection (``generate.stream_once``: the
+lean http.client streaming client, one thread per stream).
+
+- ``cicada``: a fresh ``cicada serve`` (``CICADA_PREFETCH=0``) is started, waited for until it
+  answers ``/v2/health/live`` and its process has been idle (under 5% of a core) for 0.5 s
+  (its start-up work: transformers' warm import, the ready skeleton), then the weights are
+  evicted and the burst sent: a cold model in a process that is up, the state a peer's worker
+  is in at ``go``.
+- ``cicada-spawn`` (issue 26, Deliver 2): weights evicted, then ``cicada serve`` spawned and the
+  burst sent the moment its port accepts; spawn -> first token (scale from zero).
+- the go peers (``first_token_peers``): ``transformers``, ``download-then-load``,
+  ``tensorizer``, and ``llama.cpp``, whose server loads at ``go`` and whose requests, sent at
+  ``go``, wait for its port.
+- ``floor``: spawn -> imports + one warm prefill (page cache warm), the import floor.
+
+Memory: the process's VmRSS sampled every 10 ms (``procinfo.ChildRss``), over the run's clock
+window: peak, and GB-seconds (peak x window, and the integral), per first token too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cicada_async.bench.generate import free_port, stream_once
+from cicada_async.bench.origins import stop_process
+from cicada_async.bench.pagecache import evict_checked, warm
+from cicada_async.bench.procinfo import ChildRss
+from cicada_async.bench.process_start import _http, _LogReader
+from cicada_async.engine.procfs import usable_cores
+
+READY_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 3600
+
+
+@dataclass
+class Setup:
+    """What a run of one cell needs: the model, where it is served from, the prompt."""
+
+    name: str
+    model_dir: Path
+    uri: str  # local directory, http(s):// or s3:// as cicada serve and the remote peers read it
+    storage: dict[str, dict[str, Any]]  # Engine(storage=...) for a remote uri
+    prompt: str
+    prompt_tokens: int
+    burst: int
+    max_tokens: int
+    evict: list[Path]  # dropped and checked before every run (weights, origin data)
+    gguf: Path | None = None
+    prefetch: str | None = None  # CICADA_PREFETCH for cicada-spawn; None: the server's default
+    timelines: Path | None = None  # with --plot: where cicada serve's timelines go
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _evict(paths: list[Path]) -> int:
+    return sum(evict_checked(p) for p in paths)
+
+
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime of every thread
+
+
+def wait_idle(pid: int, quiet_s: float = 0.5, max_s: float = 60.0, busy: float = 0.05) -> float:
+    """Until the process used under ``busy`` of a core over ``quiet_s``; seconds waited."""
+    hz = os.sysconf("SC_CLK_TCK")
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_s:
+        a = cpu_ticks(pid)
+        time.sleep(quiet_s)
+        if (cpu_ticks(pid) - a) / hz < busy * quiet_s:
+            break
+    return time.monotonic() - t0
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.002)
+    raise RuntimeError(f"nothing listens on {port} after {timeout_s} s")
+
+
+def release(port: int, setup: Setup, proc: subprocess.Popen[bytes] | None = None) -> list[dict[str, Any]]:
+    """The burst, released together (after ``proc``'s port accepts, if given)."""
+    n = setup.burst
+    gate = threading.Barrier(n + 1)
+    out: list[dict[str, Any]] = [{} for _ in range(n)]
+
+    def one(i: int) -> None:
+        gate.wait()
+        try:
+            out[i] = stream_once(port, setup.name, setup.prompt, setup.max_tokens)
+        except Exception as e:  # noqa: BLE001 - reported in the run's record
+            out[i] = {"error": f"{type(e).__name__}: {e}"}
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    if proc is not None:
+        _wait_port(port, proc)
+    gate.wait()
+    for t in threads:
+        t.join(RUN_TIMEOUT_S)
+    errors = [r["error"] for r in out if "error" in r]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {n} requests failed: {errors[0]}")
+    return out
+
+
+def _record(peer: str, t_send: float, streams: list[dict[str, Any]], rss: ChildRss, resident: int,
+            t_spawn: float | None = None, **extra: Any) -> dict[str, Any]:
+    """Per-request first-token times: each from its own send (``sent_at``), else from ``t_send``
+    (``go``); the memory over ``t_send`` (or the spawn) -> the last first token."""
+    firsts = [r["first_at"] for r in streams]
+    t_last = max(firsts)
+    cost = rss.cost(t_send if t_spawn is None else t_spawn, t_last)
+    before = [b for t, b in rss.samples if t <= t_send]
+    r: dict[str, Any] = {
+        "rss_at_send_bytes": before[-1] if before else None,
+        "peer": peer, "ttft_s": [s["first_at"] - s.get("sent_at", t_send) for s in streams],
+        "ttft_last_s": t_last - t_send,
+        "prompt_tokens": [s.get("prompt_tokens") for s in streams],
+        "decode_tok_s": [s.get("decode_tok_s") for s in streams],
+        "resident_before_bytes": resident, "cost": cost,
+        "gb_seconds_per_first_token": cost["gb_seconds"] / len(firsts) if cost["gb_seconds"] is not None else None,
+        **extra,
+    }
+    if t_spawn is not None:
+        r["spawn_to_first_s"] = t_last - t_spawn
+    return r
+
+
+def _wall(streams: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """stream_once's perf_counter stamps as wall-clock times (both clocks read together)."""
+    shift = time.time() - time.perf_counter()
+    return [{**s, "first_at": s["t0"] + s["ttft_s"] + shift, "sent_at": s["t0"] + shift} for s in streams]
+
+
+def _serve_config(setup: Setup, tmp: Path) -> Path:
+    lines = []
+    for kind, settings in setup.storage.items():
+        lines.append(f"[storage.{kind}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    lines += [f"[models.{json.dumps(setup.name)}]", f"uri = {json.dumps(setup.uri)}",
+              f"max_sequences = {max(8, setup.burst)}"]
+    cfg = tmp / "cicada.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+def run_cicada(setup: Setup, spawn: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="cicada-ft-") as tmpd:
+        tmp = Path(tmpd)
+        cfg = _serve_config(setup, tmp)
+        port = free_port()
+        env = dict(os.environ, PORT=str(port))
+        if not spawn:
+            env["CICADA_PREFETCH"] = "0"
+        elif setup.prefetch is not None:
+            env["CICADA_PREFETCH"] = setup.prefetch
+        tl_file = tmp / "timelines.json"
+        if setup.timelines is not None:
+            cmd = [sys.executable, "-m", "cicada_async.bench.first_token_peers", "serve", str(tl_file)]
+        else:
+            cmd = [sys.executable, "-m", "cicada_async", "serve"]
+        cmd += ["--config", str(cfg)]
+        resident = _evict(setup.evict) if spawn else 0
+        t_spawn = time.time()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        rss = ChildRss(proc.pid)
+        reader = _LogReader(proc.stderr)
+        reader.start()
+        extra: dict[str, Any] = {}
+        try:
+            if spawn:
+                streams = _wall(release(port, setup, proc))
+            else:
+                _wait_port(port, proc)
+                while _http(port, "GET", "/v2/health/live", timeout=5)[0] != 200:
+                    time.sleep(0.01)
+                extra["idle_wait_s"] = wait_idle(proc.pid)
+                resident = _evict(setup.evict)
+                streams = _wall(release(port, setup))
+            rss.stop()
+            cold = reader.wait_event("cold_start", 30)
+            extra["cold_start_log"] = cold
+        finally:
+            stop_process(proc, timeout=60)
+            reader.join(5)
+        if setup.timelines is not None and tl_file.exists():
+            setup.timelines.parent.mkdir(parents=True, exist_ok=True)
+            setup.timelines.write_text(tl_file.read_text())
+            extra["timelines_json"] = str(setup.timelines)
+    first_sent = min(s["sent_at"] for s in streams)
+    return _record("cicada-spawn" if spawn else "cicada", first_sent, streams, rss, resident,
+                   t_spawn if spawn else None, send_spread_s=max(s["sent_at"] for s in streams) - first_sent, **extra)
+
+
+def _go_worker(argv: list[str], setup: Setup, env: dict[str, str] | None = None
+               ) -> tuple[subprocess.Popen[bytes], ChildRss, int, float]:
+    proc = subprocess.Popen([sys.executable, "-m", "cicada_async.bench.first_token_peers", *argv],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ if env is None else env, HF_HUB_OFFLINE="1"))
+    rss = ChildRss(proc.pid)
+    assert proc.stdout is not None and proc.stdin is not None
+    line = proc.stdout.readline()
+    if b'"ready"' not in line:
+        stop_process(proc)
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        raise RuntimeError(f"worker not ready: {err.strip()[-500:]}")
+    resident = _evict(setup.evict)
+    t_go = time.time()
+    proc.stdin.write(b"go\n")
+    proc.stdin.flush()
+    return proc, rss, resident, t_go
+
+
+def run_hf(kind: str, setup: Setup) -> dict[str, Any]:
+    argv = ["hf", kind, str(setup.model_dir), setup.uri, setup.prompt, str(setup.burst), str(setup.max_tokens),
+            str(usable_cores()), json.dumps(setup.storage)]
+    proc, rss, resident, t_go = _go_worker(argv, setup)
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_process(proc)
+        rss.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker exited with {proc.returncode}: {err.decode(errors='replace')[-500:]}")
+    doc = json.loads(out.decode().strip().splitlines()[-1])
+    stamps = doc["token_stamps"]
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    streams = [{"first_at": t, "prompt_tokens": doc["prompt_tokens"], "decode_tok_s": decode}
+               for t in doc["first_token_at"]]
+    return _record(kind, t_go, streams, rss, resident,
+                   marks={k: v - t_go for k, v in doc["marks"].items()}, threads=doc["threads"])
+
+
+def run_llama_cpp(setup: Setup) -> dict[str, Any]:
+    if setup.gguf is None:
+        raise RuntimeError("no GGUF (give --converter)")
+    port, cores = free_port(), str(usable_cores())
+    argv = ["llama-server", "--model", str(setup.gguf), "--model_alias", setup.name, "--host", "127.0.0.1",
+            "--port", str(port), "--n_threads", cores, "--n_threads_batch", cores, "--n_ctx", "2048",
+            "--interrupt_requests", "False"]
+    proc, rss, resident, t_go = _go_worker(argv, setup)
+    try:
+        sent = _wall(release(port, setup, proc))
+    finally:
+        stop_process(proc)
+        rss.stop()
+    # The requests count as sent at go: they waited for the port while the model loaded.
+    streams = [{k: v for k, v in s.items() if k != "sent_at"} for s in sent]
+    return _record("llama.cpp", t_go, streams, rss, resident,
+                   port_accepted_after_go_s=min(s["sent_at"] for s in sent) - t_go)
+
+
+def run_floor(setup: Setup) -> dict[str, Any]:
+    """Spawn -> imports + one warm prefill of the cell's batch (weights warm, checked)."""
+    resident = warm(setup.model_dir)
+    t_spawn = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "cicada_async.bench.first_token_peers", "floor",
+                             str(setup.model_dir), str(setup.prompt_tokens), str(setup.burst), str(usable_cores())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rss = ChildRss(proc.pid)
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_process(proc)
+        rss.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"floor exited with {proc.returncode}: {err.decode(errors='replace')[-500:]}")
+    doc = json.loads(out.decode().strip().splitlines()[-1])
+    cost = rss.cost(t_spawn, doc["t_done"])
+    return {"peer": "floor", "spawn_to_first_s": doc["t_done"] - t_spawn, "imports_s": doc["t_imports"] - t_spawn,
+            "build_s": doc["t_built"] - doc["t_imports"], "prefill_s": doc["t_done"] - doc["t_built"],
+            "cost": cost, "resident_before_bytes": resident}
+
+
+def run_peer(peer: str, setup: Setup) -> dict[str, Any]:
+    if peer in ("cicada", "cicada-spawn"):
+        return run_cicada(setup, spawn=peer == "cicada-spawn")
+    if peer in ("transformers", "download-then-load", "tensorizer"):
+        return run_hf(peer, setup)
+    if peer == "llama.cpp":
+        return run_llama_cpp(setup)
+    if peer == "floor":
+        return run_floor(setup)
+    raise ValueError(f"unknown peer {peer!r}")

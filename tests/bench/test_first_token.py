@@ -1,0 +1,133 @@
+"""``cicada bench first-token``: its cells, estimate, exact prompts and verdicts, and one smoke
+run on tiny-llama through the real processes (a fresh ``cicada serve``, a transformers worker,
+the bound's worker). llama.cpp's peer runs only where llama-cpp-python is installed and
+``LLAMA_CPP_CONVERTER`` names llama.cpp's source (vendor/llama.cpp of its sdist)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cicada_async.bench.first_token import estimate, main, parse_cells, peers_of, prompt_of
+from cicada_async.bench.first_token_report import cell_summary, kv_bytes
+
+CONFIG = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64, "num_hidden_layers": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cicada_async.models.catalogue import make_model
+
+    d = tmp_path_factory.mktemp("ft") / "models" / "tiny-llama"
+    make_model("tiny-llama", d)
+    return d
+
+
+def _args(**kw: Any) -> argparse.Namespace:
+    base = dict(cells="", models="llama-small,llama-1b", prompts="32,512", bursts="1,8", storage="local",
+                repeat=3, max_tokens=4, rate_mbit=1000.0, dir=Path("/nonexistent"))
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_cells_are_the_product_or_the_explicit_list() -> None:
+    assert len(parse_cells(_args())) == 8
+    assert parse_cells(_args(storage="local,http")) [-1] == ("llama-1b", 512, 8, "http")
+    assert parse_cells(_args(cells="llama-1b:512:8:s3, llama-small:32:1:local")) == [
+        ("llama-1b", 512, 8, "s3"), ("llama-small", 32, 1, "local")]
+    with pytest.raises(SystemExit):
+        parse_cells(_args(storage="nfs"))
+
+
+def test_each_peer_runs_where_it_applies() -> None:
+    every = ["cicada", "cicada-spawn", "floor", "transformers", "llama.cpp", "download-then-load", "tensorizer"]
+    assert peers_of(("m", 32, 1, "local"), every) == ["cicada", "cicada-spawn", "floor", "transformers", "llama.cpp"]
+    assert peers_of(("m", 32, 1, "http"), every) == ["cicada", "cicada-spawn", "download-then-load", "tensorizer"]
+
+
+def test_the_estimate_grows_with_prompt_burst_model_and_a_slow_link() -> None:
+    peers = ["cicada", "transformers", "llama.cpp"]
+
+    def cell(c: str, **kw: Any) -> float:
+        return estimate(parse_cells(_args(cells=c, **kw)), peers, _args(**kw))[1][c]
+
+    assert cell("llama-small:32:1:local") < cell("llama-small:512:1:local") < cell("llama-small:512:8:local")
+    assert cell("llama-small:512:8:local") < cell("llama-1b:512:8:local")
+    # the brief's figure: llama-1b, 512 tokens x 8 is over a minute per prefill on 2 cores
+    assert cell("llama-1b:512:8:local") > 3 * 80
+    assert cell("llama-1b:32:1:http", rate_mbit=1000.0) > cell("llama-1b:32:1:local")
+
+
+def test_the_prompt_has_exactly_the_asked_tokens(tiny: Path) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tiny / "tokenizer.json"))
+    for n in (8, 32):
+        text, seen = prompt_of(tiny, n)
+        assert len(tok.encode(text, add_special_tokens=False).ids) == n
+        assert seen == len(tok.encode(text, add_special_tokens=True).ids) >= n
+
+
+def _run(peer: str, ttft: float, burst: int = 1) -> dict[str, Any]:
+    return {"peer": peer, "ttft_s": [ttft] * burst, "ttft_last_s": ttft, "prompt_tokens": [32] * burst,
+            "decode_tok_s": [10.0] * burst, "gb_seconds_per_first_token": 0.1, "rss_at_send_bytes": 100,
+            "cost": {"rss_peak_bytes": 1000, "gb_seconds": 0.1, "gb_seconds_held": 0.05}}
+
+
+def test_the_verdicts_best_peer_bound_and_a_median_below_the_bound() -> None:
+    bound = {"bound_s": 1.0}
+    cell = {"key": "k", "model": "m", "prompt_tokens": 32, "burst": 1, "storage": "local"}
+    runs = {"cicada": [_run("cicada", t) for t in (1.1, 1.15, 5.0)],
+            "transformers": [_run("transformers", 2.0)], "llama.cpp": [_run("llama.cpp", 1.6)],
+            "floor": [{"peer": "floor", "spawn_to_first_s": 3.0, "imports_s": 2.0, "build_s": 0.1, "prefill_s": 0.9,
+                       "cost": {"rss_peak_bytes": 1, "gb_seconds": 1, "gb_seconds_held": 1}}]}
+    s = cell_summary(cell, runs, bound, 0, CONFIG)
+    assert s["peers"]["cicada"]["ttft_s"] == 1.15  # the median of three
+    assert s["best_peer"] == "llama.cpp" and s["ratios"]["cicada_over_best_peer"] == round(1.15 / 1.6, 3)
+    assert s["targets"]["ttft <= 0.75x best peer"] is True and s["targets"]["ttft <= 1.2x bound"] is True
+    assert not s["below_bound"]
+    runs["cicada"] = [_run("cicada", 0.9)]
+    assert cell_summary(cell, runs, bound, 0, CONFIG)["below_bound"]
+    runs["cicada"] = [{"peer": "cicada", "error": "boom"}]
+    failed = cell_summary(cell, runs, bound, 0, CONFIG)
+    assert failed["peers"]["cicada"]["n_ok"] == 0 and not failed["below_bound"]
+
+
+def test_kv_bytes_counts_k_and_v_of_every_layer() -> None:
+    assert kv_bytes(CONFIG, 10) == 2 * 2 * 2 * 16 * 4 * 10
+
+
+def test_smoke_on_tiny_llama(tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft.json"
+    rc = main(["--models", "tiny-llama", "--prompts", "16", "--bursts", "2", "--peers", "cicada,transformers",
+               "--repeat", "1", "--max-tokens", "2", "--no-prime", "--dir", str(tiny.parent), "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("cicada bench first-token") and doc["commit"] and doc["machine"]["nproc"] >= 1
+    assert doc["failed_runs"] == [] and rc == 0
+    (cell,) = doc["cells"]
+    assert cell["key"] == "tiny-llama/16tok/x2/local" and cell["bound"]["bound_s"] > 0
+    for peer in ("cicada", "transformers"):
+        (run,) = cell["runs"][peer]
+        assert len(run["ttft_s"]) == 2 and all(t > 0 for t in run["ttft_s"])  # every request's first token
+        assert run["resident_before_bytes"] <= 1 << 20  # evicted, and checked
+        assert run["cost"]["rss_peak_bytes"] > 0
+    assert cell["ratios"]["cicada_over_bound"] is not None and cell["best_peer"] == "transformers"
+
+
+def test_llama_cpp_peer(tiny: Path, tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    converter = os.environ.get("LLAMA_CPP_CONVERTER")
+    if not converter:
+        pytest.skip("LLAMA_CPP_CONVERTER (llama.cpp's source with convert_hf_to_gguf.py) not set")
+    out = tmp_path / "ft.json"
+    main(["--models", "tiny-llama", "--prompts", "16", "--bursts", "2", "--peers", "llama.cpp", "--repeat", "1",
+          "--max-tokens", "2", "--no-bound", "--dir", str(tiny.parent), "--converter", converter, "--json", str(out)])
+    (cell,) = json.loads(out.read_text())["cells"]
+    (run,) = cell["runs"]["llama.cpp"]
+    assert "error" not in run, run
+    assert len(run["ttft_s"]) == 2 and run["resident_before_bytes"] <= 1 << 20
