@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError
-from protocols.v2 import DATATYPES
 
 # Names are matched, never joined into paths (reliability.md): this keeps URLs, metric labels
 # and log lines free of separators and control characters.
 MODEL_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_PRIORITY = 10
+# protocols.v2.DATATYPES' names without its torch import: the Ray ingress reads configs (test_ray_ingress).
+V2_DATATYPES = frozenset("BOOL UINT8 UINT16 UINT32 UINT64 INT8 INT16 INT32 INT64 FP16 BF16 FP32 FP64".split())
 
 
 @dataclass
@@ -280,7 +281,7 @@ def _specs(raw: Any, where: str) -> list[TensorSpec]:
         for key in ("name", "datatype", "shape"):
             if key not in item:
                 raise ConfigError(f"{w}: missing {key!r}")
-        if item["datatype"] not in DATATYPES:
+        if item["datatype"] not in V2_DATATYPES:
             raise ConfigError(f"{w}: unknown datatype {item['datatype']!r}")
         shape = item["shape"]
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= -1 for d in shape):
