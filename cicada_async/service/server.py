@@ -165,8 +165,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
-def _few_malloc_arenas() -> None:
+def few_malloc_arenas() -> None:
     """Caps glibc's malloc arenas at two (``mallopt(M_ARENA_MAX, 2)``); a no-op without glibc.
+    Part of a serving process's set-up: ``main`` calls it, and so does each Ray Serve model
+    replica (``ray_serve.CicadaModels``) before its engine starts.
 
     The engine's worker threads take turns computing, and glibc would give each thread its own
     arena: the activations one worker frees stay in its arena, where the next forward (often on
@@ -189,7 +191,7 @@ def main(argv: list[str]) -> int:
         print(f"cicada serve: {e}", file=sys.stderr)
         return 2
     setup_logging(args.log_level, secrets=config.server.auth.inference_tokens + config.server.auth.admin_tokens)
-    _few_malloc_arenas()
+    few_malloc_arenas()
     threads = config.server.torch_threads
     if threads is None:
         threads = threads_while_fetching()
