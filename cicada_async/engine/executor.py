@@ -7,6 +7,13 @@ the turn back, so the most urgent other work runs meanwhile on another worker th
 forwards of other models, other loads' layers and applies, skeleton builds. At every layer
 gate a job also hands the turn over to waiting work of its own priority or more urgent one
 (``yield_turn``), so a long forward never holds back a request for more than one layer.
+
+A job that already ran and wants the turn back (a gated forward whose weights landed, a job that
+yielded) at the holder's own priority waits for the holder's *slice* (``SLICE_S``) to run out:
+without it, a warm forward handed the turn back to a cold start's gated forward at every one of
+its own layer boundaries, and a 3 ms warm request of a small model took 100-300 ms while
+gpt2-medium cold-started (one gpt2-medium layer per warm layer; issue 28 item 4). New jobs and
+more urgent work still get the turn at the next boundary.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ MAX_THREADS = 32
 # computed, an OpenMP team (the soak's idle thread count grew 11 -> 18 once refills yielded).
 KEEP_IDLE = 2
 RETIRE_IDLE_S = 1.0
+# The turn a job holds before it yields to a job of its own priority that already ran and wants
+# the turn back (about one layer's compute): two forwards of one priority share by slices, and
+# a forward shorter than a slice (a small warm model's) finishes without waiting for the other.
+SLICE_S = 0.02
 
 
 class ExecutorDead(CicadaError):
@@ -77,6 +88,7 @@ class Executor:
         self._applies: collections.deque[tuple[Callable[[], None], OnError | None]] = collections.deque()
         self._wanting: list[tuple[Key, int]] = []  # threads that want the turn back
         self._holder: int | None = None  # thread ident holding the turn
+        self._slice_start = 0.0  # when the holder took the turn (monotonic)
         self._seq = itertools.count()
         self._threads: dict[int, threading.Thread] = {}
         self._spawned = itertools.count()  # worker names stay unique as workers retire
@@ -229,8 +241,14 @@ class Executor:
         return key
 
     def _contested_locked(self, prio: Priority) -> bool:
-        return bool((self._jobs and self._jobs[0][0][0] <= prio and self._idle_or_spawn_locked())
-                    or (self._wanting and self._wanting[0][0][0] <= prio))
+        """A queued job as urgent or more, or a thread wanting the turn back that is more
+        urgent, or as urgent once this holder's slice ran out."""
+        if self._jobs and self._jobs[0][0][0] <= prio and self._idle_or_spawn_locked():
+            return True
+        if not self._wanting:
+            return False
+        wanted = self._wanting[0][0][0]
+        return wanted < prio or (wanted == prio and time.monotonic() - self._slice_start >= SLICE_S)
 
     def _idle_or_spawn_locked(self) -> bool:
         """True when a worker can start the queued job once the turn is free."""
@@ -254,6 +272,7 @@ class Executor:
             wakeup.wait()
         heapq.heappop(self._wanting)
         self._holder = me
+        self._slice_start = time.monotonic()
         self._notify_locked()
 
     def _notify_locked(self) -> None:
@@ -318,6 +337,7 @@ class Executor:
                         self._wakeups.pop(me, None)
                         return
                 self._holder = me
+                self._slice_start = time.monotonic()
                 self._idle.pop()
             try:
                 self._run_turn(key, call, fut)
