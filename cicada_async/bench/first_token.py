@@ -86,9 +86,11 @@ def _bytes(model: str, root: Path) -> int:
 
 
 def estimate(cells: list[Cell], peers: list[str], args: argparse.Namespace) -> tuple[float, dict[str, float]]:
-    """Seconds, by a rough model of this 2-core machine: 4 s of imports per fresh process,
-    6 s for a serve to come up and settle, disk 1.5 GB/s, the link at its rate, prefill at
-    1e11 FLOP/s, a decode step at 8 GB/s of weights; the bound and the set-up once per model."""
+    """Seconds, by a rough model of this 2-core machine: 5 s of imports per fresh process,
+    10 s for a serve to come up and settle, disk 1.5 GB/s, the link at its rate, prefill at
+    1e11 FLOP/s, a decode step at 8 GB/s of weights; the bound, the priming start and the
+    set-up (model, GGUF, upload) once per model. Smoke runs on the shared machine took 1.5-4x
+    it when other work shared the cores."""
     per: dict[str, float] = {}
     for cell in cells:
         m, n, b, s = cell
@@ -97,21 +99,23 @@ def estimate(cells: list[Cell], peers: list[str], args: argparse.Namespace) -> t
         read = nbytes / 1.5e9 if s == "local" else nbytes * 8 / (args.rate_mbit * 1e6)
         prefill, prefill1 = 2 * params * n * b / FLOPS, 2 * params * n / FLOPS
         decode = args.max_tokens * nbytes / 8e9
-        one = {"cicada": 7 + max(read, prefill) + decode, "cicada-spawn": 5 + max(read, prefill) + decode,
-               "floor": 4 + prefill, "transformers": 5 + read + prefill + decode,
-               "llama.cpp": 2 + read + b * (prefill1 + decode), "download-then-load": 5 + read + prefill + decode,
-               "tensorizer": 5 + read + prefill + decode}
+        one = {"cicada": 10 + max(read, prefill) + decode, "cicada-spawn": 7 + max(read, prefill) + decode,
+               "floor": 5 + prefill, "transformers": 6 + read + prefill + decode,
+               "llama.cpp": 3 + read + b * (prefill1 + decode), "download-then-load": 6 + read + prefill + decode,
+               "tensorizer": 6 + read + prefill + decode}
         per[":".join(map(str, cell))] = args.repeat * sum(one[p] for p in peers_of(cell, peers))
     for m in {c[0] for c in cells}:
         nbytes = _bytes(m, args.dir)
         shapes = {(c[1], c[2]) for c in cells if c[0] == m}
-        prefills = sum(2 * nbytes / 4 * n * b / FLOPS for n, b in shapes)
+        pf = [2 * nbytes / 4 * n * b / FLOPS for n, b in shapes]
+        prefills = sum(p * (5 if p < 2 else 2 if p < 10 else 1) for p in pf)  # first_token_bound's repeats
         setup = 0.0 if (args.dir / m / "config.json").exists() else nbytes / 0.2e9
         if "llama.cpp" in peers and any(c[3] == "local" for c in cells if c[0] == m):
             setup += nbytes / 0.2e9  # GGUF conversion, once (kept beside the model)
         if any(c[3] == "s3" for c in cells if c[0] == m):
             setup += nbytes / 0.1e9  # upload and read-back
-        per[f"{m}: bound + set-up"] = 4 + 4 * nbytes / 1.5e9 + prefills * 3.5 + setup
+        prime = 10 + nbytes / 1.5e9 * (1 + sum(c[3] != "local" for c in cells if c[0] == m))
+        per[f"{m}: bound + set-up"] = 5 + 4 * nbytes / 1.5e9 + prefills + setup + prime
     return sum(per.values()), per
 
 

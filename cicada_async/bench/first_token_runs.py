@@ -8,8 +8,9 @@ released together by a barrier, each on its own connection (``generate.stream_on
 lean http.client streaming client, one thread per stream).
 
 - ``cicada``: a fresh ``cicada serve`` (``CICADA_PREFETCH=0``) is started, waited for until it
-  answers ``/v2/health/live`` and its process has been idle (under 5% of a core) for 0.5 s
-  (its start-up work: transformers' warm import, the ready skeleton), then the weights are
+  answers ``/v2/health/live`` and its process has been idle for 0.5 s (under 5% of a core, no
+  thread runnable: its start-up work, transformers' warm import and the ready skeleton, is
+  done), then the weights are
   evicted and the burst sent: a cold model in a process that is up, the state a peer's worker
   is in at ``go``.
 - ``cicada-spawn`` (issue 26, Deliver 2): weights evicted, then ``cicada serve`` spawned and the
@@ -76,14 +77,29 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime of every thread
 
 
-def wait_idle(pid: int, quiet_s: float = 0.5, max_s: float = 60.0, busy: float = 0.05) -> float:
-    """Until the process used under ``busy`` of a core over ``quiet_s``; seconds waited."""
+def runnable_threads(pid: int) -> int:
+    n = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            n += (task / "stat").read_text().rpartition(")")[2].split()[0] == "R"
+        except OSError:
+            pass
+    return n
+
+
+def wait_idle(pid: int, quiet_s: float = 0.5, max_s: float = 90.0, busy: float = 0.05) -> float:
+    """Until the process used under ``busy`` of a core over ``quiet_s`` and no thread of it was
+    runnable at any of the 20 ms samples in between (a process starved of the CPU by others is
+    not idle, though it uses none); seconds waited."""
     hz = os.sysconf("SC_CLK_TCK")
     t0 = time.monotonic()
     while time.monotonic() - t0 < max_s:
-        a = cpu_ticks(pid)
-        time.sleep(quiet_s)
-        if (cpu_ticks(pid) - a) / hz < busy * quiet_s:
+        a, running = cpu_ticks(pid), 0
+        end = time.monotonic() + quiet_s
+        while time.monotonic() < end:
+            running += runnable_threads(pid)
+            time.sleep(0.02)
+        if not running and (cpu_ticks(pid) - a) / hz < busy * quiet_s:
             break
     return time.monotonic() - t0
 
@@ -217,18 +233,18 @@ def run_cicada(setup: Setup, spawn: bool) -> dict[str, Any]:
                    t_spawn if spawn else None, send_spread_s=max(s["sent_at"] for s in streams) - first_sent, **extra)
 
 
-def _go_worker(argv: list[str], setup: Setup, env: dict[str, str] | None = None
-               ) -> tuple[subprocess.Popen[bytes], ChildRss, int, float]:
+def _go_worker(argv: list[str], setup: Setup, err: Any) -> tuple[subprocess.Popen[bytes], ChildRss, int, float]:
+    """The worker started, ready, its weights evicted, ``go`` written; its stderr goes to the
+    file ``err`` (a pipe nobody reads would fill with llama.cpp's load log and stall it)."""
     proc = subprocess.Popen([sys.executable, "-m", "cicada_async.bench.first_token_peers", *argv],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ if env is None else env, HF_HUB_OFFLINE="1"))
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
     rss = ChildRss(proc.pid)
     assert proc.stdout is not None and proc.stdin is not None
     line = proc.stdout.readline()
     if b'"ready"' not in line:
         stop_process(proc)
-        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        raise RuntimeError(f"worker not ready: {err.strip()[-500:]}")
+        raise RuntimeError(f"worker not ready: {_tail(err)}")
     resident = _evict(setup.evict)
     t_go = time.time()
     proc.stdin.write(b"go\n")
@@ -236,17 +252,24 @@ def _go_worker(argv: list[str], setup: Setup, env: dict[str, str] | None = None
     return proc, rss, resident, t_go
 
 
+def _tail(err: Any) -> str:
+    err.flush()
+    err.seek(0)
+    return str(err.read().decode(errors="replace").strip()[-500:])
+
+
 def run_hf(kind: str, setup: Setup) -> dict[str, Any]:
     argv = ["hf", kind, str(setup.model_dir), setup.uri, setup.prompt, str(setup.burst), str(setup.max_tokens),
             str(usable_cores()), json.dumps(setup.storage)]
-    proc, rss, resident, t_go = _go_worker(argv, setup)
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        stop_process(proc)
-        rss.stop()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{kind} worker exited with {proc.returncode}: {err.decode(errors='replace')[-500:]}")
+    with tempfile.TemporaryFile() as err:
+        proc, rss, resident, t_go = _go_worker(argv, setup, err)
+        try:
+            out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            stop_process(proc)
+            rss.stop()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind} worker exited with {proc.returncode}: {_tail(err)}")
     doc = json.loads(out.decode().strip().splitlines()[-1])
     stamps = doc["token_stamps"]
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
@@ -263,12 +286,18 @@ def run_llama_cpp(setup: Setup) -> dict[str, Any]:
     argv = ["llama-server", "--model", str(setup.gguf), "--model_alias", setup.name, "--host", "127.0.0.1",
             "--port", str(port), "--n_threads", cores, "--n_threads_batch", cores, "--n_ctx", "2048",
             "--interrupt_requests", "False"]
-    proc, rss, resident, t_go = _go_worker(argv, setup)
-    try:
-        sent = _wall(release(port, setup, proc))
-    finally:
-        stop_process(proc)
-        rss.stop()
+    with tempfile.TemporaryFile() as err:
+        proc, rss, resident, t_go = _go_worker(argv, setup, err)
+        assert proc.stdout is not None
+        drain = threading.Thread(target=proc.stdout.read, daemon=True)  # its stdout, unread, must not fill
+        drain.start()
+        try:
+            sent = _wall(release(port, setup, proc))
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; server log: {_tail(err)}") from e
+        finally:
+            stop_process(proc)
+            rss.stop()
     # The requests count as sent at go: they waited for the port while the model loaded.
     streams = [{k: v for k, v in s.items() if k != "sent_at"} for s in sent]
     return _record("llama.cpp", t_go, streams, rss, resident,
