@@ -58,6 +58,17 @@ RETIRE_IDLE_S = 1.0
 SLICE_S = 0.02
 
 
+_worker_of = threading.local()  # .executor: the executor whose worker this thread is
+
+
+def yield_point() -> None:
+    """A piece boundary of a long job: ``yield_turn`` of the executor running it; nothing when
+    called off an executor's worker (a tool or test calling the job's function directly)."""
+    executor: Executor | None = getattr(_worker_of, "executor", None)
+    if executor is not None:
+        executor.yield_turn()
+
+
 class ExecutorDead(CicadaError):
     """The executor is not running (stopped)."""
 
@@ -314,6 +325,7 @@ class Executor:
 
     def _worker(self) -> None:
         me = threading.get_ident()
+        _worker_of.executor = self
         call: Callable[[], object] | None
         fut: concurrent.futures.Future[Any] | None
         while True:
