@@ -47,6 +47,7 @@ from cicada_async.engine.procfs import usable_cores
 
 READY_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 3600
+IDLE_MAX_S = 90.0
 
 
 @dataclass
@@ -124,8 +125,8 @@ def release(port: int, setup: Setup, proc: subprocess.Popen[bytes] | None = None
     out: list[dict[str, Any]] = [{} for _ in range(n)]
 
     def one(i: int) -> None:
-        gate.wait()
         try:
+            gate.wait()
             out[i] = stream_once(port, setup.name, setup.prompt, setup.max_tokens)
         except Exception as e:  # noqa: BLE001 - reported in the run's record
             out[i] = {"error": f"{type(e).__name__}: {e}"}
@@ -133,8 +134,12 @@ def release(port: int, setup: Setup, proc: subprocess.Popen[bytes] | None = None
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
-    if proc is not None:
-        _wait_port(port, proc)
+    try:
+        if proc is not None:
+            _wait_port(port, proc)
+    except BaseException:
+        gate.abort()  # the waiting threads leave (BrokenBarrierError) instead of hanging
+        raise
     gate.wait()
     for t in threads:
         t.join(RUN_TIMEOUT_S)
@@ -215,7 +220,8 @@ def run_cicada(setup: Setup, spawn: bool) -> dict[str, Any]:
                 _wait_port(port, proc)
                 while _http(port, "GET", "/v2/health/live", timeout=5)[0] != 200:
                     time.sleep(0.01)
-                extra["idle_wait_s"] = wait_idle(proc.pid)
+                extra["idle_wait_s"] = wait_idle(proc.pid, max_s=IDLE_MAX_S)
+                extra["idle"] = extra["idle_wait_s"] < IDLE_MAX_S  # False: sent while it was still busy
                 resident = _evict(setup.evict)
                 streams = _wall(release(port, setup))
             rss.stop()
