@@ -128,6 +128,10 @@ def analyse(modes: list[dict[str, Any]], dirs: dict[str, Path], budget: int) -> 
     targets = {
         "hot_p99_during_cold_ms": hot["during_cold_p99_ms"],
         "hot_p99_limit_ms": (2 * hot["warm_p99_ms"] + shared["one_layer_ms_estimate"]) if hot["warm_p99_ms"] else None,
+        # Issue 28 item 4: the hot model's worst request during any cold start, against 2x its
+        # p99 when nothing loads + 50 ms.
+        "hot_worst_during_cold_ms": hot["head_of_line_stall_ms"],
+        "hot_worst_limit_ms": (2 * hot["warm_p99_ms"] + 50.0) if hot["warm_p99_ms"] else None,
         "urgent_ratio": shared["priority_phase"]["ratio"], "urgent_ratio_limit": 1.3,
         "p99_improvement": (serial["overall_p99_ms"] / shared["overall_p99_ms"]) if shared["overall_p99_ms"] else None,
         "p99_improvement_limit": 3.0,
@@ -137,6 +141,8 @@ def analyse(modes: list[dict[str, Any]], dirs: dict[str, Path], budget: int) -> 
     met = {
         "hot_p99": targets["hot_p99_limit_ms"] is not None and hot["during_cold_p99_ms"] is not None
                    and hot["during_cold_p99_ms"] <= targets["hot_p99_limit_ms"],
+        "hot_worst": targets["hot_worst_limit_ms"] is not None and hot["head_of_line_stall_ms"] is not None
+                     and hot["head_of_line_stall_ms"] <= targets["hot_worst_limit_ms"],
         "urgent_first_answer": targets["urgent_ratio"] is not None and targets["urgent_ratio"] <= 1.3,
         "p99_vs_serialized": targets["p99_improvement"] is not None and targets["p99_improvement"] >= 3.0,
         "none_lost": targets["lost_or_hung"] == 0,
@@ -173,6 +179,8 @@ def format_report(r: dict[str, Any]) -> str:
     t = r["targets"]
     lines.append("\n== targets (shared mode)")
     lines.append(f"hot warm p99 during cold starts {_f(t['hot_p99_during_cold_ms'])} ms <= {_f(t['hot_p99_limit_ms'])} ms: {r['met']['hot_p99']}")
+    lines.append(f"hot worst during cold starts {_f(t['hot_worst_during_cold_ms'])} ms <= 2 x warm p99 + 50 = "
+                 f"{_f(t['hot_worst_limit_ms'])} ms: {r['met']['hot_worst']}")
     lines.append(f"urgent first answer x{_f(t['urgent_ratio'])} <= 1.3: {r['met']['urgent_first_answer']}")
     lines.append(f"overall p99 {_f(t['p99_improvement'])}x better than serialized (>= 3): {r['met']['p99_vs_serialized']}")
     lines.append(f"lost or hung {t['lost_or_hung']}: {r['met']['none_lost']}; RSS peak "
