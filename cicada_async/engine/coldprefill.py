@@ -18,14 +18,18 @@ tests compare with transformers). A batch of one row, or of rows of one length, 
 exactly what a warm prefill computes. Each row's cache is cut out of the batch's
 (``kvcache.split_rows``) and joins the running batch at the loop's next decode step.
 
-Admission as in the loop: at most ``max_sequences`` rows, and the rows' padded worst case
-(rows x longest prompt + max_tokens x bytes per token) within the KV budget; a sequence that
-does not fit waits for the load and is prefilled warm.
+Admission as in the loop, over every rider of the load (all its batches) that the loop has not
+admitted yet: at most ``max_sequences`` rows, and their padded worst case (rows x longest prompt
++ max_tokens x bytes per token) within the KV budget; a sequence that does not fit waits for
+the load and is prefilled warm. Each row's cache is copied out of the batch's, which goes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,7 +41,9 @@ from cicada_async.engine.forward import all_cores
 from cicada_async.engine.job import LoadJob
 from cicada_async.engine.kvcache import new_cache, split_rows
 from cicada_async.engine.sampling import Choice, choose
-from cicada_async.engine.sequence import GenSequence
+from cicada_async.engine.sequence import GenSequence, LoopEngine
+from protocols.errors import CicadaError, InferenceError
+from protocols.serving import ModelOptions
 
 if TYPE_CHECKING:  # transformers is imported on the executor, never at the engine's import
     from transformers.cache_utils import DynamicCache
@@ -57,26 +63,16 @@ class Prefilled:
 class ColdBatch:
     """The sequences riding one gated prefill of a loading model (see the module's docstring)."""
 
-    def __init__(self, job: LoadJob, *, max_rows: int, kv_budget: int, token_bytes: int) -> None:
+    def __init__(self, job: LoadJob) -> None:
         self.job = job
-        self._max_rows = max_rows
-        self._kv_budget = kv_budget
-        self._token_bytes = token_bytes
         self._rows: list[GenSequence] = []
         self._lock = threading.Lock()  # join (loop) against close (executor)
         self._closed = False
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def join(self, seq: GenSequence) -> bool:
-        """On the loop: True if ``seq`` rides this batch (open, a row free, the budget holds)."""
+        """On the loop: True if ``seq`` rides this batch (it has not closed)."""
         with self._lock:
-            if self._closed or len(self._rows) >= self._max_rows:
-                return False
-            after = [*self._rows, seq]
-            if len(after) * max(s.final_len for s in after) * self._token_bytes > self._kv_budget:
+            if self._closed:
                 return False
             self._rows.append(seq)
             return True
@@ -85,11 +81,6 @@ class ColdBatch:
         with self._lock:
             self._closed = True
             return [s for s in self._rows if s.live]
-
-    def close_empty(self) -> None:
-        """The job never ran (the load failed first): nobody joins any more."""
-        with self._lock:
-            self._closed = True
 
     def prefill(self, forward: Forward, device: torch.device, every_core: bool) -> list[Prefilled]:
         """The executor job: wait for the first layer, close, prefill the rows through the gates."""
@@ -122,3 +113,74 @@ class ColdBatch:
         job.timeline.add("prefill", f"{len(rows)} rows, {sum(lengths)} tokens", start)
         return [Prefilled(s, c, ch) for s, c, ch in zip(rows, caches, choices)]
 
+
+
+class ColdRides:
+    """The loop's side of cold batches: the open one, and a sequence's ride in it."""
+
+    def __init__(self, engine: LoopEngine, options: ModelOptions) -> None:
+        self._engine = engine
+        self._options = options
+        self._open: tuple[ColdBatch, asyncio.Future[list[Prefilled]]] | None = None
+        # The load the riders belong to (weakly: the job, landing and tensor table must not
+        # outlive the load here) and its riders, in any of its batches.
+        self._job: weakref.ref[LoadJob] | None = None
+        self._riders: list[GenSequence] = []
+
+    def clear(self) -> None:
+        self._open, self._job, self._riders = None, None, []
+
+    def pending(self) -> list[GenSequence]:
+        """Riders the loop has not admitted yet (prefilling, or holding their cache): the loop's
+        admission counts them as rows, so nobody who came later takes their room."""
+        return [s for s in self._riders if s.live and not s.admitted]
+
+    def _room(self, job: LoadJob, seq: GenSequence, token_bytes: int) -> bool:
+        """The loop's admission rule over every rider of the load that the loop has not admitted
+        yet (all of its batches): at most ``max_sequences`` rows, their padded worst case within
+        the KV budget. The loop admits them all once the model is ready (its batch is empty)."""
+        if self._job is None or self._job() is not job:
+            self._job, self._riders = weakref.ref(job), []
+        after = self.pending() + [seq]
+        if len(after) > self._options.max_sequences:
+            return False
+        if len(after) * max(s.final_len for s in after) * token_bytes > self._options.kv_cache_bytes:
+            return False
+        self._riders = after
+        return True
+
+    async def ride(self, job: LoadJob, seq: GenSequence, forward: Forward, token_bytes: int) -> None:
+        """Prefill ``seq`` in the load's open batch, or in a new one: its cache and first token
+        (``seq.cache``, ``seq.first``). Left unset when it could not ride (no room; the load
+        failed: the loop's wait for the load says why); the warm path prefills it then."""
+        if not self._room(job, seq, token_bytes):
+            return
+        cold = self._open
+        if cold is None or cold[0].job is not job or not cold[0].join(seq):
+            batch = ColdBatch(job)
+            batch.join(seq)
+            device = torch.device(self._options.device)
+            every = self._engine.every_core_when_idle and device.type == "cpu"
+            task = asyncio.ensure_future(self._engine.executor.run(
+                batch.prefill, forward, device, every, priority=seq.priority))
+            cold = self._open = (batch, task)
+            # The job (landing, tensor table) must not outlive its batch here.
+            task.add_done_callback(functools.partial(self._closed, cold))
+        try:
+            rows = await asyncio.shield(cold[1])
+        except Exception as e:  # noqa: BLE001 - a failed load reaches the sequence through the load
+            if job.error is not None:
+                return
+            if isinstance(e, CicadaError):
+                raise
+            raise InferenceError(f"prefill failed: {type(e).__name__}: {e}") from e
+        for row in rows:
+            if row.seq is seq:
+                seq.cache, seq.first = row.cache, row.choice
+                return
+
+    def _closed(self, cold: tuple[ColdBatch, asyncio.Future[list[Prefilled]]], _task: object) -> None:
+        if self._open is cold:
+            self._open = None
+        if not cold[1].cancelled():
+            cold[1].exception()  # retrieved: its riders read it, if any still wait

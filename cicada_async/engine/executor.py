@@ -8,12 +8,12 @@ forwards of other models, other loads' layers and applies, skeleton builds. At e
 gate a job also hands the turn over to waiting work of its own priority or more urgent one
 (``yield_turn``), so a long forward never holds back a request for more than one layer.
 
-A job that already ran and wants the turn back (a gated forward whose weights landed, a job that
-yielded) at the holder's own priority waits for the holder's *slice* (``SLICE_S``) to run out:
-without it, a warm forward handed the turn back to a cold start's gated forward at every one of
-its own layer boundaries, and a 3 ms warm request of a small model took 100-300 ms while
-gpt2-medium cold-started (one gpt2-medium layer per warm layer; issue 28 item 4). New jobs and
-more urgent work still get the turn at the next boundary.
+A job that already ran and wants the turn back at the holder's own priority (a gated forward
+whose weights landed, a job that yielded) waits for the holder's *slice* (``SLICE_S``, about one
+layer's compute) to run out: two forwards of one priority share by slices, and a forward shorter
+than a slice finishes first. Without it a 3 ms warm request took 100-300 ms while gpt2-medium
+cold-started: one gpt2-medium layer per warm layer (issue 28 item 4). New jobs and more urgent
+work still get the turn at the next boundary.
 """
 
 from __future__ import annotations
@@ -46,16 +46,11 @@ AHEAD_OF_REQUESTS = Priority.UNLOAD
 _APPLIES_ONLY: Key = (Priority(-(1 << 62)), -1)
 
 MAX_THREADS = 32
-# Idle workers kept past a burst; the others retire after RETIRE_IDLE_S without work. Workers
-# are spawned whenever a job waits or yields (gated forwards, refills that yield between
-# pieces), so a busy minute leaves many; kept for ever, each holds its stack and, if it ever
-# computed, an OpenMP team (the soak's idle thread count grew 11 -> 18 once refills yielded).
+# Idle workers kept past a burst; the others retire after RETIRE_IDLE_S without work (workers
+# spawn whenever a job waits or yields; kept for ever, each holds a stack and an OpenMP team).
 KEEP_IDLE = 2
 RETIRE_IDLE_S = 1.0
-# The turn a job holds before it yields to a job of its own priority that already ran and wants
-# the turn back (about one layer's compute): two forwards of one priority share by slices, and
-# a forward shorter than a slice (a small warm model's) finishes without waiting for the other.
-SLICE_S = 0.02
+SLICE_S = 0.02  # the turn's slice among jobs of one priority (the module's docstring)
 
 
 _worker_of = threading.local()  # .executor: the executor whose worker this thread is
@@ -87,11 +82,10 @@ class Executor:
         # all compute, the baseline the multi-model benchmark compares to.
         self._shared = shared
         self._max_threads = max_threads
-        # One lock; jobs waiting for weights (wait_until) wait on ``_cv``, and each worker has a
-        # condition of its own on the same lock for waiting idle or for the turn. Only one idle
-        # worker (``_idle[-1]``) and one thread waiting for the turn (``_wanting[0]``) can act on
-        # any change, so only they are woken (``_notify_locked``): with one shared condition
-        # and ``notify_all``, each post woke every idle worker, up to 32 (review-3 C-9).
+        # One lock; jobs waiting for weights (wait_until) wait on ``_cv``, each worker on a
+        # condition of its own on the same lock. Only one idle worker (``_idle[-1]``) and one
+        # thread waiting for the turn (``_wanting[0]``) can act on a change, so only they are
+        # woken (``_notify_locked``), not every idle worker (review-3 C-9).
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._wakeups: dict[int, threading.Condition] = {}
@@ -103,9 +97,8 @@ class Executor:
         self._seq = itertools.count()
         self._threads: dict[int, threading.Thread] = {}
         self._spawned = itertools.count()  # worker names stay unique as workers retire
-        # Idle workers, the most recently idle last: it takes the next job. torch's OpenMP
-        # gives every thread that computes its own team of helper threads; always computing on
-        # the same worker keeps one team warm instead of several contending for the cores.
+        # Idle workers, the most recently idle last: it takes the next job (torch's OpenMP gives
+        # each computing thread a team: one warm team, not several contending for the cores).
         self._idle: list[int] = []
         self._started = False
         self._stopping = False
@@ -252,8 +245,8 @@ class Executor:
         return key
 
     def _contested_locked(self, prio: Priority) -> bool:
-        """A queued job as urgent or more, or a thread wanting the turn back that is more
-        urgent, or as urgent once this holder's slice ran out."""
+        """A queued job as urgent or more, or one wanting the turn back: more urgent, or as urgent
+        once this holder's slice ran out."""
         if self._jobs and self._jobs[0][0][0] <= prio and self._idle_or_spawn_locked():
             return True
         if not self._wanting:

@@ -27,9 +27,7 @@ heap, or its row at the next job, which the consumer awaits.
 from __future__ import annotations
 
 import asyncio
-import functools
 import heapq
-import inspect
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -42,13 +40,13 @@ from protocols.generation import GenerationDelta, GenerationStats, SamplingParam
 from protocols.serving import ModelOptions, Priority
 from protocols.storage import StorageBackend
 
-from cicada_async.engine.coldprefill import ColdBatch, Prefilled
+from cicada_async.engine.coldprefill import ColdRides
 from cicada_async.engine.forward import all_cores
 from cicada_async.engine.kvcache import BatchCache, KVShape, kv_shape, new_cache, tensors_bytes
+from cicada_async.engine.lmcall import LmCall
 from cicada_async.engine.sampling import Choice, RowSampler, choose
-from cicada_async.engine.modeldir import read_model_spec
 from cicada_async.engine.sequence import GenerationCodec, GenSequence, LoopEngine
-from cicada_async.engine.textcodec import TextCodec, read_codec
+from cicada_async.engine.textcodec import CodecReader, TextCodec
 
 if TYPE_CHECKING:  # transformers is imported on the executor, never at the engine's import
     from transformers.cache_utils import DynamicCache
@@ -92,25 +90,23 @@ class GenerationLoop:
         self._batch = BatchCache()
         self._kv_bytes = 0  # the cache's tensors after the last job
         self._task: asyncio.Task[None] | None = None
-        self._shape: tuple[nn.Module, KVShape, str, bool] | None = None  # per loaded model
-        self._backend = backend
-        self._codec: asyncio.Future[TextCodec] | None = None
+        self._shape: tuple[nn.Module, KVShape, LmCall] | None = None  # per loaded model
+        self._codec = CodecReader(name, backend)
         self._prepared = prepared
-        self._cold: tuple[ColdBatch, asyncio.Future[list[Prefilled]]] | None = None  # the open one
+        self._cold = ColdRides(engine, options)
 
     # public ------------------------------------------------------------------------------
     def stats(self, budget: int) -> GenerationStats:
-        prefilled = len(self._prefilled())
-        running = sum(s.live for s in self._running) + sum(s.live for s in self._joining) + prefilled
-        held = sum(tensors_bytes(s.cache) for s in self._prefilled())
-        return GenerationStats(running=running, waiting=len(self._heap) - prefilled + self._loading,
-                               kv_cache_bytes_used=self._kv_bytes + held, kv_cache_bytes_budget=budget)
+        held = self._prefilled()  # waiting with a cache: running
+        return GenerationStats(running=sum(s.live for s in self._running + self._joining) + len(held),
+                               waiting=len(self._heap) - len(held) + self._loading, kv_cache_bytes_budget=budget,
+                               kv_cache_bytes_used=self._kv_bytes + sum(tensors_bytes(s.cache) for s in held))
 
     @property
     def reserved_bytes(self) -> int:
-        """Worst-case bytes of the live rows (prompt + max_tokens each, no padding)."""
+        """Worst-case bytes of the live rows and cold riders (prompt + max_tokens each, no padding)."""
         shape = self._shape
-        live = [s for s in self._running + self._joining if s.live] + self._prefilled()
+        live = [s for s in self._running + self._joining if s.live] + self._cold.pending()
         return sum(s.final_len for s in live) * shape[1].token_bytes if shape else 0
 
     def _prefilled(self) -> list[GenSequence]:
@@ -118,19 +114,7 @@ class GenerationLoop:
         return [e[2] for e in self._heap if e[2].cache is not None and e[2].live]
 
     async def codec(self) -> TextCodec:
-        """The model's tokenizer, read once from its storage (a failed read is tried again;
-        ``BadRequest``: the model does not generate text)."""
-        task = self._codec
-        if task is None or (task.done() and (task.cancelled() or _retry(task.exception()))):
-            task = self._codec = asyncio.ensure_future(self._read_codec())
-        return await asyncio.shield(task)
-
-    async def _read_codec(self) -> TextCodec:
-        backend = self._backend()
-        try:
-            return await read_codec(backend, await read_model_spec(backend), name=self.name)
-        finally:
-            await backend.aclose()
+        return await self._codec.get()
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *, priority: Priority,
                        codec: GenerationCodec | None = None) -> AsyncIterator[GenerationDelta]:
@@ -148,28 +132,28 @@ class GenerationLoop:
         self._check_fits(len(prompt), params.max_tokens, codec.context_length, "context length")
         self._check_room()
         seq: GenSequence | None = None
+        arrival = next(self._arrival)  # its place among equals: when it came, not when it loaded
         self._loading += 1
         try:
             try:
                 job = await self._prepared(priority) if self._prepared is not None else None
                 if job is not None:  # loading: ride its first prefill
                     seq = self._sequence(prompt, params, priority, codec, job.model, torch.device(self.options.device))
-                    await self._ride(job, seq)
+                    await self._cold.ride(job, seq, self._forward, self._shape_of(job.model).token_bytes)
                     if job.error is not None:  # the load it rode failed (or was unloaded): not a new one
                         raise job.error
                     if job.spec.manifest is None:
-                        self._take_first(seq)  # without a manifest to verify, at once
+                        seq.take_first()  # without a manifest to verify, at once
                 await self._load(priority)
             finally:
                 self._loading -= 1
             if seq is None:
                 model, _ = self._model_shape()
                 seq = self._sequence(prompt, params, priority, codec, model, _device(model))
-            self._take_first(seq)  # (a model with a manifest: once the load verified it)
+            seq.take_first()  # (a model with a manifest: once the load verified it)
             if seq.live:
-                heapq.heappush(self._heap, (priority, next(self._arrival), seq))
-                if self._task is None:
-                    self._task = asyncio.get_running_loop().create_task(self._run(), name=f"generate {self.name}")
+                heapq.heappush(self._heap, (priority, arrival, seq))
+                self._kick()
             while True:
                 delta = await seq.next_delta()
                 yield delta
@@ -178,6 +162,7 @@ class GenerationLoop:
         finally:
             if seq is not None:
                 await self._abandon(seq)
+            self._kick()  # a rider that left (or never came in) may have held the head's room
 
     async def stop(self, error: CicadaError) -> None:
         """Stop the loop and fail every sequence, waiting or running, with ``error``."""
@@ -187,7 +172,7 @@ class GenerationLoop:
             await asyncio.gather(task, return_exceptions=True)
         self._fail_all(error)
         self._shape = None
-        self._cold = None
+        self._cold.clear()
 
     # the consumer's side ------------------------------------------------------------------
     def _sequence(self, prompt: list[int], params: SamplingParams, priority: Priority,
@@ -201,51 +186,6 @@ class GenerationLoop:
             raise BadRequest(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} need {need} bytes "
                              f"of KV cache; {self.name}'s budget is {self.options.kv_cache_bytes}")
         return seq
-
-    async def _ride(self, job: LoadJob, seq: GenSequence) -> None:
-        """Prefill ``seq`` in the load's open cold batch, or in a new one: its cache and first
-        token (``seq.cache``, ``seq.first``). Left unset when it could not ride (no room; the
-        load failed: ``_load`` says why next); the warm path prefills it after the load."""
-        cold = self._cold
-        if cold is None or cold[0].job is not job or not cold[0].join(seq):
-            batch = ColdBatch(job, max_rows=self.options.max_sequences, kv_budget=self.options.kv_cache_bytes,
-                              token_bytes=self._shape_of(job.model).token_bytes)
-            if not batch.join(seq):
-                return
-            device = torch.device(self.options.device)
-            every = self._engine.every_core_when_idle and device.type == "cpu"
-            task = asyncio.ensure_future(self._engine.executor.run(
-                batch.prefill, self._forward, device, every, priority=seq.priority))
-            cold = self._cold = (batch, task)
-            # The job (landing, tensor table) must not outlive its batch here.
-            task.add_done_callback(functools.partial(self._closed, cold))
-        try:
-            rows = await asyncio.shield(cold[1])
-        except Exception as e:  # noqa: BLE001 - a failed load reaches us through _load
-            if job.error is not None:
-                return
-            raise _as_cicada(e) from e
-        for row in rows:
-            if row.seq is seq:
-                seq.cache, seq.first = row.cache, row.choice
-                return
-
-    def _closed(self, cold: tuple[ColdBatch, asyncio.Future[list[Prefilled]]], _task: object) -> None:
-        if self._cold is cold:
-            self._cold = None
-        if not cold[1].cancelled():
-            cold[1].exception()  # retrieved: its riders read it, if any still wait
-
-    def _take_first(self, seq: GenSequence) -> None:
-        """A cold batch's first token, to the consumer (and the row ends if that token ends it)."""
-        choice, seq.first = seq.first, None
-        if choice is None:
-            return
-        ended = seq.ends_on(choice.token)
-        if seq.live:
-            seq.take(choice)
-        if ended or not seq.live:
-            seq.cache = None
 
     def _check_fits(self, prompt: int, max_tokens: int, limit: int, what: str) -> None:
         if prompt + max_tokens > limit:
@@ -282,10 +222,7 @@ class GenerationLoop:
     def _shape_of(self, model: nn.Module) -> KVShape:
         """The model's KV shape and forward arguments (a loading model's skeleton is the model)."""
         if self._shape is None or self._shape[0] is not model:
-            params = inspect.signature(model.forward).parameters
-            dtype = next(model.parameters()).dtype
-            self._shape = (model, kv_shape(model.config, dtype),
-                           "cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
+            self._shape = (model, kv_shape(model.config, next(model.parameters()).dtype), LmCall.of(model))
         return self._shape[1]
 
     async def _run(self) -> None:
@@ -309,8 +246,8 @@ class GenerationLoop:
                         s.release()
                     self._running, self._joining = [], []
                     self._batch, self._kv_bytes = BatchCache(), 0  # nothing live: the tensors go
-                    if not self._heap:
-                        return
+                    if not self._heap or not self._joining:
+                        return  # (nothing admitted: riders of a cold batch hold the room; _kick)
                     continue
                 await self._decode(model)
         except asyncio.CancelledError:
@@ -324,14 +261,19 @@ class GenerationLoop:
             if self._task is me:
                 self._task = None
 
+    def _kick(self) -> None:  # the loop, if sequences wait and it is not running
+        if self._heap and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"generate {self.name}")
+
     def _admit(self) -> None:
         """Most urgent first, while a batch slot is free and the padded worst case fits."""
         shape = self._shape
         assert shape is not None
         rows = [s for s in self._running if s.live]
+        held = self._cold.pending()  # riders of a cold batch, not admitted yet: rows already
         while self._heap and len(rows) + len(self._joining) < self.options.max_sequences:
             seq = self._heap[0][2]
-            after = rows + self._joining + [seq]
+            after = rows + self._joining + [s for s in held if s is not seq and not s.admitted] + [seq]
             if len(after) * max(s.final_len for s in after) * shape[1].token_bytes > self.options.kv_cache_bytes:
                 break  # the head waits for room; nothing less urgent passes it
             heapq.heappop(self._heap)
@@ -436,23 +378,8 @@ class GenerationLoop:
 
     def _forward(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None,
                  positions: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
-        """The last position's logits [rows, vocab]; on the executor, under inference_mode."""
         assert self._shape is not None
-        _, _, cache_arg, keep_arg = self._shape
-        kwargs: dict[str, object] = {"input_ids": ids, "position_ids": positions, cache_arg: cache,
-                                     "use_cache": True}  # the served config says use_cache=False
-        if mask is not None:
-            kwargs["attention_mask"] = mask
-        if keep_arg:
-            kwargs["logits_to_keep"] = 1  # as transformers' generate: the head on the last position only
-        try:
-            out = model(**kwargs)
-        except CicadaError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any forward failure is the model's
-            raise InferenceError(f"forward failed: {type(e).__name__}: {e}") from e
-        logits: torch.Tensor = out.logits[:, -1]
-        return logits
+        return self._shape[2].logits(model, ids, mask, positions, cache)
 
     def _fail(self, seqs: list[GenSequence], error: BaseException) -> None:
         for s in seqs:
@@ -463,11 +390,6 @@ class GenerationLoop:
         self._fail([e[2] for e in self._heap] + list(self._members), error)
         self._heap, self._joining, self._running, self._members = [], [], [], set()
         self._batch, self._kv_bytes = BatchCache(), 0
-
-
-def _retry(error: BaseException | None) -> bool:
-    """A codec read that failed for a reason that may pass (storage), not a refusal."""
-    return error is not None and not isinstance(error, BadRequest)
 
 
 def _device(model: nn.Module) -> torch.device:

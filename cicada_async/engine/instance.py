@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -174,10 +175,8 @@ class ModelInstance:
         load = self._load
         if load is not None and not load.done():
             load.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, CicadaError):
                 await load
-            except (asyncio.CancelledError, CicadaError):
-                pass
         # The last reference goes on the executor thread, after any forward in flight: freeing
         # the weights (munmap of GB arenas) must not stall the loop. The box is the only
         # reference left once _reset ran; clearing it there drops the model there.
@@ -196,21 +195,15 @@ class ModelInstance:
             yield delta
 
     async def _prepared_job(self, priority: Priority) -> LoadJob | None:
-        """Start the load if cold; its job once the gates are in (a forward may then ride it), or
-        None when the model is ready. A load that fails before that raises its error."""
-        if self.state == "ready" and self._model is not None:
-            return None
-        if self._load is None:
+        """Start the load if cold; its job once the gates are in (None: ready; a failed load raises)."""
+        if self.state != "ready" and self._load is None:
             self._start_load(priority, None)
-        job = self._job
-        if job is None:  # the load finished meanwhile
-            return None
-        return await asyncio.shield(job)
+        job = None if self.state == "ready" else self._job
+        return await asyncio.shield(job) if job is not None else None
 
     @property
     def generation_stats(self) -> GenerationStats:
-        # The repository counts the budget in the memory budget: only a causal LM's.
-        return self.generation.stats(self.options.kv_cache_bytes if self.causal_lm else 0)
+        return self.generation.stats(self.options.kv_cache_bytes if self.causal_lm else 0)  # (memory budget: LMs')
 
     def _drop_first(self, first: asyncio.Future[Tensors | None]) -> None:
         if not first.cancelled():

@@ -163,8 +163,10 @@ class BatchCache:
 
 
 def split_rows(cache: DynamicCache, lengths: list[int]) -> list[DynamicCache]:
-    """A left-padded batch's cache [B, H, width, D] as B one-row caches of their real columns
-    (views: a row joins ``BatchCache`` by copy, and the batch's tensors go with the last view)."""
+    """A left-padded batch's cache [B, H, width, D] as B one-row caches of their real columns.
+
+    Copies, not views: a view would keep the whole padded batch alive until its last row joined
+    the running batch (and count it whole, ``tensors_bytes``), while rows may wait apart."""
     if len(lengths) == 1 and cache.get_seq_length() == lengths[0]:
         return [cache]
     layers = _layers(cache)
@@ -173,7 +175,7 @@ def split_rows(cache: DynamicCache, lengths: list[int]) -> list[DynamicCache]:
     for r, n in enumerate(lengths):
         row = new_cache()
         for i, (_, k, v) in enumerate(layers):
-            row.update(k[r:r + 1, :, width - n:], v[r:r + 1, :, width - n:], i)
+            row.update(k[r:r + 1, :, width - n:].clone(), v[r:r + 1, :, width - n:].clone(), i)
         out.append(row)
     return out
 

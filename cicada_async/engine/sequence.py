@@ -116,6 +116,18 @@ class GenSequence:
         if finish is not None:
             self.finished = True
 
+    def take_first(self) -> None:
+        """The first token a cold batch sampled (``first``), if any, as ``take``; the cache goes
+        if that token ended the sequence."""
+        choice, self.first = self.first, None
+        if choice is None:
+            return
+        ended = self.ends_on(choice.token)
+        if self.live:
+            self.take(choice)
+        if ended or not self.live:
+            self.cache = None
+
     def fail(self, error: BaseException) -> None:
         if self.live:
             self.out.put_nowait(error)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from cicada_async.engine.modeldir import ModelSpec, read_small
+from cicada_async.engine.modeldir import ModelSpec, read_model_spec, read_small
 from protocols.errors import BadRequest, ConfigError
 from protocols.generation import ChatMessage, TokenLogprob
 from protocols.storage import StorageBackend
@@ -341,3 +341,31 @@ if TYPE_CHECKING:
 
     def _implements_the_seam(codec: TextCodec) -> PromptCodec:
         return codec  # mypy checks that TextCodec is a PromptCodec
+
+
+class CodecReader:
+    """A model's tokenizer, read once from its storage when first asked (a failed read is tried
+    again; ``BadRequest``, a model that does not generate text, is final)."""
+
+    def __init__(self, name: str, backend: Callable[[], StorageBackend]) -> None:
+        self._name = name
+        self._backend = backend  # opens the model's storage
+        self._task: asyncio.Future[TextCodec] | None = None
+
+    async def get(self) -> TextCodec:
+        task = self._task
+        if task is None or (task.done() and (task.cancelled() or _retry(task.exception()))):
+            task = self._task = asyncio.ensure_future(self._read())
+        return await asyncio.shield(task)
+
+    async def _read(self) -> TextCodec:
+        backend = self._backend()
+        try:
+            return await read_codec(backend, await read_model_spec(backend), name=self._name)
+        finally:
+            await backend.aclose()
+
+
+def _retry(error: BaseException | None) -> bool:
+    """A read that failed for a reason that may pass (storage), not a refusal."""
+    return error is not None and not isinstance(error, BadRequest)
