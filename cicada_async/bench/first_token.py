@@ -119,27 +119,32 @@ def estimate(cells: list[Cell], peers: list[str], args: argparse.Namespace) -> t
     return sum(per.values()), per
 
 
-def prompt_of(model_dir: Path, n: int) -> tuple[str, int]:
-    """English text that the model's tokenizer cuts into exactly ``n`` tokens (without the
-    special tokens it adds); returns it and the count with them (what a server sees)."""
+def prompt_of(model_dir: Path, n: int, count: int = 1) -> tuple[list[str], int]:
+    """``count`` different English texts that the model's tokenizer cuts into exactly ``n``
+    tokens each (without the special tokens it adds); returns them and the count with them (what
+    a server sees). A burst sends different prompts: identical ones would let a server that
+    caches prompt prefixes (llama.cpp's does) prefill one and reuse it for the rest."""
     from tokenizers import Tokenizer
 
     from cicada_async.bench.generate import prompt_text
 
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    words = prompt_text(8 * n + 256).split()
+    words = prompt_text(8 * n + 64 * count + 256).split()
 
-    def count(text: str) -> int:
+    def count_of(text: str) -> int:
         return len(tok.encode(text, add_special_tokens=False).ids)
 
-    for start in range(64):  # whole words from some word on, the first run that lands on n
+    found: list[str] = []
+    for start in range(0, 64 * count + 64):  # whole words from some word on, the runs that land on n
         k = 1
-        while start + k <= len(words) and (got := count(" ".join(words[start:start + k]))) < n:
+        while start + k <= len(words) and (got := count_of(" ".join(words[start:start + k]))) < n:
             k += max(1, (n - got) // 4)
         text = " ".join(words[start:start + k])
-        if count(text) == n:
-            return text, len(tok.encode(text, add_special_tokens=True).ids)
-    raise RuntimeError(f"no prompt of exactly {n} tokens")
+        if count_of(text) == n and text not in found:
+            found.append(text)
+            if len(found) == count:
+                return found, len(tok.encode(text, add_special_tokens=True).ids)
+    raise RuntimeError(f"no {count} different prompts of exactly {n} tokens")
 
 
 def _ensure_model(name: str, root: Path) -> Path:
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             m, n, b, kind = cell
             d = dirs[m]
             key = f"{m}/{n}tok/x{b}/{kind}"
-            text, seen = prompt_of(d, n)
+            texts, seen = prompt_of(d, n, b)
             files = [d]
             uri, storage = str(d.resolve()), {}
             if remote is not None and kind != "local":
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 uri = f"s3://cicada-bench/{m}" if kind == "s3" else f"{endpoints['http']}/{m}/"
                 storage = {kind: settings[kind]}
                 files = [d, origin / m] + ([tmp / "s3rver-data"] if kind == "s3" and (tmp / "s3rver-data").exists() else [])
-            setup = Setup(name=m, model_dir=d, uri=uri, storage=storage, prompt=text, prompt_tokens=seen, burst=b,
+            setup = Setup(name=m, model_dir=d, uri=uri, storage=storage, prompts=texts, prompt_tokens=seen, burst=b,
                           max_tokens=args.max_tokens, evict=files, prefetch=args.prefetch)
             peers = peers_of(cell, wanted)
             runs: dict[str, list[dict[str, Any]]] = {p: [] for p in peers}

@@ -85,7 +85,7 @@ def assigned_model(model_dir: Path, state: dict[str, Any]) -> Any:
     return model.eval()
 
 
-def hf_worker(mode: str, model_dir: Path, uri: str, prompt: str, batch: int, max_tokens: int,
+def hf_worker(mode: str, model_dir: Path, uri: str, prompts: list[str], batch: int, max_tokens: int,
               threads: int, storage: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
@@ -145,7 +145,7 @@ def hf_worker(mode: str, model_dir: Path, uri: str, prompt: str, batch: int, max
         else:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
         marks["loaded"] = time.time()
-        ids = tok([prompt] * batch, return_tensors="pt").input_ids
+        ids = tok([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt").input_ids
         s = Stamps()
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=max_tokens,
@@ -229,8 +229,8 @@ def serve_with_timelines(out: Path, argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
     mode, rest = argv[0], argv[1:]
     if mode == "hf":
-        kind, model_dir, uri, prompt, batch, max_tokens, threads, storage = rest
-        doc = hf_worker(kind, Path(model_dir), uri, prompt, int(batch), int(max_tokens), int(threads),
+        kind, model_dir, uri, prompts, batch, max_tokens, threads, storage = rest
+        doc = hf_worker(kind, Path(model_dir), uri, json.loads(prompts), int(batch), int(max_tokens), int(threads),
                         json.loads(storage))
         print(json.dumps(doc), flush=True)
     elif mode == "floor":

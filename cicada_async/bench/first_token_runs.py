@@ -58,7 +58,7 @@ class Setup:
     model_dir: Path
     uri: str  # local directory, http(s):// or s3:// as cicada serve and the remote peers read it
     storage: dict[str, dict[str, Any]]  # Engine(storage=...) for a remote uri
-    prompt: str
+    prompts: list[str]  # one per request of the burst, all of prompt_tokens tokens
     prompt_tokens: int
     burst: int
     max_tokens: int
@@ -127,7 +127,7 @@ def release(port: int, setup: Setup, proc: subprocess.Popen[bytes] | None = None
     def one(i: int) -> None:
         try:
             gate.wait()
-            out[i] = stream_once(port, setup.name, setup.prompt, setup.max_tokens)
+            out[i] = stream_once(port, setup.name, setup.prompts[i % len(setup.prompts)], setup.max_tokens)
         except Exception as e:  # noqa: BLE001 - reported in the run's record
             out[i] = {"error": f"{type(e).__name__}: {e}"}
 
@@ -265,7 +265,7 @@ def _tail(err: Any) -> str:
 
 
 def run_hf(kind: str, setup: Setup) -> dict[str, Any]:
-    argv = ["hf", kind, str(setup.model_dir), setup.uri, setup.prompt, str(setup.burst), str(setup.max_tokens),
+    argv = ["hf", kind, str(setup.model_dir), setup.uri, json.dumps(setup.prompts), str(setup.burst), str(setup.max_tokens),
             str(usable_cores()), json.dumps(setup.storage)]
     with tempfile.TemporaryFile() as err:
         proc, rss, resident, t_go = _go_worker(argv, setup, err)

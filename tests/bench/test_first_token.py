@@ -68,9 +68,11 @@ def test_the_prompt_has_exactly_the_asked_tokens(tiny: Path) -> None:
 
     tok = Tokenizer.from_file(str(tiny / "tokenizer.json"))
     for n in (8, 32):
-        text, seen = prompt_of(tiny, n)
-        assert len(tok.encode(text, add_special_tokens=False).ids) == n
-        assert seen == len(tok.encode(text, add_special_tokens=True).ids) >= n
+        texts, seen = prompt_of(tiny, n, 8)
+        assert len(set(texts)) == 8, texts  # a burst's prompts differ (no shared prefix cache hit)
+        for text in texts:
+            assert len(tok.encode(text, add_special_tokens=False).ids) == n
+            assert seen == len(tok.encode(text, add_special_tokens=True).ids) >= n
 
 
 def _run(peer: str, ttft: float, burst: int = 1) -> dict[str, Any]:
