@@ -135,7 +135,7 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
         gen = await dp.generate(req.model, prompt, params, priority=req.priority)
     except CicadaError as e:
         return openai_error_response(e)
-    answer = _Answer(req, gen, chat)
+    answer = OpenAIAnswer(req, gen, chat)
     try:
         try:
             first = await first_delta(request, gen)
@@ -157,7 +157,7 @@ async def _serve(request: web.Request, *, chat: bool) -> web.StreamResponse:
         await gen.aclose()  # early (client gone, error): the engine frees the sequence now
 
 
-class _Answer:
+class OpenAIAnswer:
     """The OpenAI objects of one request: whole, or chunk by chunk."""
 
     def __init__(self, req: CompletionRequest | ChatRequest, gen: Generation, chat: bool) -> None:
@@ -210,7 +210,7 @@ class _Answer:
                               usage=usage(self.prompt_tokens, self.completion_tokens))
 
 
-async def _stream(request: web.Request, answer: _Answer, first: GenerationDelta) -> web.StreamResponse:
+async def _stream(request: web.Request, answer: OpenAIAnswer, first: GenerationDelta) -> web.StreamResponse:
     out = EventStream(request)
     await out.open()
     try:

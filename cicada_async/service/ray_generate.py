@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from cicada_async.service.dataplane import DataPlane
 from cicada_async.service.generate_api import parse
 from cicada_async.service.generation import Generation
-from cicada_async.service.openai_api import _Answer as OpenAIAnswer  # openai_api's objects, not re-made
+from cicada_async.service.openai_api import OpenAIAnswer  # openai_api's objects, not re-made
 from cicada_async.service.openai_api import openai_error_response
 from cicada_async.service.openai_wire import ChatRequest, Collected, CompletionRequest, UnsupportedField, validation_error
 from cicada_async.service.ray_wire import (

@@ -30,7 +30,8 @@ def test_grpc_front_end_imports_nothing_of_aiohttp() -> None:
 
 
 FRONT_ENDS = {"routes", "infer", "http_auth", "lifecycle", "connections", "responses", "server", "grpc_server",
-              "openai_api", "openai_wire", "generate_api", "sse", "ray_serve"}
+              "openai_api", "openai_wire", "generate_api", "sse", "ray_serve", "ray_ingress", "ray_generate",
+              "ray_wire"}
 
 
 def _service_imports(module: str) -> set[str]:
