@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -151,10 +152,15 @@ class TextCodec:
 
     def __init__(self, tokenizer: Tokenizer, *, name: str, context_length: int,
                  eos_token_ids: frozenset[int], chat: Any = None, byte_level: bool = True,
-                 byte_pieces: frozenset[int] = frozenset(), metaspace: bool = False) -> None:
+                 byte_pieces: frozenset[int] = frozenset(), metaspace: bool = False,
+                 chat_factory: Callable[[], Any] | None = None) -> None:
+        """``chat``: a transformers tokenizer holding the chat template; or ``chat_factory``,
+        which builds one on the first chat (transformers is imported then, not before)."""
         self._tok = tokenizer
         self._name = name
-        self._chat = chat  # a transformers tokenizer holding the chat template, or None
+        self._chat = chat
+        self._chat_factory = None if chat is not None else chat_factory
+        self._chat_lock = threading.Lock()
         self._byte_level = byte_level
         self._byte_pieces = byte_pieces
         self._metaspace = metaspace
@@ -171,10 +177,11 @@ class TextCodec:
 
     def render_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         """The chat template with the assistant's generation prompt, as ids."""
-        if self._chat is None:
+        chat = self._chat if self._chat_factory is None else self.prepare_chat()
+        if chat is None:
             raise BadRequest(f"model {self._name} has no chat template; use completions instead")
         try:
-            text = self._chat.apply_chat_template(
+            text = chat.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages],
                 tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - a template raises what it likes (raise_exception, TypeError)
@@ -183,6 +190,20 @@ class TextCodec:
             raise BadRequest(f"model {self._name}'s chat template rendered no text")
         # The template writes the special tokens (a BOS too, where the model wants one).
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    @property
+    def chat_ready(self) -> bool:
+        """False until the chat template's tokenizer is built (``prepare_chat``, or a chat)."""
+        return self._chat_factory is None
+
+    def prepare_chat(self) -> Any:
+        """Build the chat template's tokenizer now (a blocking call: it imports transformers,
+        which may wait for the engine's warm import): a worker thread's job, not the loop's."""
+        with self._chat_lock:
+            if self._chat_factory is not None:
+                self._chat = self._chat_factory()
+                self._chat_factory = None
+            return self._chat
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of ``ids``, special tokens skipped (ids past the tokenizer's are none)."""
@@ -239,7 +260,7 @@ async def read_codec(backend: StorageBackend, spec: ModelSpec, *, name: str | No
     tok_cfg = _json(cfg_raw, "tokenizer_config.json")
     gen_cfg = _json(gen_raw, "generation_config.json")
     template = _chat_template(tok_cfg, jinja_raw)
-    # Parsing a large tokenizer.json and importing transformers take ~1 s: not on the loop.
+    # Parsing a large tokenizer.json takes ~1 s: not on the loop.
     return await asyncio.to_thread(_build, tok_raw, tok_cfg, gen_cfg, template, spec, label)
 
 
@@ -261,21 +282,26 @@ def _build(tok_raw: bytes, tok_cfg: dict[str, Any], gen_cfg: dict[str, Any], tem
                                 if _BYTE_PIECE.fullmatch(t))
     specials = {k: t for k in ("bos_token", "eos_token", "unk_token", "pad_token")
                 if (t := _token_text(tok_cfg.get(k))) is not None}
-    chat = None
+    chat: Callable[[], Any] | None = None
     if template is not None:
-        from cicada_async.engine import hfimport
+        # Built on the first chat, not here: transformers' import (seconds, in flight on the
+        # engine's executor in a fresh process) must not hold up a completion's prompt, nor the
+        # cold load that starts once the prompt is tokenized (docs/process-start.md).
+        def make_chat(text: str = tok_raw.decode(), template: str = template) -> Any:
+            from cicada_async.engine import hfimport
 
-        fast = hfimport.attr("PreTrainedTokenizerFast")  # a worker thread: see hfimport
-        assert isinstance(fast, type)
-        # Its own Tokenizer: transformers may add tokens or set options on the one it is given.
-        chat = fast(
-            tokenizer_object=Tokenizer.from_str(tok_raw.decode()), chat_template=template, **specials)
+            fast = hfimport.attr("PreTrainedTokenizerFast")  # a worker thread: see hfimport
+            assert isinstance(fast, type)
+            # Its own Tokenizer: transformers may add tokens or set options on the one it is given.
+            return fast(tokenizer_object=Tokenizer.from_str(text), chat_template=template, **specials)
+
+        chat = make_chat
     eos = _ids(gen_cfg.get("eos_token_id")) or _ids(spec.config.get("eos_token_id"))
     if not eos and "eos_token" in specials:
         eos_id = tok.token_to_id(specials["eos_token"])
         eos = frozenset(() if eos_id is None else (eos_id,))
     return TextCodec(tok, name=label, context_length=_context_length(spec.config, tok_cfg, label),
-                     eos_token_ids=eos, chat=chat, byte_level="ByteLevel" in decoder_types,
+                     eos_token_ids=eos, chat_factory=chat, byte_level="ByteLevel" in decoder_types,
                      byte_pieces=byte_pieces, metaspace=bool(decoder_types & {"Metaspace", "Replace"}))
 
 
