@@ -69,6 +69,12 @@ async def prompt_ids(codec: PromptCodec, prompt: Prompt) -> list[int]:
             return await offload_codec(lambda: codec.encode(text))
         return codec.encode(text)
     messages = list(prompt)
+    prepare = getattr(codec, "prepare_chat", None)
+    if prepare is not None and not getattr(codec, "chat_ready", True):
+        # The first chat builds the template's tokenizer: transformers, whose import may still be
+        # in flight (seconds) in a fresh process. Never on the loop; not on the codec threads,
+        # which decode infer bodies meanwhile.
+        await asyncio.to_thread(prepare)
     if sum(len(m.content) for m in messages) > OFFLOAD_CHARS:
         return await offload_codec(lambda: codec.render_chat(messages))
     return codec.render_chat(messages)
@@ -98,6 +104,7 @@ class Generations:
     def __init__(self, repo: Repository, metrics: Metrics) -> None:
         self.repo = repo
         self.metrics = metrics
+        self._starting: dict[str, asyncio.Future[None]] = {}  # per model: a _cold started early
 
     async def start(self, entry: ModelEntry, prompt: Prompt, params: SamplingParams,
                     priority: Priority) -> Generation:
@@ -107,12 +114,33 @@ class Generations:
         that does not generate, a prompt that leaves no room in the context, a field out of range.
         """
         t0 = time.monotonic()
-        codec = await entry.instance.prompt_codec()
+        codec = await entry.instance.prompt_codec()  # BadRequest for a model that is no LM
+        if not isinstance(prompt, str) and not getattr(codec, "chat_ready", True):
+            # A codec means a causal LM: its cold load (the weights' read) need not wait for the
+            # chat template's first build (transformers' import). A refused chat still loads it.
+            self._start_cold(entry, priority)
         ids = await prompt_ids(codec, prompt)
         context = codec.context_length
         params = fit_context(len(ids), context, params, chat=not isinstance(prompt, str))
+        # The load starts now, not when the front end first iterates the deltas.
+        self._start_cold(entry, priority)
         return Generation(entry.name, len(ids), params.max_tokens, context,
                           self._run(entry, ids, params, priority, t0))
+
+    def _start_cold(self, entry: ModelEntry, priority: Priority) -> None:
+        """``_cold`` in the background; the sequence waits for it in ``_run`` (one make_room)."""
+        task = self._starting.get(entry.name)
+        if (task is not None and not task.done()) or entry.state in ("ready", "loading") \
+                or entry.loading is not None or entry.unloading:
+            return
+        task = self._starting[entry.name] = asyncio.ensure_future(self._cold(entry, priority))
+        task.add_done_callback(_retrieve)  # its error reaches the sequence through _run
+
+    async def _joined_cold(self, entry: ModelEntry, priority: Priority) -> None:
+        task = self._starting.get(entry.name)
+        if task is not None and not task.done():
+            await asyncio.shield(task)  # its error (no room) is this sequence's, as before
+        await self._cold(entry, priority)
 
     async def _cold(self, entry: ModelEntry, priority: Priority) -> None:
         """A cold model's load, started as the repository's API load is (room made in the memory
@@ -137,7 +165,7 @@ class Generations:
         first = last = None
         try:
             try:
-                await self._cold(entry, priority)
+                await self._joined_cold(entry, priority)
                 deltas = entry.instance.generate(ids, params, priority=priority)
                 try:
                     async for d in deltas:
