@@ -39,8 +39,10 @@ async def slow_copy(model_dir: Path, served_root: Path, origin: str, fault_proxy
     return f"{proxy.url}/{directory.name}/"
 
 
-def engine() -> Engine:
-    return Engine(storage={"http": HTTP}, read_bytes=16 << 10, load_timeout_s=60.0)
+def engine(plans: Path) -> Engine:
+    # Plans of remote models go to a plan directory; the session's is shared with
+    # test_plan_cache, whose first cold starts of the same weights must find none.
+    return Engine(storage={"http": HTTP}, read_bytes=16 << 10, load_timeout_s=60.0, plan_dir=plans)
 
 
 async def one(inst: Any, codec: IdCodec, prompt: tuple[int, ...], n: int) -> list[GenerationDelta]:
@@ -49,14 +51,15 @@ async def one(inst: Any, codec: IdCodec, prompt: tuple[int, ...], n: int) -> lis
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-llama-untied", "tiny-gpt2", "tiny-qwen2"])
-async def test_cold_burst_rides_one_pipelined_prefill(lm_dirs, name, served_root, aiohttp_origin, fault_proxy_factory):
+async def test_cold_burst_rides_one_pipelined_prefill(lm_dirs, name, served_root, aiohttp_origin, fault_proxy_factory,
+                                                      tmp_path):
     d = lm_dirs[name]
     codec = IdCodec(d)
     ps = prompts(6, seed=11, lengths=[3, 17, 8, 25, 5, 12])
     lengths = [12, 5, 16, 9, 14, 7]
     uri = await slow_copy(d, served_root, aiohttp_origin, fault_proxy_factory)
     async with asyncio.timeout(60):
-        async with engine() as eng:
+        async with engine(tmp_path / "plans") as eng:
             inst = eng.instance("m", uri, ModelOptions(max_sequences=8))
             await inst.load()  # a first load learns the plan (execution order), as a plan file would
             await inst.unload()
@@ -79,7 +82,7 @@ async def test_cold_burst_rides_one_pipelined_prefill(lm_dirs, name, served_root
     assert stats.running == 0 and stats.kv_cache_bytes_used == 0
 
 
-async def test_late_arrivals_and_a_single_prompt(lm_dirs, served_root, aiohttp_origin, fault_proxy_factory):
+async def test_late_arrivals_and_a_single_prompt(lm_dirs, served_root, aiohttp_origin, fault_proxy_factory, tmp_path):
     """A sequence that arrives after the cold batch closed prefills in the next one (or warm);
     a batch of one row is the warm prefill exactly. Tokens equal transformers' either way."""
     d = lm_dirs["tiny-llama-untied"]
@@ -87,7 +90,7 @@ async def test_late_arrivals_and_a_single_prompt(lm_dirs, served_root, aiohttp_o
     first, late = prompts(2, seed=3, lengths=[9, 21])
     uri = await slow_copy(d, served_root, aiohttp_origin, fault_proxy_factory)
     async with asyncio.timeout(60):
-        async with engine() as eng:
+        async with engine(tmp_path / "plans") as eng:
             inst = eng.instance("m", uri)
             a = asyncio.create_task(one(inst, codec, first, 10))
             while not any(s.kind == "compute" for s in (inst._job.result().timeline.spans  # noqa: SLF001
@@ -104,12 +107,12 @@ async def test_late_arrivals_and_a_single_prompt(lm_dirs, served_root, aiohttp_o
 
 
 async def test_unload_during_the_cold_prefill_fails_its_riders(lm_dirs, served_root, aiohttp_origin,
-                                                               fault_proxy_factory):
+                                                               fault_proxy_factory, tmp_path):
     d = lm_dirs["tiny-gpt2"]
     codec = IdCodec(d)
     uri = await slow_copy(d, served_root, aiohttp_origin, fault_proxy_factory)
     async with asyncio.timeout(30):
-        async with engine() as eng:
+        async with engine(tmp_path / "plans") as eng:
             inst = eng.instance("m", uri)
             riders = [asyncio.create_task(one(inst, codec, p, 8)) for p in prompts(3, seed=4, lengths=[4, 9])]
             while inst._job is None or not inst._job.done():  # noqa: SLF001 - the gates are in
