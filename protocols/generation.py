@@ -129,6 +129,16 @@ class PromptCodec(Protocol):
         messages (for example a role it does not know)."""
         ...
 
+    @property
+    def chat_ready(self) -> bool:
+        """False until ``prepare_chat`` ran: ``render_chat`` would build the template first."""
+        ...
+
+    def prepare_chat(self) -> object:
+        """Build what ``render_chat`` needs (it may import transformers: blocking, for a
+        worker thread, never the event loop)."""
+        ...
+
 
 class GenerativeModel(Protocol):
     """What a served causal language model adds to ``protocols.serving.ServedModel``."""

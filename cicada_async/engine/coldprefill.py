@@ -39,7 +39,7 @@ from torch import nn
 
 from cicada_async.engine.forward import all_cores
 from cicada_async.engine.job import LoadJob
-from cicada_async.engine.kvcache import new_cache, split_rows
+from cicada_async.engine.kvcache import new_cache, split_rows, worst_case_bytes
 from cicada_async.engine.sampling import Choice, choose
 from cicada_async.engine.sequence import GenSequence, LoopEngine
 from protocols.errors import CicadaError, InferenceError
@@ -144,7 +144,7 @@ class ColdRides:
         after = self.pending() + [seq]
         if len(after) > self._options.max_sequences:
             return False
-        if len(after) * max(s.final_len for s in after) * token_bytes > self._options.kv_cache_bytes:
+        if worst_case_bytes([s.final_len for s in after], token_bytes) > self._options.kv_cache_bytes:
             return False
         self._riders = after
         return True

@@ -122,10 +122,7 @@ def pad_token(spec: ModelSpec) -> int | None:
         return None
     from cicada_async.engine import hfimport
 
-    try:  # runs in a worker thread: see hfimport for why not getattr(transformers, ...)
-        cls: object = hfimport.attr(spec.architecture)
-    except AttributeError:
-        cls = None
+    cls = hfimport.find(spec.architecture)  # a worker thread: see hfimport for why not getattr(transformers, ...)
     forward = getattr(cls, "forward", None)
     try:
         takes_mask = forward is not None and "attention_mask" in inspect.signature(forward).parameters

@@ -42,7 +42,7 @@ from protocols.storage import StorageBackend
 
 from cicada_async.engine.coldprefill import ColdRides
 from cicada_async.engine.forward import all_cores
-from cicada_async.engine.kvcache import BatchCache, KVShape, kv_shape, new_cache, tensors_bytes
+from cicada_async.engine.kvcache import BatchCache, KVShape, kv_shape, new_cache, tensors_bytes, worst_case_bytes
 from cicada_async.engine.lmcall import LmCall
 from cicada_async.engine.sampling import Choice, RowSampler, choose
 from cicada_async.engine.sequence import GenerationCodec, GenSequence, LoopEngine
@@ -274,7 +274,7 @@ class GenerationLoop:
         while self._heap and len(rows) + len(self._joining) < self.options.max_sequences:
             seq = self._heap[0][2]
             after = rows + self._joining + [s for s in held if s is not seq and not s.admitted] + [seq]
-            if len(after) * max(s.final_len for s in after) * shape[1].token_bytes > self.options.kv_cache_bytes:
+            if worst_case_bytes([s.final_len for s in after], shape[1].token_bytes) > self.options.kv_cache_bytes:
                 break  # the head waits for room; nothing less urgent passes it
             heapq.heappop(self._heap)
             self._kv_bytes += tensors_bytes(seq.cache)  # a cold batch's cache, now the loop's to count

@@ -25,6 +25,14 @@ def attr(name: str) -> object:
         return getattr(transformers, name)
 
 
+def find(name: str) -> object | None:
+    """``transformers.<name>``, or None when it has none (after any import in flight)."""
+    try:
+        return attr(name)
+    except AttributeError:
+        return None
+
+
 def warm() -> None:
     """Import transformers and its model base class now (an idle thread at start)."""
     with _lock:

@@ -73,6 +73,12 @@ def kv_shape(config: Any, dtype: torch.dtype) -> KVShape:
                    context_cap=int(window) if sliding and isinstance(window, int) else None)
 
 
+def worst_case_bytes(final_lens: list[int], token_bytes: int) -> int:
+    """What a batch of rows of these final lengths (prompt + max_tokens) may ever hold: rows x
+    the longest x bytes per token (see the module's docstring). Admission keeps it in budget."""
+    return len(final_lens) * max(final_lens, default=0) * token_bytes
+
+
 def tensors_bytes(cache: DynamicCache | None) -> int:
     """Bytes the cache's tensors hold (their storages, so a view of a wider tensor counts wide)."""
     if cache is None:

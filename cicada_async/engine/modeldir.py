@@ -49,10 +49,7 @@ class ModelSpec:
 
         from cicada_async.engine import hfimport
 
-        try:
-            cls: object = hfimport.attr(self.architecture)
-        except AttributeError:
-            cls = None
+        cls = hfimport.find(self.architecture)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise ConfigError(f"config.json names {self.architecture!r}, not a transformers model class")
         cfg_dict = dict(self.config)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 
 from protocols.serving import Priority
 
-from cicada_async.engine.executor import Executor, ExecutorDead, yield_point as job_yield_point
+from cicada_async.engine.executor import Executor, ExecutorDead, yield_point
 from cicada_async.engine.modeldir import ModelSpec
 from cicada_async.engine.plancache import digest, spec_material
 from cicada_async.engine.skeleton import build_skeleton
@@ -55,18 +55,17 @@ class ReadySkeleton:
     def ready(self) -> bool:
         return self._spare is not None
 
-    def build(self, spec: ModelSpec, dtype: torch.dtype | None, *,
-              yield_point: Callable[[], None] | None = None) -> None:
-        """``yield_point``: called between the pieces of the spare's copy (by default the running
-        executor job's ``yield_turn``: the server's prebuild, run at Priority.BACKGROUND, copied
-        gpt2-medium's 54 ms in one piece); a new build of the pristine is one piece."""
+    def build(self, spec: ModelSpec, dtype: torch.dtype | None) -> None:
+        """The spare's copy offers the running executor job's turn between its pieces (the
+        server's prebuild, at Priority.BACKGROUND, copied gpt2-medium's 54 ms in one piece); a
+        new build of the pristine is one piece."""
         key = skeleton_key(spec, dtype)
         self._last = (spec, dtype)
         if self._pristine is None or self._key != key:
             self._pristine, self._spare, self._key = build_skeleton(spec, dtype), None, key
             self.builds += 1
         if self._spare is None:
-            spare = self._copy(yield_point)
+            spare = self._copy()
             if self._spare is None:  # another refill may have finished while this one yielded
                 self._spare = spare
 
@@ -94,22 +93,20 @@ class ReadySkeleton:
             # only when the executor has nothing else queued; and the copy yields between
             # submodules, so a request queued once it started waits for one piece, not for the
             # whole 24-71 ms copy (review-3 C-17).
-            fut = executor.submit(lambda: self.build(spec, dtype, yield_point=executor.yield_turn),
-                                  priority=Priority.BACKGROUND)
+            fut = executor.submit(self.build, spec, dtype, priority=Priority.BACKGROUND)
         except ExecutorDead:
             return None
         fut.add_done_callback(self._report)
         return fut
 
-    def _copy(self, yield_point: Callable[[], None] | None = None) -> nn.Module | None:
-        """A copy of the pristine in pieces, offering the turn between them (``yield_point``, by
-        default the executor's when on one: a load's take and the prebuild yield too)."""
-        yield_point = yield_point or job_yield_point
+    def _copy(self) -> nn.Module | None:
+        """A copy of the pristine in pieces, offering the executor job's turn between them (a
+        load's take, the prebuild and a refill alike; nothing off an executor's worker)."""
         source = self._pristine
         if source is None:
             return None
         try:
-            module = _deepcopy_in_pieces(source, yield_point)
+            module = _deepcopy_in_pieces(source)
         except Exception as e:  # noqa: BLE001 - a model that cannot be copied is built per load
             log.info("cannot copy the skeleton of %s (%s: %s); building per load", self.name, type(e).__name__, e)
             self._pristine = self._key = None
@@ -126,15 +123,14 @@ class ReadySkeleton:
                         self.name, fut.exception())
 
 
-def _deepcopy_in_pieces(module: nn.Module, yield_point: Callable[[], None] | None) -> nn.Module:
-    """``copy.deepcopy(module)``, one submodule at a time with ``yield_point()`` between.
+def _deepcopy_in_pieces(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``, one submodule at a time with the executor's ``yield_point()``
+    between (a no-op off a worker).
 
     Children are copied before their parents into one memo, so each parent's copy finds its
     children (and any tensor tied across modules) already copied: the result is the object
     graph a single deepcopy makes, and each piece is one module's own state.
     """
-    if yield_point is None:
-        return copy.deepcopy(module)
     memo: dict[int, Any] = {}
     for sub in _children_first(module):
         if sub is not module:

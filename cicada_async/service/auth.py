@@ -107,3 +107,20 @@ def check(auth: AuthConfig, tokens: TokenSet, need: Scope | None, header: str | 
         return Denial(403, f"token does not grant the {need} scope",
                       f'Bearer realm="cicada", error="insufficient_scope", scope="{need}"')
     return None
+
+
+# Which scope an HTTP path needs (aiohttp's middleware, http_auth, and the Ray ingress):
+# open: the health probes, and /metrics unless protect_metrics (then any valid token);
+# admin: the repository extension; inference: everything else, unknown paths included.
+_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+def scope_of(path: str, auth: AuthConfig) -> Scope | None:
+    """The scope a path needs; None when it is open."""
+    if path in _OPEN_PATHS:
+        return None
+    if path == "/metrics":
+        return "any" if auth.protect_metrics else None
+    if path == "/v2/repository" or path.startswith("/v2/repository/"):
+        return "admin"
+    return "inference"

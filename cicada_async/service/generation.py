@@ -69,12 +69,11 @@ async def prompt_ids(codec: PromptCodec, prompt: Prompt) -> list[int]:
             return await offload_codec(lambda: codec.encode(text))
         return codec.encode(text)
     messages = list(prompt)
-    prepare = getattr(codec, "prepare_chat", None)
-    if prepare is not None and not getattr(codec, "chat_ready", True):
+    if not codec.chat_ready:
         # The first chat builds the template's tokenizer: transformers, whose import may still be
         # in flight (seconds) in a fresh process. Never on the loop; not on the codec threads,
         # which decode infer bodies meanwhile.
-        await asyncio.to_thread(prepare)
+        await asyncio.to_thread(codec.prepare_chat)
     if sum(len(m.content) for m in messages) > OFFLOAD_CHARS:
         return await offload_codec(lambda: codec.render_chat(messages))
     return codec.render_chat(messages)
@@ -115,7 +114,7 @@ class Generations:
         """
         t0 = time.monotonic()
         codec = await entry.instance.prompt_codec()  # BadRequest for a model that is no LM
-        if not isinstance(prompt, str) and not getattr(codec, "chat_ready", True):
+        if not isinstance(prompt, str) and not codec.chat_ready:
             # A codec means a causal LM: its cold load (the weights' read) need not wait for the
             # chat template's first build (transformers' import). A refused chat still loads it.
             self._start_cold(entry, priority)

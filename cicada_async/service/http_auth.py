@@ -1,4 +1,5 @@
-"""HTTP's side of authentication: which scope a path needs, the middleware, and 401/403 answers.
+"""HTTP's side of authentication: the middleware and 401/403 answers (``auth.scope_of`` says which
+scope a path needs, for this server and the Ray ingress alike).
 
 Routes and scopes (the decision itself is ``DataPlane.authorize``, shared with gRPC):
 
@@ -16,23 +17,8 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from cicada_async.service.auth import Scope
-from cicada_async.service.config import AuthConfig
+from cicada_async.service.auth import scope_of
 from cicada_async.service.routes import plane
-
-_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
-
-
-def scope_of(path: str, auth: AuthConfig) -> Scope | None:
-    """The scope a path needs; None when it is open."""
-    if path in _OPEN_PATHS:
-        return None
-    if path == "/metrics":
-        return "any" if auth.protect_metrics else None
-    if path == "/v2/repository" or path.startswith("/v2/repository/"):
-        return "admin"
-    return "inference"
-
 
 def refusal(request: web.Request) -> web.Response | None:
     """The 401/403 answer for ``request``, or None when it may proceed."""

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from cicada_async.service.auth import scope_of as scope_of  # HTTP's rule, torch-free: the ingress uses it
+
 if TYPE_CHECKING:
-    from cicada_async.service.auth import Scope
-    from cicada_async.service.config import AuthConfig, Config
+    from cicada_async.service.config import Config
 
 log = logging.getLogger("cicada.ray")
 REPLICA_HEADER = "cicada-replica"  # which replica answered: the multiplexing test reads it
@@ -160,17 +161,3 @@ def as_openai(reply: Reply) -> Reply:
     if not isinstance(doc, dict) or not isinstance(doc.get("error"), str):
         return reply
     return Reply(reply.status, orjson.dumps(openai_error(reply.status, doc["error"])), reply.headers)
-
-
-_OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
-
-
-def scope_of(path: str, auth: AuthConfig) -> Scope | None:
-    """The scope a path needs, None when it is open: ``http_auth.scope_of``'s rule."""
-    if path in _OPEN_PATHS:
-        return None
-    if path == "/metrics":
-        return "any" if auth.protect_metrics else None
-    if path == "/v2/repository" or path.startswith("/v2/repository/"):
-        return "admin"
-    return "inference"
