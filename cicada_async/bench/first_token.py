@@ -2,7 +2,8 @@
 peers on the same weights and the same clock, and against its bound (issue 26).
 
     flock /tmp/cicada-bench.lock cicada bench first-token --models llama-small --prompts 32 \\
-        --bursts 1 --storage local --repeat 3 --converter /work/wheels/src/llama_cpp_python-0.3.36/vendor/llama.cpp
+        --bursts 1 --storage local --repeat 3 --converter <sdist>/vendor/llama.cpp
+    (<sdist>: llama-cpp-python 0.3.36's sdist, unpacked; docs/benchmarks-first-token.md)
 
 A cell is (model, prompt tokens, burst, storage): ``--models`` x ``--prompts`` x ``--bursts`` x
 ``--storage``, or an explicit ``--cells llama-1b:512:8:local,...``. Models are catalogue LMs made

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -264,19 +265,26 @@ def _tail(err: Any) -> str:
     return str(err.read().decode(errors="replace").strip()[-500:])
 
 
+def _last_json(proc: subprocess.Popen[bytes], rss: ChildRss, what: str,
+               tail: Callable[[bytes], str]) -> dict[str, Any]:
+    """A worker's run to its end (bounded): the JSON of its last stdout line, or its error."""
+    try:
+        out, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop_process(proc)
+        rss.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} exited with {proc.returncode}: {tail(stderr or b'')}")
+    doc: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return doc
+
+
 def run_hf(kind: str, setup: Setup) -> dict[str, Any]:
     argv = ["hf", kind, str(setup.model_dir), setup.uri, json.dumps(setup.prompts), str(setup.burst), str(setup.max_tokens),
             str(usable_cores()), json.dumps(setup.storage)]
     with tempfile.TemporaryFile() as err:
         proc, rss, resident, t_go = _go_worker(argv, setup, err)
-        try:
-            out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-        finally:
-            stop_process(proc)
-            rss.stop()
-        if proc.returncode != 0:
-            raise RuntimeError(f"{kind} worker exited with {proc.returncode}: {_tail(err)}")
-    doc = json.loads(out.decode().strip().splitlines()[-1])
+        doc = _last_json(proc, rss, f"{kind} worker", lambda _stderr: _tail(err))
     stamps = doc["token_stamps"]
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
     streams = [{"first_at": t, "prompt_tokens": doc["prompt_tokens"], "decode_tok_s": decode}
@@ -322,14 +330,7 @@ def run_floor(setup: Setup) -> dict[str, Any]:
                              str(setup.model_dir), str(setup.prompt_tokens), str(setup.burst), str(usable_cores())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     rss = ChildRss(proc.pid)
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        stop_process(proc)
-        rss.stop()
-    if proc.returncode != 0:
-        raise RuntimeError(f"floor exited with {proc.returncode}: {err.decode(errors='replace')[-500:]}")
-    doc = json.loads(out.decode().strip().splitlines()[-1])
+    doc = _last_json(proc, rss, "floor", lambda stderr: stderr.decode(errors="replace")[-500:])
     cost = rss.cost(t_spawn, doc["t_done"])
     return {"peer": "floor", "spawn_to_first_s": doc["t_done"] - t_spawn, "imports_s": doc["t_imports"] - t_spawn,
             "build_s": doc["t_built"] - doc["t_imports"], "prefill_s": doc["t_done"] - doc["t_built"],
