@@ -21,10 +21,11 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 pytest_plugins = ["tests.fixtures.models", "tests.fixtures.storage", "tests.fixtures.server"]
 
 
-# The service suite skips its modules when tritonclient or kserve is missing (importorskip),
-# which is right on a laptop without the test extra and wrong in CI: there a missing client
-# would silently skip the suite. With $CI set, a missing client stops the run instead.
-CI_CLIENTS = ("tritonclient.http", "tritonclient.grpc", "kserve")
+# The service suite skips its modules when tritonclient, kserve, openai or ray[serve] is missing
+# (importorskip, a module-level skip), which is right on a laptop without the test extra and
+# wrong in CI: there a missing client would silently skip the suite. With $CI set, a missing
+# client stops the run instead.
+CI_CLIENTS = ("tritonclient.http", "tritonclient.grpc", "kserve", "openai", "ray.serve")
 
 
 def pytest_configure(config: "pytest.Config") -> None:
