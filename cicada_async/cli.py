@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and not {"-h", "--help"} & set(argv):
+        from cicada_async.bench.onebench import one_bench_at_a_time
+
+        with one_bench_at_a_time():
+            return _main(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     # Before anything imports torch (seconds): start reading the weights the command will need.
     from cicada_async.engine.prefetch import start_for_cli
 
