@@ -196,7 +196,7 @@ class ColdStart:
                 hdrs, o.device, read_bytes=o.read_bytes, alignment=self.alignment,
                 pool_bytes=self.request.fetch.queue_bytes, post=self.ledger.post, staging=o.staging,
                 mapped_backend=self.capabilities.mappable if o.mapped else None,
-                loop=loop,
+                loop=loop, converting=o.dtype is not None,
             )
 
         if o.staging or o.device.type != "cpu":

@@ -8,6 +8,7 @@ buffers back through one bounded host buffer.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -20,57 +21,12 @@ from protocols.storage import FileWatch, MappableFiles
 
 from cicada_async.engine.landing import ArenaLanding, Landing, MappedLanding, _BufferFill, is_copy
 from cicada_async.engine.reads import MAX_GAP_BYTES
+from cicada_async.engine.slabs import SHELF, slab_pool
 from cicada_async.engine.tensorbytes import tensor_from_bytes
 
 HASH_CHUNK_BYTES = 8 << 20
 """Verification reads a device file back in pieces of this size (one host buffer per file)."""
 
-KEEP_SLAB_BYTES = 256 << 20
-"""Pinned slabs kept between loads, process-wide; a load takes its slabs from them first."""
-
-
-def slab_pool(slab_bytes: int, pool_bytes: int, *, pinned: bool) -> tuple[int, int]:
-    """(slab size, slab count) for a staging pool of about ``pool_bytes``, at least two slabs.
-
-    torch's pinned host allocator rounds every block up to a power of two: pinned slabs are
-    sized so, and counted at that size, so that the pool really stays near ``pool_bytes``.
-    """
-    if pinned:
-        slab_bytes = 1 << max(0, slab_bytes - 1).bit_length()
-    return slab_bytes, max(2, pool_bytes // max(slab_bytes, 1))
-
-
-class SlabShelf:
-    """Slabs given back by finished loads, for the next ones: pinning is costly, and torch's
-    caching host allocator keeps every pinned block it ever handed out, so slabs allocated per
-    load (16 x 16 MiB each) grew pinned memory with every concurrent cold start. At most
-    ``keep_bytes`` wait here; a load holds only its own pool while it runs."""
-
-    def __init__(self, keep_bytes: int = KEEP_SLAB_BYTES) -> None:
-        self.keep_bytes = keep_bytes
-        self._lock = threading.Lock()  # loads open their landing in worker threads
-        self._free: dict[tuple[int, bool], list[torch.Tensor]] = {}
-
-    def take(self, slab_bytes: int, count: int, *, pinned: bool) -> list[torch.Tensor]:
-        with self._lock:
-            shelf = self._free.get((slab_bytes, pinned), [])
-            got = [shelf.pop() for _ in range(min(count, len(shelf)))]
-        while len(got) < count:
-            got.append(torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=pinned))
-        return got
-
-    def give(self, slabs: list[torch.Tensor], *, pinned: bool) -> None:
-        with self._lock:
-            for s in slabs:
-                if self.held_bytes() + s.numel() > self.keep_bytes:
-                    return  # beyond the bound: back to torch
-                self._free.setdefault((s.numel(), pinned), []).append(s)
-
-    def held_bytes(self) -> int:
-        return sum(s.numel() for shelf in self._free.values() for s in shelf)
-
-
-SHELF = SlabShelf()
 
 
 class StagingLanding(_BufferFill):
@@ -91,6 +47,7 @@ class StagingLanding(_BufferFill):
         pool_bytes: int,
         post: Callable[[Callable[[], None]], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        converting: bool = False,
     ) -> None:
         # Built off the event loop (pinned allocation and device buffers take milliseconds to
         # seconds); the loop is the one that will run the fetch.
@@ -105,7 +62,22 @@ class StagingLanding(_BufferFill):
         for slab in self._owned:
             self._free.put_nowait(slab)
         self.slabs: dict[int, torch.Tensor] = {}
-        self.device_files = {
+        # A converting load (a serving dtype asked) lands each read in a device buffer of its
+        # own, freed once every tensor it holds bytes of was made; file-shaped buffers
+        # allocated up front and freed at the end held the raw checkpoint beside its converted
+        # copy (peak raw + converted: 1.5x the checkpoint for fp32 served as bf16, 3x for bf16
+        # as fp32; review-3 G-2). Freed by what was made, not by the fetch's release: a read
+        # that landed before the plan serves no shard yet, and its bytes are still needed.
+        # Otherwise the tensors view file-shaped buffers, with no copy at all.
+        self.converting = converting
+        self.device_reads: dict[int, tuple[ReadRange, torch.Tensor]] = {}
+        self._entries = {k: sorted(h.tensors.values(), key=lambda e: e.start) for k, h in headers.items()}
+        self._starts = {k: [e.start for e in v] for k, v in self._entries.items()}
+        self._unmade: dict[int, set[str]] = {}  # read -> tensors with bytes in it not yet made
+        self._made: set[str] = set()
+        self._lock = threading.Lock()  # _copy and make_tensor run on any executor worker
+        self._hold = False  # a manifest hashes the raw bytes: keep every read until verified
+        self.device_files = {} if converting else {
             k: torch.empty(h.size, dtype=torch.uint8, device=device) for k, h in headers.items()
         }
         self.stream = torch.cuda.Stream(device=device) if self.cuda else None  # type: ignore[no-untyped-call]  # unannotated in torch itself
@@ -148,11 +120,20 @@ class StagingLanding(_BufferFill):
     def read_landed(self, r: int, read: ReadRange) -> None:
         slab = self.slabs.pop(r)
         self._posted += 1
-        self.post(lambda: self._copy(read, slab))
+        self.post(lambda: self._copy(r, read, slab))
 
-    def _copy(self, read: ReadRange, slab: torch.Tensor) -> None:  # executor thread
+    def _copy(self, r: int, read: ReadRange, slab: torch.Tensor) -> None:  # executor thread
         try:
-            dst = self.device_files[read.file][read.start : read.end]
+            if self.converting:
+                # On the copy stream: the allocator then reuses the block, once freed, only for
+                # work queued on that stream after the conversions that read it.
+                with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                    dst = torch.empty(read.nbytes, dtype=torch.uint8, device=self.device)
+                with self._lock:
+                    self.device_reads[r] = (read, dst)
+                    self._unmade[r] = {e.name for e in self._overlapping(read.file, read.start, read.end)} - self._made
+            else:
+                dst = self.device_files[read.file][read.start : read.end]
             if self.stream is None:
                 dst.copy_(slab[: read.nbytes])
                 self._loop.call_soon_threadsafe(self._free.put_nowait, slab)
@@ -193,15 +174,69 @@ class StagingLanding(_BufferFill):
             self._pending.pop(0)
             self._free.put_nowait(slab)
 
+    def _overlapping(self, key: str, start: int, end: int) -> list[TensorEntry]:
+        entries = self._entries[key]
+        i = max(bisect.bisect_right(self._starts[key], start) - 1, 0)
+        out = []
+        while i < len(entries) and entries[i].start < end:
+            if entries[i].end > start:
+                out.append(entries[i])
+            i += 1
+        return out
+
+    def _made_from(self, entry: TensorEntry, reads: list[int]) -> None:
+        """``entry`` was made: reads with no tensor left to make give their buffer back."""
+        with self._lock:
+            self._made.add(entry.name)
+            for r in reads:
+                left = self._unmade.get(r)
+                if left is not None:
+                    left.discard(entry.name)
+                    if not left and not self._hold:
+                        del self._unmade[r]
+                        self.device_reads.pop(r, None)
+
+    def _entry_bytes(self, entry: TensorEntry) -> tuple[torch.Tensor, bool, list[int]]:
+        """The entry's raw bytes on the device, whether they are a buffer of their own, and the
+        reads they came from."""
+        if not self.converting:
+            return self.device_files[entry.file][entry.start : entry.end], False, []
+        with self._lock:
+            found = [
+                (r, p) for r, p in self.device_reads.items()
+                if p[0].file == entry.file and p[0].start < entry.end and p[0].end > entry.start
+            ]
+        reads = [r for r, _ in found]
+        pieces = sorted((p for _, p in found), key=lambda p: p[0].start)
+        for read, buf in pieces:
+            if read.start <= entry.start and entry.end <= read.end:  # one read holds it all
+                return buf[entry.start - read.start : entry.end - read.start], False, reads
+        # A tensor larger than a read: assembled from its reads' buffers (device to device).
+        out = torch.empty(entry.nbytes, dtype=torch.uint8, device=self.device)
+        pos = entry.start
+        for read, buf in pieces:
+            if read.start > pos:
+                break
+            hi = min(read.end, entry.end)
+            if hi > pos:
+                out[pos - entry.start : hi - entry.start].copy_(buf[pos - read.start : hi - read.start])
+                pos = hi
+        if pos != entry.end:
+            raise RuntimeError(f"{entry.name}: bytes [{pos}, {entry.end}) of {entry.file} are in no landed read")
+        return out, True, reads
+
     def make_tensor(self, entry: TensorEntry, plan: Plan, shard: int, dtype: torch.dtype | None) -> torch.Tensor:
-        raw = self.device_files[entry.file][entry.start : entry.end]
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            raw, own, reads = self._entry_bytes(entry)
             t = tensor_from_bytes(raw, entry, dtype=dtype, device=self.device)
-            if dtype is not None and not is_copy(t, raw):
-                # A converting load frees the raw file buffers after it (aclose): a tensor left
-                # in its file dtype (integers, fp32-kept modules) must not pin a whole file.
+            if dtype is not None and not own and not is_copy(t, raw):
+                # A converting load frees the raw buffers: a tensor left in its file dtype
+                # (integers, fp32-kept modules) must not pin a whole file or read.
                 t = t.clone()
             self._converting |= dtype is not None
+            if self.converting:
+                del raw
+                self._made_from(entry, reads)
         if self.stream is None:
             return t
         if is_copy(t, raw):
@@ -220,13 +255,20 @@ class StagingLanding(_BufferFill):
     watches: Sequence[FileWatch] = ()  # tensors view device memory, not files
 
     def read_released(self, r: int, read: ReadRange) -> None:
-        return None  # slabs were recycled after their copy
-
-    # Nothing to hold: verification reads the device buffers back, which stay until aclose.
-    def hold_releases(self) -> None:
+        # Slabs were recycled after their copy; a converting load's read buffers go when the
+        # tensors they hold bytes of were made (make_tensor), not on the fetch's release.
         return None
 
-    release_held = hold_releases
+    def hold_releases(self) -> None:
+        # File-shaped buffers stay until aclose anyway; per-read buffers stay until verified.
+        self._hold = True
+
+    def release_held(self) -> None:
+        with self._lock:
+            self._hold = False
+            for r in [r for r, left in self._unmade.items() if not left]:
+                del self._unmade[r]
+                self.device_reads.pop(r, None)
 
     def file_chunks(self, key: str, header: FileHeader) -> Iterator[memoryview]:
         """The landed file, for verification, once ``settled``: read back from the device in
@@ -235,10 +277,13 @@ class StagingLanding(_BufferFill):
         Hashing after the copy costs one device-to-host pass; the slabs are recycled as soon
         as their copy ran, so they cannot be hashed in file order while the load goes on.
         """
-        src = self.device_files[key]
-        head = header.raw
         if self.stream is not None:
             self.stream.synchronize()  # every copy was enqueued (settled): wait for them
+        if self.converting:
+            yield from self._read_chunks(key, header)
+            return
+        src = self.device_files[key]
+        head = header.raw
         bounce = None
         if self.cuda:
             bounce = torch.empty(min(HASH_CHUNK_BYTES, max(src.numel(), 1)), dtype=torch.uint8, pin_memory=True)
@@ -255,6 +300,22 @@ class StagingLanding(_BufferFill):
                 view[:n] = head[lo : lo + n]
             yield view
 
+    def _read_chunks(self, key: str, header: FileHeader) -> Iterator[memoryview]:
+        """A converting load's file, from its held per-read buffers in file order."""
+        yield memoryview(header.raw)
+        pos = len(header.raw)
+        for read, buf in sorted((p for p in self.device_reads.values() if p[0].file == key), key=lambda p: p[0].start):
+            if read.start > pos:
+                break  # a hole: reported below, since the digest cannot be right
+            for lo in range(max(pos, read.start), read.end, HASH_CHUNK_BYTES):
+                hi = min(lo + HASH_CHUNK_BYTES, read.end)
+                piece = buf[lo - read.start : hi - read.start]
+                host = piece if not self.cuda else piece.to("cpu")
+                yield host.numpy().data.cast("B")
+            pos = max(pos, read.end)
+        if pos != header.size:
+            raise StorageError(f"{key}: bytes [{pos}, {header.size}) never landed, so the file cannot be verified")
+
     async def aclose(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
@@ -270,6 +331,8 @@ class StagingLanding(_BufferFill):
             SHELF.give(owned, pinned=self.cuda)
         if self._converting:
             self.device_files = {}  # every tensor was copied out: the raw bytes go now
+        self.device_reads.clear()
+        self._unmade.clear()
 
 
 def landing_for(
@@ -283,6 +346,7 @@ def landing_for(
     staging: bool = False,
     mapped_backend: MappableFiles | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
+    converting: bool = False,
 ) -> Landing:
     """Arenas for the CPU; pinned staging slabs for CUDA (or on request, to test that path)."""
     if device.type == "cpu" and not staging:
@@ -294,4 +358,6 @@ def landing_for(
         return ArenaLanding(headers)
     # A read is at most 1.25 read sizes (no runt pieces) plus alignment at both ends.
     slab = read_bytes + read_bytes // 4 + 2 * alignment + MAX_GAP_BYTES
-    return StagingLanding(headers, device, slab_bytes=slab, pool_bytes=pool_bytes, post=post, loop=loop)
+    return StagingLanding(
+        headers, device, slab_bytes=slab, pool_bytes=pool_bytes, post=post, loop=loop, converting=converting
+    )

@@ -115,7 +115,7 @@ def test_skeleton_buffers_are_real_under_another_default_device(model_dirs: dict
 def test_pinned_staging_pool_is_sized_at_the_allocators_block_size() -> None:
     """torch's pinned host allocator rounds blocks up to a power of two: a pool of 10.3 MiB
     slabs counted at their own size pinned 24 x 16 MiB = 384 MiB for a 256 MiB budget."""
-    from cicada_async.engine.staging import slab_pool
+    from cicada_async.engine.slabs import slab_pool
 
     slab, count = slab_pool(10_760_000, 256 << 20, pinned=True)
     assert (slab, count) == (16 << 20, 16) and slab * count <= 256 << 20
