@@ -19,8 +19,8 @@ thread.
 What ``abort`` can interrupt: a thread blocked on the request's socket once it is attached
 (sending, waiting for headers, receiving the body) wakes at once, because shutting the socket
 down ends a blocked ``recv_into``/``sendall``. What it cannot: DNS resolution (getaddrinfo,
-bounded only by the resolver's own timeouts), the TCP connect (``connect_timeout_s`` per address
-tried) and the TLS handshake (``connect_timeout_s``) run before the socket is attached to the
+bounded only by the resolver's own timeouts), the TCP connect (``connect_timeout_s`` for all the
+addresses tried, staggered: backends._connect) and the TLS handshake (``connect_timeout_s``) run before the socket is attached to the
 ticket. A thread in those steps keeps going until they end; then ``attach`` sees the abort and
 shuts the new socket down, so the request is never sent and no body byte lands.
 """
@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
 from multidict import CIMultiDict
+
+from backends._connect import open_connection
 
 from backends._wireresp import Conn, Response
 from protocols.errors import StorageError, StorageTimeout
@@ -156,7 +158,7 @@ class WirePool:
 
     def _connect(self, t: Target) -> Conn:
         try:
-            sock = socket.create_connection((t.host, t.port), timeout=self.connect_timeout_s)
+            sock = open_connection(t.host, t.port, self.connect_timeout_s)
         except TimeoutError as e:
             raise Retryable(StorageTimeout(f"connecting to {t.host}:{t.port} timed out")) from e
         except OSError as e:
