@@ -3,7 +3,9 @@
 Reads are admitted strictly in plan order against a byte budget (bytes landed but not yet
 applied), run with bounded concurrency, and take a slot from the shared FetchScheduler so
 that the most urgent load gets the bandwidth first. Each shard is handed to the executor as
-soon as its last read lands, in whatever order that happens.
+soon as its last read lands, in whatever order that happens. The plan's first module (the
+embedding a cold prefill waits for) is read alone: no other read is issued until its reads
+landed (``first_module_reads``). The byte budget is ``fetchbudget.ByteBudget``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from protocols.serving import Priority
 from protocols.storage import StorageBackend
 
 from cicada_async.engine.executor import AHEAD_OF_REQUESTS
+from cicada_async.engine.fetchbudget import ByteBudget
 from cicada_async.engine.landing import Landing
 from cicada_async.engine.ledger import ShardLedger
 from cicada_async.engine.timeline import Timeline
@@ -112,60 +115,6 @@ class FetchScheduler:
         self._free += 1
 
 
-class ByteBudget:
-    """Bytes admitted but not yet applied; admission waits while the budget is spent.
-
-    A shard is applied only when all its reads have landed, so when every admitted read has
-    landed and the budget is still spent, the shards holding it are waiting for reads not yet
-    admitted: the next read is admitted anyway. That bounds the overshoot by one window and
-    makes a deadlock impossible whatever the plan.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self.peak = 0
-        self.in_flight = 0
-        # Waiters re-check ``fits`` when woken. Landing and release are plain calls (loop
-        # thread): the ledger hands bytes back from a callback, with nothing to await.
-        self._waiters: list[asyncio.Future[None]] = []
-
-    def fits(self, n: int) -> bool:
-        return self.used + n <= self.limit or self.in_flight == 0
-
-    async def acquire(self, n: int) -> None:
-        while not self.fits(n):
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            finally:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
-        self.used += n
-        self.in_flight += 1
-        self.peak = max(self.peak, self.used)
-
-    def landed(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def release(self, n: int) -> None:
-        self.used -= n
-        self._wake()
-
-    def give_back(self, n: int, *, in_flight: int) -> None:
-        """A failed load's ``n`` bytes, ``in_flight`` of its reads never landing: all returned."""
-        self.in_flight -= in_flight
-        self.release(n)
-
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
-
 @dataclass
 class FetchSettings:
     concurrency: int = 4
@@ -229,6 +178,15 @@ class Fetcher:
     def _recount(self) -> None:
         self._pending_reads = [sum(r not in self._landed for r in s.reads) for s in self.plan.shards]
         self._pending_shards = [sum(s not in self._applied for s in r.shards) for r in self.plan.reads]
+        self._head = first_module_reads(self.plan, self.headers)
+
+    def _admissible(self) -> bool:
+        """The next read may go out: the first module's reads have the storage to themselves
+        (a gated forward waits for that module first; reads sharing the disk or the wire with
+        it delay it), every other read waits until those already admitted have landed."""
+        i = self._next
+        return i < len(self.plan.reads) and (
+            i in self._head or all(r in self._landed for r in self._head if r < i))
 
     async def replan(self, plan: Plan, *, final: bool = False) -> None:
         """Adopt ``plan``, whose first ``admitted`` reads cover the same bytes as ours."""
@@ -328,14 +286,14 @@ class Fetcher:
                 async with self._admission():  # admission strictly in plan order
                     if self._failed():
                         return
-                    while self._next >= len(self.plan.reads):
+                    while not self._admissible():
                         if held:
                             self.scheduler.release()
                             held = False
-                        if self._final:
+                        if self._final and self._next >= len(self.plan.reads):
                             return
                         self._more.clear()
-                        await self._more.wait()  # a replan may add reads
+                        await self._more.wait()  # a replan may add reads; the first module lands
                         if self._failed():
                             return
                     i = self._next
@@ -379,6 +337,8 @@ class Fetcher:
                 self.budget.landed()
                 self.landing.read_landed(i, read)
                 self._landed.add(i)
+                if i in self._head:
+                    self._more.set()
                 read = self.plan.reads[i]  # the current plan's view of which shards it serves
                 for s in read.shards:
                     self._pending_reads[s] -= 1
@@ -394,3 +354,20 @@ class Fetcher:
         for r in self.plan.shards[shard].reads:
             self._pending_shards[r] -= 1
             self._maybe_release(r)
+
+
+def first_module_reads(plan: Plan, headers: dict[str, FileHeader]) -> frozenset[int]:
+    """The reads of the plan's first module (its first shard's module). Before the plan (no
+    shards: a stored order's or file order's first reads), those of the tensor the first read
+    starts with, which a stored order makes the first module's (the embedding)."""
+    if plan.shards:
+        first = plan.shards[0].module
+        return frozenset(r for s in plan.shards if s.module == first for r in s.reads)
+    if not plan.reads or plan.reads[0].file not in headers:
+        return frozenset()
+    r0 = plan.reads[0]
+    ahead = [e for e in headers[r0.file].tensors.values() if e.end > r0.start]
+    if not ahead:
+        return frozenset()  # no tensor known there: nothing to put first
+    t = min(ahead, key=lambda e: e.start)
+    return frozenset({0} | {i for i, r in enumerate(plan.reads) if r.file == t.file and r.start < t.end and r.end > t.start})
