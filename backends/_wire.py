@@ -154,6 +154,15 @@ class WirePool:
         self._closed = False
         self.opened = 0  # connections made, for tests of reuse
 
+    @property
+    def cafile(self) -> str | None:
+        return self._cafile
+
+    def trust(self, cafile: str | None) -> None:
+        """The CA bundle for https connections made from now on (before the first one)."""
+        with self._lock:
+            self._cafile, self._ssl = cafile, None
+
     # ------------------------------------------------------------ connections
 
     def _connect(self, t: Target) -> Conn:

@@ -211,6 +211,10 @@ class S3Backend:
 
                 session = get_session()
                 session.register_component("data_loader", await asyncio.to_thread(shared_loader))
+                if self._threads is not None:
+                    # The threads trust what the client does: botocore's resolved ca_bundle
+                    # (AWS_CA_BUNDLE or the profile's key), else certifi's, as before.
+                    self._threads.pool.trust(session.get_config_variable("ca_bundle") or self._threads.pool.cafile)
                 s = self.settings
                 config = AioConfig(
                     connect_timeout=s.connect_timeout_s,
