@@ -4,6 +4,14 @@ Building a skeleton and the dry forward need torch to behave differently (parame
 no init, answers for data-dependent checks on meta tensors). Those hooks can only be installed
 process-wide, on classes and modules; the wrappers here check a thread-local flag, so a forward
 or a model build on any other thread at the same moment sees plain torch.
+
+Why not ``accelerate.init_empty_weights`` with transformers' ``no_init_weights`` (review-3
+W-3): they patch the same class attributes process-wide with no thread scope, so a warm
+forward or another model's build on an executor worker while a skeleton builds would create
+its parameters on meta and skip their init. This engine builds skeletons (prebuilds, refills,
+cold starts of other models) while other threads serve, which is the case the thread-local
+flag exists for; the patches here are also what the dry forward needs, which accelerate does
+not offer.
 """
 
 from __future__ import annotations
