@@ -9,6 +9,12 @@ out=${1:?usage: scripts/gpu-check.sh OUTDIR}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# The CUDA tests assert bit equality across loads and streams (review-3 G-8: the policy, decided
+# before the first run). cuBLAS is bitwise reproducible across streams only with a fixed
+# workspace; TF32 stays at torch's defaults, which the reference and the engine share. If a
+# kernel still differs, the test names the output, and the docs get the
+# tolerance measured here rather than a loosened test.
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
 py=${PYTHON:-python3}
 "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$out/device.txt"
 # The project and its test needs, without touching the GPU build of torch.
@@ -19,7 +25,7 @@ start=$(date +%s)
 #    under a busy executor (review-3 C-1/G-1, on CUDA too), slabs waited for outside the read
 #    timeout (G-4), packed models' integrity.
 timeout 180 "$py" -m pytest -q -p no:cacheprovider tests/engine/test_exactness.py tests/engine/test_devices.py -k "cuda or staging" 2>&1 | tee "$out/exactness-cuda.txt" || true
-timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/engine/test_staging_verify.py tests/engine/test_integrity.py 2>&1 | tee "$out/staging-cuda.txt" || true
+timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/engine/test_staging_verify.py tests/engine/test_integrity.py tests/engine/test_staging_memory.py 2>&1 | tee "$out/staging-cuda.txt" || true
 # 1b. Peak GPU memory of one cold start against the checkpoint's size (review-3 G-2, G-7):
 #     gpt2 made here, fp32, served as float16 and as stored.
 timeout 120 "$py" - "$out" <<'PY' 2>&1 | tee "$out/peak-gpu-memory.txt" || true
