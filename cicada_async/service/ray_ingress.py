@@ -102,6 +102,8 @@ class CicadaIngress:
             return json_reply({"models": sorted(await self._names())})
         if path == "/v2/models/stats":
             return await self._forward(Forwarded("stats", None, None))
+        if path == "/metrics" and method == "GET":
+            return await self._metrics(request.query_params.get("model"))
         if path == "/v2/repository/index" and method == "POST":
             return await self._forward(Forwarded("index", None, None))
         m = _REPO_PATH.match(path)
@@ -152,6 +154,17 @@ class CicadaIngress:
         if model not in await self._names():
             return _unknown(model)
         return await self._stream(Forwarded(action, model, None, body), openai=True)
+
+    async def _metrics(self, model: str | None) -> Reply:
+        """``/metrics?model=NAME``: the Prometheus text of the replica that holds NAME (each replica
+        has its own engine; Ray exports the cluster's own metrics). Like any request it wakes a
+        replica from zero, so it needs a model and is meant for looking at one replica."""
+        if not model:
+            return json_reply({"error": "name a model: /metrics?model=NAME answers the metrics of the "
+                                        "replica that holds it"}, 400)
+        if model not in await self._names():
+            return json_reply({"error": f"unknown model {model!r}"}, 404)
+        return await self._forward(Forwarded("metrics", model, None))
 
     async def _names(self) -> set[str]:
         """The configured models, and the repository's folders as they are now (a rescan)."""

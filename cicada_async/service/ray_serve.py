@@ -33,7 +33,8 @@ from ray.serve import Deployment
 
 from cicada_async.service.ray_ingress import CicadaIngress
 from cicada_async.service.ray_wire import (
-    NODE_HEADER, REPLICA_HEADER, CicadaArgs, Forwarded, Reply, as_openai, error_reply, json_reply, load_settings,
+    METRICS_TYPE, NODE_HEADER, REPLICA_HEADER, REPLICA_TIME_HEADER, CicadaArgs, Forwarded, Reply, as_openai,
+    error_reply, json_reply, load_settings,
 )
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ if TYPE_CHECKING:
 
     from cicada_async.service.dataplane import DataPlane
 
-__all__ = ["NODE_HEADER", "REPLICA_HEADER", "CicadaArgs", "CicadaIngress", "CicadaModels", "build"]
+__all__ = ["NODE_HEADER", "REPLICA_HEADER", "REPLICA_TIME_HEADER", "CicadaArgs", "CicadaIngress", "CicadaModels",
+           "build"]
 
 
 class _Held:
@@ -99,14 +101,18 @@ class CicadaModels:
         self._ident = {REPLICA_HEADER: ctx.replica_id.unique_id, NODE_HEADER: ray.get_runtime_context().get_node_id()}
 
     async def handle(self, req: Forwarded) -> Reply:
+        t0 = time.perf_counter()
         try:
             model = serve.get_multiplexed_model_id()
-            if model:
+            if model and req.action != "metrics":  # reading metrics does not make a replica hold a model
                 await self._hold(model)
             reply = await self._route(req)
         except Exception as e:  # noqa: BLE001 - every error is an answer, in the V2 shape
             reply = error_reply(e)
         reply.headers.update(self._ident)
+        # The replica's own time (the multiplexed loader, the engine, the encode): what a client
+        # measures beyond it is Ray's path (proxy, ingress, the two hops). The bench records it.
+        reply.headers[REPLICA_TIME_HEADER] = f"{time.perf_counter() - t0:.6f}"
         return reply
 
     async def stream(self, req: Forwarded) -> AsyncGenerator[Reply | bytes, None]:
@@ -140,6 +146,8 @@ class CicadaModels:
             return json_reply(dp.model_config(name, version))
         if req.action == "stats":
             return json_reply({"model_stats": dp.statistics(req.model, version)})
+        if req.action == "metrics":
+            return Reply(200, dp.render_metrics(), {}, METRICS_TYPE)
         if req.action == "ready":
             r = dp.model_readiness(name, version)
             return json_reply({"name": r.name, "ready": True, "state": r.state}) if r.ready else json_reply({"error": r.reason}, 503)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cicada.ray")
 REPLICA_HEADER = "cicada-replica"  # which replica answered: the multiplexing test reads it
 NODE_HEADER = "cicada-node"
+REPLICA_TIME_HEADER = "cicada-replica-s"  # seconds the request spent in the model replica (V2 replies)
 
 # dataplane.SERVER_NAME, SERVER_VERSION, EXTENSIONS (the data plane imports torch).
 SERVER_NAME = "cicada-async"
@@ -88,8 +89,9 @@ def load_settings(args: CicadaArgs) -> Config:
     return config
 
 
-Action = Literal["infer", "metadata", "ready", "config", "stats", "load", "unload", "index",
+Action = Literal["infer", "metadata", "ready", "config", "stats", "load", "unload", "index", "metrics",
                  "completions", "chat", "generate", "generate_stream"]
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # metrics.CONTENT_TYPE (Prometheus text)
 
 
 @dataclass

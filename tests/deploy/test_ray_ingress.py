@@ -48,6 +48,8 @@ async def main():
     assert status == 400 and doc["error"]["type"] == "invalid_request_error", doc
     status, doc = await call("POST", "/v2/models/nope/generate", b"{}")
     assert status == 404 and doc == {"error": "unknown model 'nope'"}, doc
+    status, doc = await call("GET", "/metrics")  # a replica's metrics: which one must be named
+    assert status == 400 and "model=NAME" in doc["error"], doc
 
 asyncio.run(main())
 assert "torch" not in sys.modules, "the ingress imported torch"
@@ -64,7 +66,7 @@ def test_the_ingress_answers_without_torch(tmp_path: Path) -> None:
 
 
 def test_what_ray_wire_spells_out_agrees_with_its_source() -> None:
-    from cicada_async.service import config, dataplane, http_auth, openai_api, openai_wire, ray_wire, sse
+    from cicada_async.service import config, dataplane, http_auth, metrics, openai_api, openai_wire, ray_wire, sse
     from cicada_async.service.config import AuthConfig
     from protocols import v2
 
@@ -72,6 +74,7 @@ def test_what_ray_wire_spells_out_agrees_with_its_source() -> None:
     assert (ray_wire.SERVER_NAME, ray_wire.SERVER_VERSION, ray_wire.EXTENSIONS) == (
         dataplane.SERVER_NAME, dataplane.SERVER_VERSION, dataplane.EXTENSIONS)
     assert ray_wire.OPENAI_PREFIXES == openai_api.PREFIXES and ray_wire.DONE == sse.DONE
+    assert ray_wire.METRICS_TYPE == metrics.CONTENT_TYPE
     assert ray_wire.SERVER_NAME == openai_api.OWNER
     for status in (400, 401, 403, 404, 413, 429, 500, 503):
         assert ray_wire.openai_error(status, "m", "p", "c") == openai_wire.error(status, "m", "p", "c")

@@ -37,6 +37,8 @@ except ImportError:  # the test extra installs ray[serve]; in CI a missing ray i
 
 from cicada_async.models.catalogue import make_model
 from cicada_async.service.ray_serve import NODE_HEADER, REPLICA_HEADER, build
+from tests.deploy import ray_client
+from tests.deploy.ray_client import free_port, hang_up, sse
 from tests.fixtures.lm import Oracle  # also sets HF_HUB_OFFLINE, which the raylets inherit
 
 MODELS = {"gpt2": ("tiny-gpt2", "logits"), "bert": ("tiny-bert", "last_hidden_state"),
@@ -48,34 +50,7 @@ MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "c
 N = 24
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Proxy:
-    """Ray's HTTP proxy on the head node."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    def call(self, method: str, path: str, body: object = None,
-             timeout: float = 120) -> tuple[int, dict[str, str], object]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            data = orjson.dumps(body) if body is not None else None
-            conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data else {})
-            r = conn.getresponse()
-            raw = r.read()
-            try:
-                doc = orjson.loads(raw) if raw else None
-            except orjson.JSONDecodeError:  # Ray's proxy's own answers are text
-                doc = raw
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, doc
-        finally:
-            conn.close()
-
+class Proxy(ray_client.Proxy):
     def infer(self, app: str, model: str, timeout: float = 120) -> tuple[int, dict[str, str], object]:
         out = MODELS.get(model, ("", "logits"))[1]
         body = {"inputs": [{"name": "input_ids", "shape": [1, len(IDS[0])], "datatype": "INT64",
@@ -239,31 +214,6 @@ def openai_client(proxy: Proxy) -> "openai.OpenAI":
                          timeout=120)
 
 
-def sse(proxy: Proxy, path: str, body: object, timeout: float = 120,
-        started: threading.Event | None = None) -> tuple[int, dict[str, str], list[tuple[float, bytes]], str]:
-    """A streamed POST read event by event: (status, headers, [(arrival, data)], "" or the client's
-    error). ``started`` is set at the first event."""
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=timeout)
-    events: list[tuple[float, bytes]] = []
-    try:
-        conn.request("POST", path, body=orjson.dumps(body), headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        headers = {k.lower(): v for k, v in r.getheaders()}
-        if not headers.get("content-type", "").startswith("text/event-stream"):
-            return r.status, headers, [(time.monotonic(), r.read())], ""
-        try:
-            for line in r:
-                if line.startswith(b"data: "):
-                    events.append((time.monotonic(), line.strip()[len(b"data: "):]))
-                    if started is not None:
-                        started.set()
-        except (http.client.HTTPException, OSError) as e:  # cut by the proxy: an error, not a hang
-            return r.status, headers, events, f"{type(e).__name__}: {e}"
-        return r.status, headers, events, ""
-    finally:
-        conn.close()
-
-
 def test_openai_through_the_proxy_is_transformers_greedy(cluster: tuple[Cluster, object, Proxy],
                                                          lm_oracle: dict[str, Oracle]) -> None:
     proxy = cluster[2]
@@ -319,6 +269,49 @@ def test_generation_streams_through_the_proxy_event_by_event(cluster: tuple[Clus
     first, last = events[0][0] - t0, events[-1][0] - t0
     print(f"200 tokens through the proxy: first event at {first:.2f} s, last at {last:.2f} s, {len(events)} events")
     assert len(events) > 100 and first < last / 2, (first, last)
+
+
+def test_a_client_leaving_a_stream_stops_its_generation_and_frees_its_sequence(
+        cluster: tuple[Cluster, object, Proxy], lm_oracle: dict[str, Oracle]) -> None:
+    """An OpenAI stream to the end of the context whose client hangs up after 3 events: Ray's proxy cancels
+    the request, the ingress's stream and the replica's; the engine stops the sequence and frees
+    its KV cache. Read from the replica's own metrics through the proxy (vLLM's names): no
+    sequence running or waiting, no KV in use, one more abort, and fewer tokens generated than
+    the stream asked for, within 10 s; then a whole completion is admitted (one sequence at a
+    time for this model) and is transformers' greedy text."""
+    proxy, lm = cluster[2], "llama"
+    label = f'{{model_name="{lm}"}}'
+    abort = f'vllm:request_success_total{{model_name="{lm}",finished_reason="abort"}}'
+    tokens = f"vllm:generation_tokens_total{label}"
+    before = proxy.metrics("llm", lm)
+    oracle = lm_oracle[lm]
+    want_tokens = 256 - len(oracle.encode(PROMPT))  # tiny-llama's context is 256 tokens
+    status, events = hang_up(proxy, "/llm/v1/completions", {"model": lm, "prompt": PROMPT, "max_tokens": want_tokens,
+                                                            "temperature": 0, "stream": True, "ignore_eos": True},
+                             after=3)
+    left = time.monotonic()
+    assert status == 200 and len(events) == 3, (status, events)
+    while True:
+        now = proxy.metrics("llm", lm)
+        seen = {what: now.get(f"vllm:{what}{label}") for what in
+                ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")}
+        seen["aborts"] = now.get(abort, 0) - before.get(abort, 0)
+        seen["tokens"] = now.get(tokens, 0) - before.get(tokens, 0)
+        if seen == {**seen, "num_requests_running": 0, "num_requests_waiting": 0, "kv_cache_usage_perc": 0,
+                    "aborts": 1}:
+            break
+        assert time.monotonic() - left < 10, f"10 s after the hang-up: {seen}"
+        time.sleep(0.05)
+    freed_s = time.monotonic() - left
+    generated = now[tokens] - before.get(tokens, 0)
+    print(f"client left after 3 events: sequence freed within {freed_s:.2f} s, {generated:.0f} tokens generated "
+          f"of {want_tokens}")
+    assert generated < want_tokens, "the generation ran to its end: the hang-up did not stop it"
+    want = oracle.greedy(oracle.encode(PROMPT), N)
+    status, _, doc = proxy.call("POST", "/llm/v1/completions", {"model": lm, "prompt": PROMPT, "max_tokens": N,
+                                                                "temperature": 0}, timeout=30)
+    assert status == 200 and isinstance(doc, dict), doc
+    oracle.check_text(doc["choices"][0]["text"], want)
 
 
 def _ended(result: tuple[int, dict[str, str], list[tuple[float, bytes]], str]) -> str:
