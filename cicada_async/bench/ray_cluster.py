@@ -104,6 +104,12 @@ class Watcher(threading.Thread):
             self.halt.wait(1.0)
 
 
+def _code_root() -> str:
+    import cicada_async
+
+    return str(Path(cicada_async.__file__).resolve().parent.parent)
+
+
 class Bed:
     """The two-node cluster, Serve's proxy and both applications."""
 
@@ -126,6 +132,9 @@ class Bed:
         procs.record()
         ray.init(address=self.cluster.address, log_to_driver=False)
         self.ray_start_s = time.monotonic() - t0
+        # Where the cluster's workers import this project from: a clean worktree's run must
+        # measure that tree (PYTHONPATH, inherited by the raylets), not the editable install.
+        self.worker_code = str(ray.get(ray.remote(_code_root).remote()))
         self.port = free_port()
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": self.port})
         autoscaling: dict[str, Any] = {

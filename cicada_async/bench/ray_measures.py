@@ -21,6 +21,7 @@ from cicada_async.bench.ray_cluster import Bed
 from cicada_async.bench.ray_stock import is_decoder
 
 REPLICA_HEADERS = ("cicada-replica", "bench-replica")
+REPLICA_TIME_HEADERS = ("cicada-replica-s", "bench-replica-s")  # seconds inside the model replica
 
 
 def request_body(model_dir: Path, seq: int) -> tuple[bytes, int]:
@@ -61,12 +62,41 @@ class Client:
             conn.close()
         t1 = time.monotonic()
         replica = next((hdrs[h] for h in REPLICA_HEADERS if h in hdrs), None)
+        inside = next((float(hdrs[h]) for h in REPLICA_TIME_HEADERS if h in hdrs), None)
         out: dict[str, Any] = {"s": t1 - t0, "t_end": t1, "status": r.status, "bytes": len(raw),
-                               "replica": replica, "node": hdrs.get("cicada-node") or hdrs.get("bench-node")}
+                               "replica": replica, "replica_s": inside, "node": hdrs.get("cicada-node") or hdrs.get("bench-node")}
         out["ok"] = r.status == 200 and len(raw) >= least
         if not out["ok"]:
             out["error"] = raw[:300].decode(errors="replace") if r.status != 200 else \
                 f"answer of {len(raw)} bytes, fewer than a forward's output ({least})"
+        return out
+
+
+    def cold_start(self, model: str) -> dict[str, Any]:
+        """Cicada's last cold start of ``model`` as the replica that holds it tells it
+        (``/metrics?model=``: the engine's timeline, by stage): where a switch's time went."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout_s)
+        try:
+            conn.request("GET", f"/cicada/metrics?model={model}")
+            r = conn.getresponse()
+            text = r.read().decode(errors="replace")
+        finally:
+            conn.close()
+        if r.status != 200:
+            return {"error": f"{r.status}: {text[:200]}"}
+        out: dict[str, Any] = {"stages_s": {}}
+        names = {"nv_model_load_duration_secs": "load_s", "cicada_cold_start_time_to_first_compute_seconds": "ttfc_s",
+                 "cicada_stall_seconds": "stall_s", "cicada_fetch_gbps": "gbps"}
+        for line in text.splitlines():
+            if line.startswith("#") or f'model="{model}"' not in line:
+                continue
+            series, _, value = line.rpartition(" ")
+            name = series.split("{", 1)[0]
+            if name == "cicada_cold_start_stage_seconds":
+                stage = series.split('stage="', 1)[1].split('"', 1)[0]
+                out["stages_s"][stage] = float(value)
+            elif name in names:
+                out[names[name]] = float(value)
         return out
 
 
@@ -84,7 +114,7 @@ def first_answer(bed: Bed, client: Client, strategy: str, model: str, model_dir:
     if r["replica"] in seen:
         raise RuntimeError(f"answered by replica {r['replica']}, not a fresh one")
     seen.add(r["replica"])
-    return {"first_answer_s": r["s"], "replica": r["replica"], "node": r["node"], "bytes": r["bytes"],
+    return {"first_answer_s": r["s"], "first_answer_replica_s": r["replica_s"], "replica": r["replica"], "node": r["node"], "bytes": r["bytes"],
             "resident_after_evict_bytes": resident, "waited_for_zero_s": waited}
 
 
@@ -99,7 +129,8 @@ def warm_replica(bed: Bed, client: Client, strategy: str, model_a: str, seen: se
     if first["replica"] in seen:
         raise RuntimeError(f"warmed replica {first['replica']} is not a fresh one")
     seen.add(first["replica"])
-    return {"from_model": model_a, "a_first_s": first["s"], "a_warm_s": warm["s"], "replica": first["replica"],
+    return {"from_model": model_a, "a_first_s": first["s"], "a_warm_s": warm["s"],
+            "a_warm_replica_s": warm["replica_s"], "replica": first["replica"],
             "node": first["node"], "waited_for_zero_s": waited}
 
 
@@ -111,7 +142,9 @@ def switch(bed: Bed, client: Client, strategy: str, model_a: str, model_b: str, 
     _check(r, f"switch to {model_b}")
     if r["replica"] != out["replica"]:
         raise RuntimeError(f"{model_b} answered by {r['replica']}, not by {model_a}'s replica {out['replica']}")
-    out.update({"switch_s": r["s"], "bytes": r["bytes"]})
+    out.update({"switch_s": r["s"], "switch_replica_s": r["replica_s"], "bytes": r["bytes"]})
+    if strategy == "cicada":
+        out["cold_start"] = client.cold_start(model_b)
     return out
 
 

@@ -60,6 +60,14 @@ Before the first repetition each application answers one request and goes back t
 (``warmup``, kept in the JSON, not in the medians): the cluster's first worker starts pay
 one-off costs (the first import of each package from disk) that neither strategy should carry.
 
+Where the time goes: each app's model replica says how long a request spent inside it (cicada's
+``cicada-replica-s`` header, the stock's ``bench-replica-s``, both from the replica's entry to
+its answer); ``*_replica_s`` are those, so the rest of a request's time is Ray's path. After
+cicada's switch the bench reads that replica's ``/metrics?model=B`` and keeps the engine's
+account of B's cold start (``cold_start``: load, time to first compute, stall, fetch GB/s and
+the stages of its timeline). ``cluster.worker_code`` is where the cluster's workers import
+``cicada_async`` from (a clean worktree's run must show the worktree).
+
 The JSON: command, commit and machine (``procinfo``), Ray's version, the configuration, every
 run, the failed ones, and per strategy the medians; ``ratios`` are cicada / stock of each
 median (targets: first answer <= 0.7x, switch <= 0.6x). Exit status 1 when anything failed.
@@ -100,7 +108,7 @@ TARGETS = {"first_answer_s": 0.7, "switch_s": 0.6}
 
 # ------------------------------------------------------------------------------ summary, main
 
-RUN_KEYS = {"first_answer": ["first_answer_s"], "switch": ["switch_s"],
+RUN_KEYS = {"first_answer": ["first_answer_s", "first_answer_replica_s"], "switch": ["switch_s", "switch_replica_s"],
             "burst": ["all_answered_s", "latency_median_s", "latency_max_s"]}
 
 
@@ -228,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         bed = Bed(args, model_dirs, procs)
         doc["cluster"] = {"ray_start_s": bed.ray_start_s, "serve_run_s": bed.serve_run_s,
                           "autoscaling": bed.autoscaling, "head_node": getattr(bed.cluster.head_node, "node_id", None),
-                          "worker_node": bed.worker.node_id}
+                          "worker_node": bed.worker.node_id, "worker_code": bed.worker_code,
+                          "driver_code": str(Path(__file__).resolve().parent.parent.parent)}
         print(f"cluster up in {bed.ray_start_s:.1f} s; serve.run " +
               ", ".join(f"{k} {v:.1f} s" for k, v in bed.serve_run_s.items()), flush=True)
         client = Client(bed.port, bodies, args.timeout)

@@ -53,9 +53,12 @@ class StockModels:
         return cls.from_pretrained(model_dir).eval()
 
     async def __call__(self, request: Any) -> Any:
+        import time
+
         import torch
         from starlette.responses import Response
 
+        t0 = time.perf_counter()  # the replica's own time, as cicada's replica reports it
         model = await self.get_model(serve.get_multiplexed_model_id())
         body = await request.json()
         inp = body["inputs"][0]
@@ -63,7 +66,8 @@ class StockModels:
         with torch.inference_mode():
             out = model(input_ids=ids)[0]
         return Response(out.numpy().tobytes(), media_type="application/octet-stream",
-                        headers={**self.where, "bench-shape": json.dumps(list(out.shape))})
+                        headers={**self.where, "bench-shape": json.dumps(list(out.shape)),
+                                 "bench-replica-s": f"{time.perf_counter() - t0:.6f}"})
 
 
 def stock_app(model_dirs: dict[str, str], autoscaling: dict[str, Any], replica_cpus: float,
