@@ -12,34 +12,19 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import ssl
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from backends.s3 import S3Backend
-from tests.storage.scripted import BIG, DATA, answer, scripted  # noqa: F401 (a fixture)
+from tests.storage.scripted import BIG, DATA, answer, scripted, self_signed  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _self_signed(d: Path) -> tuple[Path, Path]:
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=30,
-    )
-    return cert, key
-
-
 async def test_threads_trust_the_profiles_ca_bundle(scripted: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cert, key = _self_signed(tmp_path)
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(cert, key)
+    cert, tls = self_signed(tmp_path)
 
     def plain(conn: socket.socket, first: int, last: int) -> None:
         conn.sendall(answer(first, last) + DATA[first : last + 1])

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ import pytest
 from backends import open_backend
 from backends._wire import WirePool
 from protocols.errors import StorageError
-from tests.storage.scripted import BIG, DATA, FAST, answer, read_all, scripted  # noqa: F401 (a fixture)
+from tests.storage.scripted import BIG, DATA, FAST, answer, read_all, scripted, self_signed  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,15 +96,7 @@ async def test_redirect_to_another_origin_drops_custom_headers(scripted: Any) ->
 
 
 async def test_redirect_from_https_to_http_is_refused(scripted: Any, tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=30,
-    )
-    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    tls.load_cert_chain(cert, key)
+    cert, tls = self_signed(tmp_path)
 
     def target(conn: socket.socket, first: int, last: int) -> None:
         conn.sendall(answer(first, last) + DATA[first : last + 1])
