@@ -4,7 +4,8 @@ Everything goes through Ray's HTTP proxy: V2 infer against the plain transformer
 three models multiplexed on two replicas (the replica that holds a model answers it, by its own
 header and its own statistics), a model with broken weights beside healthy ones, scale to zero
 and back, the OpenAI routes (the real ``openai`` client) and Triton's generate on two tiny LMs
-(greedy text equal to transformers', streamed event by event through the proxy), and the loss
+(greedy text equal to transformers', streamed event by event through the proxy), a client
+that hangs up mid-stream (the replica's metrics show its sequence stopped and freed), and the loss
 of a node with requests in flight on it. One cluster for the module (starting Ray costs ~6 s
 here); the node loss runs last.
 """
