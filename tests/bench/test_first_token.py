@@ -110,8 +110,12 @@ def test_smoke_on_tiny_llama(tiny: Path, tmp_path: Path) -> None:
                "--repeat", "1", "--max-tokens", "2", "--no-prime", "--dir", str(tiny.parent), "--json", str(out)])
     doc = json.loads(out.read_text())
     assert doc["command"].startswith("cicada bench first-token") and doc["commit"] and doc["machine"]["nproc"] >= 1
-    assert doc["failed_runs"] == [] and rc == 0
+    assert doc["failed_runs"] == []
     (cell,) = doc["cells"]
+    # One repetition on a 0.5 MB model: its bound is tens of ms, within a run's noise, and since
+    # the first module is read alone (d1e24ac) cicada's single run lands on either side of it.
+    # The exit status's other causes must not occur; the below-bound verdict is tested above.
+    assert rc == 0 or cell["below_bound"], rc
     assert cell["key"] == "tiny-llama/16tok/x2/local" and cell["bound"]["bound_s"] > 0
     for peer in ("cicada", "transformers"):
         (run,) = cell["runs"][peer]
