@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shutil
 import threading
+from pathlib import Path
 
 from cicada_async.engine.runtime import Engine
 
@@ -26,8 +28,11 @@ async def test_dead_executor_is_noticed_and_restarted(model_dirs):
     assert_equal_outputs(reference(d, inputs), out)
 
 
-async def test_unload_then_reload_reuses_plan(model_dirs):
-    d = model_dirs["tiny-gpt2"]
+async def test_unload_then_reload_reuses_plan(model_dirs, tmp_path):
+    # A copy of its own: plans are stored beside the model's files, and a plan another test
+    # left in the shared fixture (one in registration order was found there in a CI run at
+    # 1d8d372) would be this test's first plan.
+    d = Path(shutil.copytree(model_dirs["tiny-gpt2"], tmp_path / "tiny-gpt2", ignore=shutil.ignore_patterns(".cicada")))
     inputs = inputs_for(d)
     before = set(threading.enumerate())
     async with Engine() as engine:
