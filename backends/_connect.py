@@ -17,8 +17,10 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 
 STAGGER_S = 0.25  # RFC 8305's recommended connection attempt delay, and aiohttp's default
+ABORT_POLL_S = 0.05  # how often a pending connect looks at its request's abort flag
 
 
 def _interleaved(infos: list[tuple]) -> list[tuple]:  # type: ignore[type-arg]  # getaddrinfo's tuples
@@ -29,9 +31,17 @@ def _interleaved(infos: list[tuple]) -> list[tuple]:  # type: ignore[type-arg]  
     return [i for group in itertools.zip_longest(*families.values()) for i in group if i is not None]
 
 
-def open_connection(host: str, port: int, timeout_s: float, *, stagger_s: float = STAGGER_S) -> socket.socket:
+class Aborted(OSError):
+    """The request was aborted while its connection was being opened."""
+
+
+def open_connection(host: str, port: int, timeout_s: float, *, stagger_s: float = STAGGER_S,
+                    aborted: Callable[[], bool] | None = None) -> socket.socket:
     """A connected blocking socket (its timeout ``timeout_s``); raises ``TimeoutError`` when no
-    address answered within ``timeout_s`` in all, else the last address's ``OSError``."""
+    address answered within ``timeout_s`` in all, else the last address's ``OSError``.
+
+    ``aborted`` is polled every ``ABORT_POLL_S`` while attempts are pending: once it says so, the
+    attempts are closed and ``Aborted`` raised (the resolver's own wait cannot be interrupted)."""
     deadline = time.monotonic() + timeout_s
     todo = _interleaved(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
     pending: dict[socket.socket, object] = {}
@@ -52,11 +62,15 @@ def open_connection(host: str, port: int, timeout_s: float, *, stagger_s: float 
                 pending[sock] = addr
                 next_start = now + stagger_s
                 continue
+            if aborted is not None and aborted():
+                raise Aborted(f"connecting to {host}:{port}: aborted")
             if not pending:
                 raise last_error or OSError(f"{host}: the resolver gave no address")
             if now >= deadline:
                 raise TimeoutError(f"connecting to {host}:{port}: no address answered within {timeout_s:g}s")
             wait = deadline - now if not todo else min(deadline - now, max(0.0, next_start - now))
+            if aborted is not None:
+                wait = min(wait, ABORT_POLL_S)
             _, ready, _ = select.select([], list(pending), [], wait)
             for sock in ready:
                 del pending[sock]

@@ -124,13 +124,13 @@ class ThreadFetch:
         except asyncio.CancelledError:
             # The thread cannot be cancelled. Shutting its socket down ends a wait on that
             # socket at once, and the bounded wait below then sees the thread let go of the
-            # buffer. What it cannot promise: a thread still in DNS, connect or the TLS
-            # handshake keeps running past the wait (until connect_timeout_s, or the resolver's
-            # timeout) and only then sees the abort, sending nothing and landing no byte; a
+            # buffer; a pending connect or TLS handshake ends too (backends._wire). What it
+            # cannot promise: a thread still in DNS keeps running past the wait (until the
+            # resolver's timeout) and only then sees the abort, sending nothing and landing no byte; a
             # thread starved of CPU for longer than the wait may land the bytes of one receive
             # the kernel already held (the right bytes of this range, into the buffer the
             # caller still owns) before it sees the abort. So a cancel returns promptly, but a
-            # worker thread may stay busy for up to connect_timeout_s after it.
+            # worker thread may stay busy for as long as the resolver takes after it.
             ticket.abort()
             fut.add_done_callback(_retrieve)
             with contextlib.suppress(Exception):

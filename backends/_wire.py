@@ -17,12 +17,12 @@ non-digit Content-Length refused), a timeout on every socket wait, and ``abort``
 thread.
 
 What ``abort`` can interrupt: a thread blocked on the request's socket once it is attached
-(sending, waiting for headers, receiving the body) wakes at once, because shutting the socket
-down ends a blocked ``recv_into``/``sendall``. What it cannot: DNS resolution (getaddrinfo,
-bounded only by the resolver's own timeouts), the TCP connect (``connect_timeout_s`` for all the
-addresses tried, staggered: backends._connect) and the TLS handshake (``connect_timeout_s``) run before the socket is attached to the
-ticket. A thread in those steps keeps going until they end; then ``attach`` sees the abort and
-shuts the new socket down, so the request is never sent and no body byte lands.
+(the TLS handshake, sending, waiting for headers, receiving the body) wakes at once, because
+shutting the socket down ends a blocked ``recv_into``/``sendall``/handshake; a TCP connect still
+pending (backends._connect, staggered over the host's addresses) sees the abort within 50 ms.
+What it cannot: DNS resolution (getaddrinfo, bounded only by the resolver's own timeouts). A
+thread in it keeps going until it ends, then sees the abort, so the request is never sent and no
+body byte lands (review-3 W-1(3)).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from multidict import CIMultiDict
 
-from backends._connect import open_connection
+from backends._connect import Aborted, open_connection
 
 from backends._wireresp import Conn, Response
 from protocols.errors import StorageError, StorageTimeout
@@ -165,9 +165,11 @@ class WirePool:
 
     # ------------------------------------------------------------ connections
 
-    def _connect(self, t: Target) -> Conn:
+    def _connect(self, t: Target, ticket: Ticket) -> Conn:
         try:
-            sock = open_connection(t.host, t.port, self.connect_timeout_s)
+            sock = open_connection(t.host, t.port, self.connect_timeout_s, aborted=lambda: ticket.aborted)
+        except Aborted as e:
+            raise StorageError(f"connecting to {t.host}:{t.port}: aborted") from e
         except TimeoutError as e:
             raise Retryable(StorageTimeout(f"connecting to {t.host}:{t.port} timed out")) from e
         except OSError as e:
@@ -181,16 +183,20 @@ class WirePool:
                     if self._ssl is None:
                         self._ssl = ssl.create_default_context(cafile=self._cafile)
                     ctx = self._ssl
-                sock = ctx.wrap_socket(sock, server_hostname=t.host)  # handshake, bounded above
+                sock = ctx.wrap_socket(sock, server_hostname=t.host, do_handshake_on_connect=False)
+                ticket.attach(sock)  # an abort shuts it down: the handshake below returns at once
+                sock.do_handshake()  # bounded by connect_timeout_s (the socket's timeout)
         except OSError as e:
             sock.close()
+            if ticket.aborted:
+                raise StorageError(f"TLS to {t.host}:{t.port}: aborted") from e
             raise Retryable(StorageError(f"TLS to {t.host}:{t.port}: {e}")) from e
         sock.settimeout(self.read_timeout_s)
         with self._lock:
             self.opened += 1
         return Conn(sock, t.origin)
 
-    def _get(self, t: Target) -> Conn:
+    def _get(self, t: Target, ticket: Ticket) -> Conn:
         with self._lock:
             if self._closed:
                 raise StorageError("the connection pool is closed")
@@ -207,7 +213,7 @@ class WirePool:
                 conn.reused = True
                 self._busy.add(conn)
                 return conn
-        conn = self._connect(t)
+        conn = self._connect(t, ticket)
         with self._lock:
             self._busy.add(conn)
         return conn
@@ -283,7 +289,7 @@ class WirePool:
         for _ in range(2):
             if ticket.aborted:
                 raise StorageError(f"GET {url}: aborted")
-            conn = self._get(t)
+            conn = self._get(t, ticket)
             ticket.attach(conn.sock)
             try:
                 return self._send(conn, t, url, request)
