@@ -88,6 +88,9 @@ class StagingLanding(_BufferFill):
         self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []
         self._converting = False  # a serving dtype was asked: no tensor views device_files
         self._poller: asyncio.Task[None] | None = None
+        # Set at aclose: a copy posted before it that runs later must not allocate a device
+        # buffer nobody frees, nor start a poller that outlives the landing (review-3 G-9).
+        self._closed = False
         self._loop = loop or asyncio.get_running_loop()
         # Copies posted to the executor and copies that ran (both counted on the loop): the
         # fetch ends when the last read lands, not when its copy ran, and verifying before
@@ -124,6 +127,11 @@ class StagingLanding(_BufferFill):
 
     def _copy(self, r: int, read: ReadRange, slab: torch.Tensor) -> None:  # executor thread
         try:
+            if self._closed and self.converting:
+                # The load ended before this copy ran: aclose dropped device_reads, so no tensor
+                # can be made from it, and its device buffer would be held by nobody's count.
+                # (A file-shaped buffer is still written: tensors may view it.)
+                return
             if self.converting:
                 # On the copy stream: the allocator then reuses the block, once freed, only for
                 # work queued on that stream after the conversions that read it.
@@ -159,6 +167,8 @@ class StagingLanding(_BufferFill):
             await self._all_copied.wait()
 
     def _recycle_after(self, ev: torch.cuda.Event, slab: torch.Tensor) -> None:
+        if self._closed:
+            return  # aclose synchronized the stream; the slabs' fate is decided there
         self._pending.append((ev, slab))
         if self._poller is None or self._poller.done():
             self._poller = self._loop.create_task(self._recycle())
@@ -317,6 +327,7 @@ class StagingLanding(_BufferFill):
             raise StorageError(f"{key}: bytes [{pos}, {header.size}) never landed, so the file cannot be verified")
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._poller is not None:
             self._poller.cancel()
         if self.stream is not None:
