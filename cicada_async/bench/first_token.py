@@ -25,8 +25,10 @@ cache before every run.
 The bound (``first_token_bound``), measured once per model in the same run: skeleton + max(disk
 or wire read, warm prefill of the cell's batch) + one decode step. The report
 (``first_token_report``): median time to first token per peer, ratios to the best peer and
-the bound, spawn -> first token beside the import floor, peak RSS and GB-seconds per first
-token, and with ``--plot DIR`` cicada's pipeline timeline per cell (the served cold start's).
+the bound, spawn -> first token beside the import floor, cicada's decode steps from step 2 on
+against its warm reference (the same burst again, same server, once warm), peak RSS against
+weights + KV cache + the server's idle RSS before the request, GB-seconds per first token, and
+with ``--plot DIR`` cicada's pipeline timeline per cell (the served cold start's).
 The JSON (``--json``, written after every cell) holds every run, command, commit and machine.
 An estimate of the run time is printed first; ``--estimate`` prints it and exits.
 """
@@ -100,7 +102,8 @@ def estimate(cells: list[Cell], peers: list[str], args: argparse.Namespace) -> t
         read = nbytes / 1.5e9 if s == "local" else nbytes * 8 / (args.rate_mbit * 1e6)
         prefill, prefill1 = 2 * params * n * b / FLOPS, 2 * params * n / FLOPS
         decode = args.max_tokens * nbytes / 8e9
-        one = {"cicada": 10 + max(read, prefill) + decode, "cicada-spawn": 7 + max(read, prefill) + decode,
+        warm_ref = prefill + decode  # cicada's warm decode reference: the burst again, once warm
+        one = {"cicada": 10 + max(read, prefill) + decode + warm_ref, "cicada-spawn": 7 + max(read, prefill) + decode,
                "floor": 5 + prefill, "transformers": 6 + read + prefill + decode,
                "llama.cpp": 3 + read + b * (prefill1 + decode), "download-then-load": 6 + read + prefill + decode,
                "tensorizer": 6 + read + prefill + decode}
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             config = json.loads((d / "config.json").read_text())
             weights = sum(f.stat().st_size for f in d.glob("*.safetensors"))
             summary = cell_summary({"key": key, "model": m, "prompt_tokens": n, "prompt_tokens_seen": seen, "burst": b,
-                                    "storage": kind}, runs, bound, weights, config)
+                                    "storage": kind}, runs, bound, weights, config, args.max_tokens)
             summary["runs"] = runs
             doc["cells"].append(summary)
             doc["elapsed_s"] = time.time() - t_start

@@ -21,7 +21,17 @@ lean http.client streaming client, one thread per stream).
 - ``floor``: spawn -> imports + one warm prefill (page cache warm), the import floor.
 
 Memory: the process's VmRSS sampled every 10 ms (``procinfo.ChildRss``), over the run's clock
-window: peak, and GB-seconds (peak x window, and the integral), per first token too.
+window: peak, and GB-seconds (peak x window, and the integral), per first token too. For
+``cicada`` also the runtime baseline, the server's VmRSS once it is live and idle, before the
+weights are evicted and the request sent (imports, the ready skeleton on meta: no weight yet),
+and its VmHWM (the kernel's exact peak, which 10 ms samples can miss) right after the cold
+request's last token: issue 26's "peak RSS <= weights + KV cache + runtime baseline + 10%".
+
+Decode (``cicada``, ``llama.cpp``): every token's arrival (``first_token_stream``). ``cicada``
+then measures its warm reference in the same process: once the server is idle again, the same
+burst (same prompts, more tokens: ``first_token_stream.warm_tokens``) is sent to the now-warm
+model, and its full-batch steps are the warm decoding that the cold request's steps from step 2
+on are held against.
 """
 
 from __future__ import annotations
@@ -39,12 +49,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cicada_async.bench.generate import free_port, stream_once
+from cicada_async.bench.first_token_stream import decode_record, stream_stamped, warm_tokens
+from cicada_async.bench.generate import free_port
 from cicada_async.bench.origins import stop_process
 from cicada_async.bench.pagecache import evict_checked, warm
 from cicada_async.bench.procinfo import ChildRss
 from cicada_async.bench.process_start import _http, _LogReader
-from cicada_async.engine.procfs import usable_cores
+from cicada_async.engine.procfs import kib_field, usable_cores
 
 READY_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 3600
@@ -128,7 +139,7 @@ def release(port: int, setup: Setup, proc: subprocess.Popen[bytes] | None = None
     def one(i: int) -> None:
         try:
             gate.wait()
-            out[i] = stream_once(port, setup.name, setup.prompts[i % len(setup.prompts)], setup.max_tokens)
+            out[i] = stream_stamped(port, setup.name, setup.prompts[i % len(setup.prompts)], setup.max_tokens)
         except Exception as e:  # noqa: BLE001 - reported in the run's record
             out[i] = {"error": f"{type(e).__name__}: {e}"}
 
@@ -174,7 +185,7 @@ def _record(peer: str, t_send: float, streams: list[dict[str, Any]], rss: ChildR
 
 
 def _wall(streams: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """stream_once's perf_counter stamps as wall-clock times (both clocks read together)."""
+    """The stream client's perf_counter stamps as wall-clock times (both clocks read together)."""
     shift = time.time() - time.perf_counter()
     return [{**s, "first_at": s["t0"] + s["ttft_s"] + shift, "sent_at": s["t0"] + shift} for s in streams]
 
@@ -223,11 +234,16 @@ def run_cicada(setup: Setup, spawn: bool) -> dict[str, Any]:
                     time.sleep(0.01)
                 extra["idle_wait_s"] = wait_idle(proc.pid, max_s=IDLE_MAX_S)
                 extra["idle"] = extra["idle_wait_s"] < IDLE_MAX_S  # False: sent while it was still busy
+                extra.update(_memory(proc.pid, "rss_baseline_bytes", "hwm_at_baseline_bytes"))
                 resident = _evict(setup.evict)
                 streams = _wall(release(port, setup))
+                extra.update(_memory(proc.pid, "rss_after_cold_bytes", "rss_hwm_bytes"))
             rss.stop()
             cold = reader.wait_event("cold_start", 30)
             extra["cold_start_log"] = cold
+            extra["decode"] = decode_record(streams)
+            if not spawn:
+                extra["warm_decode"] = _warm_reference(port, proc.pid, setup)
         finally:
             stop_process(proc, timeout=60)
             reader.join(5)
@@ -238,6 +254,21 @@ def run_cicada(setup: Setup, spawn: bool) -> dict[str, Any]:
     first_sent = min(s["sent_at"] for s in streams)
     return _record("cicada-spawn" if spawn else "cicada", first_sent, streams, rss, resident,
                    t_spawn if spawn else None, send_spread_s=max(s["sent_at"] for s in streams) - first_sent, **extra)
+
+
+def _memory(pid: int, rss_key: str, hwm_key: str) -> dict[str, int | None]:
+    status = f"/proc/{pid}/status"
+    return {rss_key: kib_field(status, b"VmRSS:"), hwm_key: kib_field(status, b"VmHWM:")}
+
+
+def _warm_reference(port: int, pid: int, setup: Setup) -> dict[str, Any]:
+    """The same burst again on the now-warm model, once the server is idle (what the cold
+    start left running, e.g. the plan file's write, must not land in the warm steps)."""
+    idle_s = wait_idle(pid, max_s=30)
+    n = warm_tokens(setup.max_tokens, setup.burst)
+    warm_streams = release(port, replace(setup, max_tokens=n))
+    return {"idle_wait_s": idle_s, "max_tokens": n, "ttft_s": [s["ttft_s"] for s in warm_streams],
+            **decode_record(warm_streams)}
 
 
 def _go_worker(argv: list[str], setup: Setup, err: Any) -> tuple[subprocess.Popen[bytes], ChildRss, int, float]:
@@ -318,7 +349,7 @@ def run_llama_cpp(setup: Setup) -> dict[str, Any]:
             rss.stop()
     # The requests count as sent at go: they waited for the port while the model loaded.
     streams = [{k: v for k, v in s.items() if k != "sent_at"} for s in sent]
-    return _record("llama.cpp", t_go, streams, rss, resident,
+    return _record("llama.cpp", t_go, streams, rss, resident, decode=decode_record(sent),
                    port_accepted_after_go_s=min(s["sent_at"] for s in sent) - t_go)
 
 

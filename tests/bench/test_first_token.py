@@ -15,6 +15,7 @@ import pytest
 
 from cicada_async.bench.first_token import estimate, main, parse_cells, peers_of, prompt_of
 from cicada_async.bench.first_token_report import cell_summary, kv_bytes
+from cicada_async.bench.first_token_stream import decode_record, full_batch_steps, steps_from, steps_of
 
 CONFIG = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64, "num_hidden_layers": 2}
 
@@ -100,6 +101,55 @@ def test_the_verdicts_best_peer_bound_and_a_median_below_the_bound() -> None:
     assert failed["peers"]["cicada"]["n_ok"] == 0 and not failed["below_bound"]
 
 
+def _stream(stamps: list[float], tokens: int | None = None) -> dict[str, Any]:
+    return {"t0": 10.0, "stamps": stamps, "tokens": len(stamps) if tokens is None else tokens}
+
+
+def test_decode_steps_are_the_gaps_between_token_arrivals() -> None:
+    s = _stream([10.5, 10.6, 10.65, 10.7])
+    assert steps_of(s) == pytest.approx([0.1, 0.05, 0.05])
+    assert steps_of(_stream([10.5, 10.6, 10.7], tokens=4)) is None  # a chunk held two tokens: no steps
+    rec = decode_record([s, _stream([11.0, 11.2], tokens=3)])
+    assert rec["token_at_s"][0] == pytest.approx([0.5, 0.6, 0.65, 0.7]) and rec["merged"] == 1
+    assert steps_from([rec], 2) == pytest.approx([0.05, 0.05])  # step 1 (0.1) is left out
+    assert steps_from([rec], 1) == pytest.approx([0.1, 0.05, 0.05])
+
+
+def test_the_warm_reference_keeps_the_full_batch_steps() -> None:
+    # b joins at 10.4 (its prefill made a's step 10.0 -> 10.45 long); a leaves at 10.6, b then decodes alone
+    a, b = _stream([10.0, 10.45, 10.5, 10.55, 10.6]), _stream([10.4, 10.45, 10.5, 10.55, 10.6, 10.62, 10.64])
+    assert full_batch_steps([a, b]) == pytest.approx([0.05] * 7)  # a's 3 and b's 4 steps from 10.4 to 10.6
+    assert full_batch_steps([a]) == pytest.approx([0.45, 0.05, 0.05, 0.05])  # one request: every step
+
+
+def _decoded(run: dict[str, Any], cold: list[float], warm: list[float], baseline: int, hwm: int) -> dict[str, Any]:
+    t = [20.0 + sum(cold[:i]) for i in range(len(cold) + 1)]
+    w = [30.0 + sum(warm[:i]) for i in range(len(warm) + 1)]
+    return {**run, "decode": decode_record([_stream(t)]), "warm_decode": {"ttft_s": [0.1], **decode_record([_stream(w)])},
+            "rss_baseline_bytes": baseline, "rss_hwm_bytes": hwm}
+
+
+def test_decode_and_memory_verdicts() -> None:
+    cell = {"key": "k", "model": "m", "prompt_tokens": 32, "prompt_tokens_seen": 33, "burst": 2, "storage": "local"}
+    kv = kv_bytes(CONFIG, 33 + 4) * 2  # the burst's rows at prompt + max_tokens
+    # the cold step 1 (0.5 s, the end of the load) does not count; steps 2 on as fast as warm
+    runs = {"cicada": [_decoded(_run("cicada", 1.0, 2), [0.5, 0.031, 0.03], [0.03, 0.03, 0.03], 400, 1050 + kv)]}
+    s = cell_summary(cell, runs, None, 600, CONFIG, max_tokens=4)
+    c = s["peers"]["cicada"]
+    assert c["decode_step1_s"] == pytest.approx(0.5) and c["decode_step_from2_s"] == pytest.approx(0.0305)
+    assert c["warm_decode_step_s"] == pytest.approx(0.03) and c["decode_steps_from2_n"] == 2
+    assert s["targets"]["decode from step 2 <= 1.1x warm"] is True
+    m = s["memory"]
+    assert (m["runtime_baseline_bytes"], m["peak_bytes"], m["kv_cache_bytes"]) == (400, 1050 + kv, kv)
+    assert m["budget_bytes"] == 600 + kv + 400 and m["peak_sampled_bytes"] == 1000
+    assert s["targets"]["peak RSS <= 1.1x weights + KV + baseline"] is True  # (1050 + kv) / (1000 + kv)
+    slow = {"cicada": [_decoded(_run("cicada", 1.0, 2), [0.03, 0.05, 0.05], [0.03, 0.03, 0.03], 400, 2 * (1000 + kv))]}
+    s = cell_summary(cell, slow, None, 600, CONFIG, max_tokens=4)
+    assert s["targets"]["decode from step 2 <= 1.1x warm"] is False
+    assert s["targets"]["peak RSS <= 1.1x weights + KV + baseline"] is False  # the HWM, not the sampled peak
+    assert s["ratios"]["cicada_peak_rss_over_weights_kv_baseline"] == 2.0
+
+
 def test_kv_bytes_counts_k_and_v_of_every_layer() -> None:
     assert kv_bytes(CONFIG, 10) == 2 * 2 * 2 * 16 * 4 * 10
 
@@ -107,7 +157,7 @@ def test_kv_bytes_counts_k_and_v_of_every_layer() -> None:
 def test_smoke_on_tiny_llama(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft.json"
     rc = main(["--models", "tiny-llama", "--prompts", "16", "--bursts", "2", "--peers", "cicada,transformers",
-               "--repeat", "1", "--max-tokens", "2", "--no-prime", "--dir", str(tiny.parent), "--json", str(out)])
+               "--repeat", "1", "--max-tokens", "3", "--no-prime", "--dir", str(tiny.parent), "--json", str(out)])
     doc = json.loads(out.read_text())
     assert doc["command"].startswith("cicada bench first-token") and doc["commit"] and doc["machine"]["nproc"] >= 1
     assert doc["failed_runs"] == []
@@ -123,6 +173,18 @@ def test_smoke_on_tiny_llama(tiny: Path, tmp_path: Path) -> None:
         assert run["resident_before_bytes"] <= 1 << 20  # evicted, and checked
         assert run["cost"]["rss_peak_bytes"] > 0
     assert cell["ratios"]["cicada_over_bound"] is not None and cell["best_peer"] == "transformers"
+    (run,) = cell["runs"]["cicada"]
+    # every token's arrival, in order, after the send; the warm reference: the same burst again
+    offsets = run["decode"]["token_at_s"]
+    assert len(offsets) == 2 and all(len(o) == 3 and 0 < o[0] <= o[1] <= o[2] for o in offsets)
+    assert len(run["warm_decode"]["ttft_s"]) == 2
+    assert len(run["decode"]["decode_steps_s"]) + run["decode"]["merged"] == 2
+    c = cell["peers"]["cicada"]
+    assert c["warm_decode_step_s"] is not None or run["warm_decode"]["merged"] == 2
+    # the runtime baseline, apart: the idle server before the load, below the peak, which holds the weights
+    m = cell["memory"]
+    assert 0 < m["runtime_baseline_bytes"] < m["peak_bytes"] and m["baseline_from"] == "idle server"
+    assert m["budget_bytes"] == m["weights_bytes"] + m["kv_cache_bytes"] + m["runtime_baseline_bytes"]
 
 
 def test_llama_cpp_peer(tiny: Path, tmp_path: Path) -> None:
