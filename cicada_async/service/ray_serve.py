@@ -25,13 +25,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator
-from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, cast
 
 from ray import serve
 from ray.serve import Deployment
 
 from cicada_async.service.ray_ingress import CicadaIngress
+from cicada_async.service.ray_replica import ReplicaStart
 from cicada_async.service.ray_wire import (
     METRICS_TYPE, NODE_HEADER, REPLICA_HEADER, REPLICA_TIME_HEADER, CicadaArgs, Forwarded, Reply, as_openai,
     error_reply, json_reply, load_settings,
@@ -68,31 +68,25 @@ class CicadaModels:
     """One data plane per replica, serving every model of the repository (multiplexed)."""
 
     async def __init__(self, args: CicadaArgs) -> None:  # type: ignore[misc]  # Ray awaits it
-        # First, before torch is imported: the configured prefetch reads weights into the page
-        # cache while the imports below run (engine/prefetch.py, as `cicada serve` does).
+        # Ready at once: torch, the engine and the data plane start behind it (ray_replica), so
+        # Ray routes the first request while they import, and that request's weights are read
+        # meanwhile. Only the configured prefetch and the config are done here (no torch).
         from cicada_async.engine import prefetch
 
         prefetch.start_for_cli(["serve", "--config", args.config] if args.config
                                else ["serve", "--model-repository", args.model_repository or ""])
-        from cicada_async.service.dataplane import DataPlane
-        from cicada_async.service.server import default_engine_factory, few_malloc_arenas
-
         config = load_settings(args)
         if config.server.torch_threads is None:
             # Ray gives the replica num_cpus of the node: torch gets that many threads, not
             # every core of a node it shares with other replicas.
             config.server.torch_threads = max(1, int(args.num_cpus))
-        few_malloc_arenas()
-        import torch
-
-        torch.set_num_threads(config.server.torch_threads or torch.get_num_threads())
-        self._stack = AsyncExitStack()
-        self._dp = await self._stack.enter_async_context(DataPlane(config, default_engine_factory))
+        self._start = ReplicaStart(config, config.server.torch_threads)
         loop = asyncio.get_running_loop()
 
         async def hold(model_id: str) -> _Held:
-            self._dp.model(model_id)  # unknown names are refused, never held
-            return _Held(self._dp, model_id, loop)
+            dp = await self._start.data_plane(model_id)
+            dp.model(model_id)  # unknown names are refused, never held
+            return _Held(dp, model_id, loop)
 
         self._hold = serve.multiplexed(max_num_models_per_replica=args.max_models_per_replica)(hold)
         ctx = serve.get_replica_context()
@@ -100,13 +94,20 @@ class CicadaModels:
 
         self._ident = {REPLICA_HEADER: ctx.replica_id.unique_id, NODE_HEADER: ray.get_runtime_context().get_node_id()}
 
+    async def check_health(self) -> None:
+        """Ray's periodic health check: a replica whose start failed is replaced."""
+        err = self._start.failed()
+        if err is not None:
+            raise RuntimeError(f"the replica's start failed: {err!r}")
+
     async def handle(self, req: Forwarded) -> Reply:
         t0 = time.perf_counter()
         try:
             model = serve.get_multiplexed_model_id()
+            dp = await self._start.data_plane(model if req.action != "metrics" else None)
             if model and req.action != "metrics":  # reading metrics does not make a replica hold a model
                 await self._hold(model)
-            reply = await self._route(req)
+            reply = await _route(dp, req)
         except Exception as e:  # noqa: BLE001 - every error is an answer, in the V2 shape
             reply = error_reply(e)
         reply.headers.update(self._ident)
@@ -122,6 +123,7 @@ class CicadaModels:
 
         try:
             model = serve.get_multiplexed_model_id()
+            dp = await self._start.data_plane(model)
             if model:
                 await self._hold(model)
         except Exception as e:  # noqa: BLE001 - an unknown or broken name is an answer
@@ -130,41 +132,41 @@ class CicadaModels:
             reply.headers.update(self._ident)
             yield reply
             return
-        async with contextlib.aclosing(ray_generate.answer(self._dp, req)) as items:
+        async with contextlib.aclosing(ray_generate.answer(dp, req)) as items:
             async for item in items:
                 if isinstance(item, Reply):
                     item.headers.update(self._ident)
                 yield item
 
-    async def _route(self, req: Forwarded) -> Reply:
-        dp, name, version = self._dp, req.model or "", req.version
-        if req.action == "infer":
-            return await _infer(dp, name, version, req)
-        if req.action == "metadata":
-            return json_reply(dp.model_metadata(name, version))
-        if req.action == "config":
-            return json_reply(dp.model_config(name, version))
-        if req.action == "stats":
-            return json_reply({"model_stats": dp.statistics(req.model, version)})
-        if req.action == "metrics":
-            return Reply(200, dp.render_metrics(), {}, METRICS_TYPE)
-        if req.action == "ready":
-            r = dp.model_readiness(name, version)
-            return json_reply({"name": r.name, "ready": True, "state": r.state}) if r.ready else json_reply({"error": r.reason}, 503)
-        if req.action == "load":
-            await dp.load(name)
-            return json_reply({})
-        if req.action == "unload":
-            await dp.unload(name)
-            return json_reply({})
-        if req.action == "index":
-            return json_reply(await dp.repository_index())
-        return json_reply({"error": f"unknown action {req.action!r}"}, 404)
-
     async def __del__(self) -> None:
-        """Ray's replica shutdown: drain, then tear the engine down."""
-        self._dp.begin_drain()
-        await self._stack.aclose()
+        """Ray's replica shutdown: drain, then tear the engine down (or stop its start)."""
+        await self._start.close()
+
+
+async def _route(dp: DataPlane, req: Forwarded) -> Reply:
+    name, version = req.model or "", req.version
+    if req.action == "infer":
+        return await _infer(dp, name, version, req)
+    if req.action == "metadata":
+        return json_reply(dp.model_metadata(name, version))
+    if req.action == "config":
+        return json_reply(dp.model_config(name, version))
+    if req.action == "stats":
+        return json_reply({"model_stats": dp.statistics(req.model, version)})
+    if req.action == "metrics":
+        return Reply(200, dp.render_metrics(), {}, METRICS_TYPE)
+    if req.action == "ready":
+        r = dp.model_readiness(name, version)
+        return json_reply({"name": r.name, "ready": True, "state": r.state}) if r.ready else json_reply({"error": r.reason}, 503)
+    if req.action == "load":
+        await dp.load(name)
+        return json_reply({})
+    if req.action == "unload":
+        await dp.unload(name)
+        return json_reply({})
+    if req.action == "index":
+        return json_reply(await dp.repository_index())
+    return json_reply({"error": f"unknown action {req.action!r}"}, 404)
 
 
 async def _infer(dp: DataPlane, name: str, version: str | None, req: Forwarded) -> Reply:

@@ -84,3 +84,66 @@ def test_what_ray_wire_spells_out_agrees_with_its_source() -> None:
     for protect in (False, True):
         auth = AuthConfig(inference_tokens=["t"], protect_metrics=protect)
         assert [ray_wire.scope_of(p, auth) for p in paths] == [http_auth.scope_of(p, auth) for p in paths]
+
+
+
+# A model replica's start (ray_replica) without Ray: building it imports no torch; a request
+# that arrives before the data plane is up starts reading its model's weights and waits; then
+# the model answers, and the replica never imported aiohttp (service/server.py does).
+REPLICA = """
+import asyncio, sys
+from cicada_async.service.ray_replica import ReplicaStart
+from cicada_async.service.ray_wire import CicadaArgs, load_settings
+
+async def main():
+    start = ReplicaStart(load_settings(CicadaArgs(model_repository=sys.argv[1])), 1)
+    assert "torch" not in sys.modules, "building the replica's start imported torch"
+    dp = await start.data_plane("m")
+    assert list(start.prefetched) == ["m"], start.prefetched
+    import torch
+    from safetensors.torch import load_file
+    from cicada_async.models.plain import TiedMLP
+    from cicada_async.service.stats import Outcome
+    from protocols import v2
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    body, hl = v2.encode_request({"input_ids": ids})
+    out = await dp.infer(dp.admit("m"), v2.decode_request(body, hl), Outcome())
+    ref = TiedMLP(vocab=256, dim=32, hidden=64)  # catalogue's tiny-mlp, loaded as plain PyTorch
+    ref.load_state_dict(load_file(sys.argv[1] + "/m/model.safetensors"), strict=False)
+    with torch.inference_mode():
+        want = ref(ids)
+    (got,) = out.values()
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert torch.get_num_threads() == 1
+    assert "aiohttp" not in sys.modules, "the replica imported aiohttp"
+    await start.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_replica_is_ready_before_torch_and_answers_once_started(tmp_path: Path) -> None:
+    from cicada_async.models.catalogue import make_model
+
+    make_model("tiny-mlp", tmp_path / "m")
+    proc = subprocess.run([sys.executable, "-c", REPLICA, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_replica_builds_the_engine_cicada_serve_builds(tmp_path: Path) -> None:
+    from cicada_async.engine.runtime import Engine
+    from cicada_async.service.config import Config
+    from cicada_async.service.ray_replica import engine_factory
+    from cicada_async.service.server import default_engine_factory
+
+    for threads, serialize in ((None, False), (1, True)):
+        config = Config(model_repository=tmp_path)
+        config.server.torch_threads, config.server.serialize_loads = threads, serialize
+        config.cache.plan_dir = tmp_path / "plans"
+        ours, theirs = engine_factory(config), default_engine_factory(config)
+        assert isinstance(ours, Engine) and isinstance(theirs, Engine)
+        for attr in ("every_core_when_idle", "node_cache", "storage", "shared", "warm_imports", "read_bytes",
+                     "load_timeout_s"):
+            assert getattr(ours, attr) == getattr(theirs, attr), attr
+        assert vars(ours.plans) == vars(theirs.plans) and vars(ours.fetch) == vars(theirs.fetch)

@@ -210,16 +210,14 @@ def test_scale_to_zero_and_back(cluster: tuple[Cluster, object, Proxy], oracle: 
     print(f"first answer from zero replicas: {first_s:.1f} s; after scaling to zero: {again_s:.1f} s")
 
 
-def openai_client(proxy: Proxy) -> "openai.OpenAI":
-    # No retries: a 503 must show.
+def openai_client(proxy: Proxy) -> "openai.OpenAI":  # no retries: a 503 must show
     return openai.OpenAI(base_url=f"http://127.0.0.1:{proxy.port}/llm/v1", api_key="unused", max_retries=0,
                          timeout=120)
 
 
 def test_openai_through_the_proxy_is_transformers_greedy(cluster: tuple[Cluster, object, Proxy],
                                                          lm_oracle: dict[str, Oracle]) -> None:
-    proxy = cluster[2]
-    c = openai_client(proxy)
+    c = openai_client(cluster[2])
     assert [m.id for m in c.models.list()] == sorted(LMS)
     assert c.models.retrieve("qwen").id == "qwen"
     with pytest.raises(openai.NotFoundError) as nf:
@@ -273,12 +271,10 @@ def test_generation_streams_through_the_proxy_event_by_event(cluster: tuple[Clus
 
 def test_a_client_leaving_a_stream_stops_its_generation_and_frees_its_sequence(
         cluster: tuple[Cluster, object, Proxy], lm_oracle: dict[str, Oracle]) -> None:
-    """An OpenAI stream to the end of the context whose client hangs up after 3 events: Ray's proxy cancels
-    the request, the ingress's stream and the replica's; the engine stops the sequence and frees
-    its KV cache. Read from the replica's own metrics through the proxy (vLLM's names): no
-    sequence running or waiting, no KV in use, one more abort, and fewer tokens generated than
-    the stream asked for, within 10 s; then a whole completion is admitted (one sequence at a
-    time for this model) and is transformers' greedy text."""
+    """A client hangs up an OpenAI stream after 3 events: Ray cancels the request down to the replica, whose
+    engine stops and frees the sequence. The replica's metrics (vLLM's names), within 10 s: nothing running
+    or waiting, no KV in use, one more abort, fewer tokens than asked; then a whole completion is admitted
+    (one sequence at a time here) and is transformers' greedy text."""
     proxy, lm = cluster[2], "llama"
     label = f'{{model_name="{lm}"}}'
     abort = f'vllm:request_success_total{{model_name="{lm}",finished_reason="abort"}}'
