@@ -40,7 +40,11 @@ def _median(xs: list[Any]) -> float | None:
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
+    return a / b if a is not None and b else None
+
+
+def _within(ratio: float | None, limit: float) -> bool | None:
+    return None if ratio is None else ratio <= limit
 
 
 def kv_bytes(config: dict[str, Any], tokens: int) -> int:
@@ -124,26 +128,26 @@ def cell_summary(cell: dict[str, Any], runs: dict[str, list[dict[str, Any]]], bo
     bound_s = bound["bound_s"] if bound else None
     kv = kv_bytes(config, cell.get("prompt_tokens_seen", cell["prompt_tokens"]) + max_tokens) * cell["burst"]
     memory = memory_budget(c, weights_bytes, kv)
-    ratios = {
+    # Verdicts on the exact ratios: rounded first, 1.1004 would pass a 1.1 limit.
+    exact = {
         "cicada_over_best_peer": _ratio(ttft, best[1]),
         "cicada_over_bound": _ratio(ttft, bound_s),
         "cicada_spawn_over_floor": _ratio(spawn.get("spawn_to_first_s"), floor.get("spawn_to_first_s")),
         "cicada_peak_rss_over_weights_kv_baseline": _ratio(memory["peak_bytes"], memory["budget_bytes"]),
         "cicada_decode_from_step2_over_warm": _ratio(c.get("decode_step_from2_s"), c.get("warm_decode_step_s")),
     }
+    ratios = {k: None if v is None else round(v, 3) for k, v in exact.items()}
     limit_peer = 0.85 if cell["storage"] == "s3" else 0.75
     limit_bound = 1.25 if cell["burst"] > 1 else 1.2
     checks = {
-        f"ttft <= {limit_peer}x best peer": None if ratios["cicada_over_best_peer"] is None
-        else ratios["cicada_over_best_peer"] <= limit_peer,
-        f"ttft <= {limit_bound}x bound": None if ratios["cicada_over_bound"] is None or cell["storage"] == "s3"
-        else ratios["cicada_over_bound"] <= limit_bound,
-        "spawn <= 1.15x import floor": None if ratios["cicada_spawn_over_floor"] is None
-        else ratios["cicada_spawn_over_floor"] <= 1.15,
-        "peak RSS <= 1.1x weights + KV + baseline": None if ratios["cicada_peak_rss_over_weights_kv_baseline"] is None
-        else ratios["cicada_peak_rss_over_weights_kv_baseline"] <= RSS_SLACK,
-        f"decode from step 2 <= {DECODE_SLACK}x warm": None if ratios["cicada_decode_from_step2_over_warm"] is None
-        else ratios["cicada_decode_from_step2_over_warm"] <= DECODE_SLACK,
+        f"ttft <= {limit_peer}x best peer": _within(exact["cicada_over_best_peer"], limit_peer),
+        f"ttft <= {limit_bound}x bound": None if cell["storage"] == "s3"
+        else _within(exact["cicada_over_bound"], limit_bound),
+        "spawn <= 1.15x import floor": _within(exact["cicada_spawn_over_floor"], 1.15),
+        "peak RSS <= 1.1x weights + KV + baseline": _within(exact["cicada_peak_rss_over_weights_kv_baseline"],
+                                                            RSS_SLACK),
+        f"decode from step 2 <= {DECODE_SLACK}x warm": _within(exact["cicada_decode_from_step2_over_warm"],
+                                                                DECODE_SLACK),
     }
     below = bool(ttft is not None and bound_s is not None and ttft < bound_s)
     return {**cell, "bound": bound, "best_peer": best[0], "peers": peers, "ratios": ratios, "targets": checks,

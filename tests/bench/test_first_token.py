@@ -148,6 +148,12 @@ def test_decode_and_memory_verdicts() -> None:
     assert s["targets"]["decode from step 2 <= 1.1x warm"] is False
     assert s["targets"]["peak RSS <= 1.1x weights + KV + baseline"] is False  # the HWM, not the sampled peak
     assert s["ratios"]["cicada_peak_rss_over_weights_kv_baseline"] == 2.0
+    # just over the limit: the ratio shown rounds to 1.1, the verdict is on the exact one
+    budget = 600 + kv + 400
+    hair = {"cicada": [_decoded(_run("cicada", 1.0, 2), [0.03] * 3, [0.03] * 3, 400, int(budget * 1.1004))]}
+    s = cell_summary(cell, hair, None, 600, CONFIG, max_tokens=4)
+    assert s["ratios"]["cicada_peak_rss_over_weights_kv_baseline"] == 1.1
+    assert s["targets"]["peak RSS <= 1.1x weights + KV + baseline"] is False
 
 
 def test_kv_bytes_counts_k_and_v_of_every_layer() -> None:
