@@ -50,6 +50,9 @@ class LoadOptions:
     # the warm one bit for bit). The engine turns it on with every_core_when_idle (the
     # server's default: torch_threads unset).
     every_core_when_idle: bool = False
+    # Files already in the page cache load as the stock loader does, without the pipeline
+    # (engine/resident.py). Off for a bare ``cold_start``; a served model's (load_options) on.
+    resident: bool = False
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +78,7 @@ def load_options(options: ModelOptions, read_bytes: int, load_timeout_s: float,
     return LoadOptions(
         dtype=_DTYPES[options.dtype] if options.dtype else None, device=device,
         read_bytes=read_bytes, load_timeout_s=load_timeout_s, every_core_when_idle=every_core,
+        resident=True,  # a served model's files in the page cache skip the pipeline
     )
 
 
@@ -107,6 +111,7 @@ class LoadJob:
         self.ledger = ledger  # each shard's state and the load's error
         self.deadline = time.monotonic() + options.load_timeout_s
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._all_in = False  # apply_all ran: every tensor is in, outside the ledger
         # CUDA: this load computes on its own stream, ordered only after its own shards' copy
         # events, so loads of different models never queue behind each other on the device.
         self.stream = torch.cuda.Stream(options.device) if options.device.type == "cuda" else None  # type: ignore[no-untyped-call]  # unannotated in torch itself
@@ -148,6 +153,14 @@ class LoadJob:
         self.timeline.add("apply", shard.module, start, nbytes=shard.nbytes)
         self.ledger.applied(i)
 
+    def apply_all(self) -> None:
+        """Every shard in one pass, no ledger (the resident path: every byte is in memory)."""
+        start = self.timeline.now()
+        for i in range(len(self.plan.shards)):
+            self._make_tensors(i)
+        self._all_in = True
+        self.timeline.add("apply", "<all>", start, nbytes=sum(s.nbytes for s in self.plan.shards))
+
     def _make_tensors(self, i: int) -> None:
         for name in self.plan.shards[i].tensors:
             slot = self.index.slots[name]
@@ -158,7 +171,7 @@ class LoadJob:
             materialize(slot, value)
 
     def wait_for(self, shards: list[int], what: str) -> None:
-        if self.ledger.all_applied(shards) and self.error is None:
+        if (self._all_in or self.ledger.all_applied(shards)) and self.error is None:
             self._device_wait(shards)
             return
         start = self.timeline.now()

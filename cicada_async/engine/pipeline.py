@@ -41,6 +41,7 @@ from cicada_async.engine.plan import (
     shard_groups,
 )
 from cicada_async.engine.plancache import order_fits
+from cicada_async.engine.resident import choose, resident_load
 from cicada_async.engine.skeleton import SkeletonIndex, build_skeleton, index_skeleton, place_buffers
 from cicada_async.engine.staging import landing_for
 from cicada_async.engine.timeline import Timeline
@@ -123,6 +124,8 @@ class ColdStart:
         except BaseException:
             skeleton.cancel()
             raise
+        if self.options.resident and self.request.shard_order is None and choose(landing, self.timeline):
+            return await resident_load(self, spec, skeleton, hdrs, landing)  # files in memory
         if spec.manifest is not None:
             landing.hold_releases()  # converted spans stay resident until the files verify
         fetcher = await self.start_fetch(hdrs, landing)
