@@ -11,6 +11,7 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
+from cicada_async.bench.pagecache import make_cold
 from tests.fixtures.helpers import inputs_for, reference
 
 
@@ -42,6 +43,9 @@ def test_run_all_strategies_agree(model_dirs, tmp_path):
 
 
 def test_run_writes_timeline_and_plot(model_dirs, tmp_path):
+    # Evicted first: with its files in the page cache the load would take the resident path,
+    # which reads nothing (engine/resident.py); this run checks the pipeline's timeline.
+    make_cold(model_dirs["tiny-bert"])
     r = cicada("run", str(model_dirs["tiny-bert"]), "--timeline", str(tmp_path / "t.json"), "--plot", str(tmp_path / "t.png"))
     assert r.returncode == 0, r.stderr
     tl = json.loads((tmp_path / "t.json").read_text())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from cicada_async.bench.pagecache import make_cold
 from cicada_async.service.config import ModelConfig
 from cicada_async.service.metrics import parse_text
 from protocols.serving import Inputs, Priority
@@ -110,6 +111,9 @@ def test_single_flight_50_concurrent_cold(server: LiveServer, reference: dict[st
                 return (await c.infer("tiny-gpt2", [inp], priority=1 + i % 3)).as_numpy("logits")
             return await asyncio.gather(*(one(i) for i in range(50)))
 
+    # Evicted first: resident files would load without a fetch (engine/resident.py), and the
+    # bytes-fetched metric is checked below.
+    make_cold(Path(server.repo.get("tiny-gpt2").instance.uri))
     outs = asyncio.run(burst())
     inst = server.repo.get("tiny-gpt2").instance
     assert inst.cold_starts == 1
