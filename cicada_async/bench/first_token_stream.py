@@ -3,9 +3,8 @@
 from the second decode step on").
 
 The client is ``generate.stream_once``'s lean one (http.client, one thread per stream, a
-prefix test per line, JSON parsed only for the usage and error events), kept line for line so
-that the clock of the first token is unchanged, and it returns every completion chunk's
-arrival stamp. A chunk is one token when the stream's chunk count equals the usage's
+prefix test per line, JSON parsed only for the usage and error events), so that the clock of
+the first token is unchanged, asked to return every completion chunk's arrival stamp. A chunk is one token when the stream's chunk count equals the usage's
 ``completion_tokens``: the server may hold back bytes of an incomplete UTF-8 character and send
 two tokens in one chunk, and such a stream's gaps are not decode steps, so ``steps_of`` gives
 none for it (it is counted as ``merged``).
@@ -25,46 +24,16 @@ tokens (``warm_tokens``) so that this window holds several steps.
 
 from __future__ import annotations
 
-import http.client
-import json
 import statistics
-import time
 from typing import Any
+
+from cicada_async.bench.generate import stream_once
 
 
 def stream_stamped(port: int, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
     """One streamed ``/v1/completions``: ``generate.stream_once``'s record plus ``stamps``
     (perf_counter at each completion chunk's arrival)."""
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True})
-    stamps: list[float] = []
-    usage: dict[str, Any] | None = None
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
-    try:
-        t0 = time.perf_counter()
-        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-        r = conn.getresponse()
-        if r.status != 200:
-            raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
-        for line in r:
-            if not line.startswith(b"data:"):
-                continue
-            if line.startswith(b"data: [DONE]"):
-                break
-            if b'"text"' in line:  # a completion chunk (the usage chunk has no choice); any spacing
-                stamps.append(time.perf_counter())
-            if b'"completion_tokens"' in line or b'"error"' in line:
-                doc = json.loads(line[5:])
-                if "error" in doc:
-                    raise RuntimeError(f"stream error: {doc['error']}")
-                usage = doc["usage"]
-        t_end = time.perf_counter()
-    finally:
-        conn.close()
-    tokens = int(usage["completion_tokens"]) if usage else len(stamps)
-    return {"t0": t0, "t_end": t_end, "ttft_s": stamps[0] - t0 if stamps else None, "chunks": len(stamps),
-            "tokens": tokens, "prompt_tokens": int(usage["prompt_tokens"]) if usage else None, "stamps": stamps,
-            "decode_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and tokens > 1 else None}
+    return stream_once(port, model, prompt, max_tokens, keep_stamps=True)
 
 
 def warm_tokens(max_tokens: int, burst: int) -> int:

@@ -179,8 +179,9 @@ async def _wait_http(port: int, path: str, proc: subprocess.Popen[bytes], timeou
     raise RuntimeError(f"server on {port} not up after {timeout_s} s")
 
 
-def stream_once(port: int, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    """One streamed completion: seconds to the first token, chunk stamps, the usage counts.
+def stream_once(port: int, model: str, prompt: str, max_tokens: int, *, keep_stamps: bool = False) -> dict[str, Any]:
+    """One streamed completion: seconds to the first token, chunk stamps, the usage counts
+    (with ``keep_stamps``, every chunk's perf_counter at arrival as ``stamps``).
 
     A lean blocking client (http.client, one thread per stream, a prefix test per line and
     JSON parsed only for the usage and error events): on two cores the client shares the CPU
@@ -215,6 +216,7 @@ def stream_once(port: int, model: str, prompt: str, max_tokens: int) -> dict[str
     tokens = int(usage["completion_tokens"]) if usage else len(stamps)
     return {"t0": t0, "t_end": t_end, "ttft_s": stamps[0] - t0 if stamps else None, "chunks": len(stamps),
             "tokens": tokens, "prompt_tokens": int(usage["prompt_tokens"]) if usage else None,
+            **({"stamps": stamps} if keep_stamps else {}),
             "decode_tok_s": (tokens - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and tokens > 1 else None}
 
 
