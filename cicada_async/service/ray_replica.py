@@ -17,46 +17,27 @@ replica instead:
   fails every request with its error, and Ray's health check (``failed``) replaces the replica.
 
 Nothing here imports torch, aiohttp or the data plane at module level: the replica's
-constructor must stay cheap. ``service/server.py`` (``cicada serve``) imports aiohttp at its top,
-so its engine factory and arena set-up are not imported from there (see ``engine_factory``).
+constructor must stay cheap. The engine factory and arena set-up come from ``enginesetup``, as
+``cicada serve``'s do, since ``service/server.py`` imports aiohttp at its top.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import time
 from contextlib import AsyncExitStack, suppress
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
+# The same engine as `cicada serve`'s, from a module that does not import aiohttp.
+from cicada_async.service.enginesetup import default_engine_factory as engine_factory
+from cicada_async.service.enginesetup import few_malloc_arenas
 
+if TYPE_CHECKING:
     from cicada_async.service.config import Config
     from cicada_async.service.dataplane import DataPlane
-    from protocols.serving import ServingEngine
 
 log = logging.getLogger(__name__)
-
-
-def few_malloc_arenas() -> None:
-    """``server.few_malloc_arenas`` (glibc's arenas capped at two, so freed activations are
-    shared by the executor's workers), spelled out here: importing ``server`` imports aiohttp."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-def engine_factory(config: Config) -> AbstractAsyncContextManager[ServingEngine]:
-    """``server.default_engine_factory``'s engine (the same settings from the same config),
-    without importing ``server`` and so aiohttp; ``tests/deploy/test_ray_ingress.py`` checks
-    that both build the same engine."""
-    from cicada_async.engine.runtime import Engine
-
-    return Engine(storage=config.storage, node_cache=config.node_cache, plan_dir=config.cache.plan_dir,
-                  shared=not config.server.serialize_loads, every_core_when_idle=config.server.torch_threads is None)
 
 
 def _import_engine(threads: int) -> float:

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import os
 import sys
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +25,7 @@ from cicada_async.engine.procfs import threads_while_fetching
 from cicada_async.service import auth
 from cicada_async.service.config import Config, ModelConfig, load_config, scan_repository
 from cicada_async.service.dataplane import DataPlane, EngineFactory
+from cicada_async.service.enginesetup import default_engine_factory, few_malloc_arenas
 from cicada_async.service.generate_api import generate, generate_stream
 from cicada_async.service.http_auth import auth_middleware
 from cicada_async.service.infer import expect_continue, infer
@@ -40,7 +39,6 @@ from cicada_async.service.routes import (
     repo_unload, server_metadata, stats,
 )
 from protocols.errors import ConfigError
-from protocols.serving import ServingEngine
 
 if TYPE_CHECKING:
     from cicada_async.service.grpc_server import GrpcServer
@@ -61,13 +59,6 @@ async def start_grpc(dp: DataPlane) -> GrpcServer | None:
     server = GrpcServer(dp)
     await server.start()
     return server
-
-
-def default_engine_factory(config: Config) -> AbstractAsyncContextManager[ServingEngine]:
-    from cicada_async.engine.runtime import Engine  # deferred: heavy imports only when serving
-
-    return Engine(storage=config.storage, node_cache=config.node_cache, plan_dir=config.cache.plan_dir,
-                  shared=not config.server.serialize_loads, every_core_when_idle=config.server.torch_threads is None)
 
 
 def build_app(config: Config, *, engine_factory: EngineFactory = default_engine_factory) -> web.Application:
@@ -163,21 +154,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
         except ValueError:
             raise ConfigError(f"$PORT must be an integer, got {env!r}") from None
     return config
-
-
-def few_malloc_arenas() -> None:
-    """Caps glibc's malloc arenas at two (``mallopt(M_ARENA_MAX, 2)``); a no-op without glibc.
-    Part of a serving process's set-up: ``main`` calls it, and so does each Ray Serve model
-    replica (``ray_serve.CicadaModels``) before its engine starts.
-
-    The engine's worker threads take turns computing, and glibc would give each thread its own
-    arena: the activations one worker frees stay in its arena, where the next forward (often on
-    another worker) does not reuse them, so RSS after a model's unload can keep growing with the
-    number of workers that ever computed. With two arenas the workers share freed memory."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 def main(argv: list[str]) -> int:
