@@ -109,7 +109,8 @@ async def main():
     body, hl = v2.encode_request({"input_ids": ids})
     out = await dp.infer(dp.admit("m"), v2.decode_request(body, hl), Outcome())
     ref = TiedMLP(vocab=256, dim=32, hidden=64)  # catalogue's tiny-mlp, loaded as plain PyTorch
-    ref.load_state_dict(load_file(sys.argv[1] + "/m/model.safetensors"), strict=False)
+    keys = ref.load_state_dict(load_file(sys.argv[1] + "/m/model.safetensors"), strict=False)
+    assert set(keys.missing_keys) <= {"out.weight"} and not keys.unexpected_keys, keys  # tied: stored once
     with torch.inference_mode():
         want = ref(ids)
     (got,) = out.values()
