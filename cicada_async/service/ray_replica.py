@@ -42,14 +42,17 @@ log = logging.getLogger(__name__)
 
 def _import_engine(threads: int) -> float:
     """torch and the engine's modules, in a worker thread; the seconds it took."""
+    from cicada_async.engine import importgc  # stdlib only
+
     t0 = time.perf_counter()
     few_malloc_arenas()  # before torch starts threads that would each take an arena
-    import torch
+    with importgc.paused():  # importgc says why (the collector's passes over the imports)
+        import torch
 
-    torch.set_num_threads(threads)
-    import cicada_async.engine.runtime  # noqa: F401 - the engine factory's module
-    import cicada_async.service.dataplane  # noqa: F401
-    import protocols.v2  # noqa: F401 - the replica's decode/encode
+        torch.set_num_threads(threads)
+        import cicada_async.engine.runtime  # noqa: F401 - the engine factory's module
+        import cicada_async.service.dataplane  # noqa: F401
+        import protocols.v2  # noqa: F401 - the replica's decode/encode
     return time.perf_counter() - t0
 
 
