@@ -49,6 +49,7 @@ from typing import Any
 from cicada_async.bench.first_token_bound import bound_of, measure
 from cicada_async.bench.first_token_report import cell_summary, format_table, plot_timelines
 from cicada_async.bench.first_token_runs import Setup, run_peer
+from cicada_async.bench.origins import S3_DATA
 from cicada_async.bench.procinfo import commit, machine
 
 LOCAL_PEERS = ("cicada", "cicada-spawn", "floor", "transformers", "llama.cpp")
@@ -164,7 +165,7 @@ def _ensure_model(name: str, root: Path) -> Path:
 def _origins(stack: ExitStack, tmp: Path, dirs: dict[str, Path], kinds: set[str], tensorizer: bool,
              rate_bps: float) -> tuple[Any, dict[str, str], dict[str, Any], Path]:
     """The shaped link, the origin tree (links to the model files, and model.tensors when the
-    tensorizer peer runs), nginx and s3rver in its namespace, the models uploaded."""
+    tensorizer peer runs), nginx and the S3 server (origins.start_s3) in its namespace, the models uploaded."""
     from cicada_async.bench.netns import ShapedLink, available
     from cicada_async.bench.origins import model_files, start_http_origin, start_s3, upload_s3
 
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 _, endpoints, settings, origin = remote
                 uri = f"s3://cicada-bench/{m}" if kind == "s3" else f"{endpoints['http']}/{m}/"
                 storage = {kind: settings[kind]}
-                files = [d, origin / m] + ([tmp / "s3rver-data"] if kind == "s3" and (tmp / "s3rver-data").exists() else [])
+                files = [d, origin / m] + ([tmp / S3_DATA] if kind == "s3" and (tmp / S3_DATA).exists() else [])
             setup = Setup(name=m, model_dir=d, uri=uri, storage=storage, prompts=texts, prompt_tokens=seen, burst=b,
                           max_tokens=args.max_tokens, evict=files, prefetch=args.prefetch)
             peers = peers_of(cell, wanted)

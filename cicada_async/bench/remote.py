@@ -1,6 +1,6 @@
 """``cicada bench cold-start --storage local,http,s3``: cold starts from remote storage.
 
-The origins (``origins.py``: nginx or aiohttp static, s3rver or moto) run in a network namespace
+The origins (``origins.py``: nginx or aiohttp static; rclone's serve s3, s3rver or moto) run in a network namespace
 behind a veth pair (``netns.ShapedLink``); ``--bandwidth-mbps`` lists the link rates in MB/s,
 shaped by the kernel's tc (0 = unshaped). Everything is stopped and deleted when done.
 
@@ -8,7 +8,7 @@ Per model and storage/rate, interleaved, each a fresh process (``peers.py``: the
 the common clock, imports before it): ``cicada``, ``tensorizer`` (HTTP, S3: its own format from
 the same origin), ``runai`` (local, S3), ``download-then-load`` (streamed to disk as it lands,
 then ``meta-mmap``), and from local disk ``cicada`` and ``meta-mmap``. Before every run the
-model's local pages, the origin's files and s3rver's data directory are dropped from the page
+model's local pages, the origin's files and the S3 server's data directory are dropped from the page
 cache.
 
 Reference figures: wire time (bytes / rate) and the warm forward and skeleton
@@ -30,7 +30,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from cicada_async.bench.origins import BUCKET, model_files, start_http_origin, start_s3, upload_s3
+from cicada_async.bench.origins import BUCKET, S3_DATA, model_files, start_http_origin, start_s3, upload_s3
 from cicada_async.bench.peers import TENSORS
 from cicada_async.bench.remote_report import format_table, plot
 
@@ -176,7 +176,7 @@ def remote_cold_start_bench(args: argparse.Namespace) -> int:
                     "load_average_at_start": os.getloadavg()},
         "repeat": args.repeat, "rates_mbps": rates, "storages": storages, "servers": {}, "models": {},
         "link": "origin in a network namespace behind a veth pair; tc tbf on its egress at each rate "
-                "(0 = no qdisc, unshaped); origin files and s3rver's data dropped from the page cache "
+                "(0 = no qdisc, unshaped); origin files and the S3 server's data dropped from the page cache "
                 "(fsync + posix_fadvise DONTNEED) before every run",
         "engine_settings": "cicada serve's defaults: Engine(every_core_when_idle=True), torch threads = usable cores - 1 while fetching; backend defaults",
         "clock": "load start to the first forward's outputs on the host; teardown outside",
@@ -223,7 +223,7 @@ def remote_cold_start_bench(args: argparse.Namespace) -> int:
                         if kind != "local":
                             drop_tree(origin)
                             if kind == "s3":
-                                drop_tree(tmp / "s3rver-data")
+                                drop_tree(tmp / S3_DATA)
                         if kind == "local":
                             uri, storage = str(d), {}
                         else:
