@@ -32,14 +32,18 @@ from typing import Any
 
 from cicada_async.bench.origins import BUCKET, S3_DATA, model_files, start_http_origin, start_s3, upload_s3
 from cicada_async.bench.peers import TENSORS
+from cicada_async.bench.remote_served import STRATEGY as SERVED
+from cicada_async.bench.remote_served import served_run
 from cicada_async.bench.remote_report import format_table, plot
 
 BENCH_SEQ = 128
 WORKER_TIMEOUT_S = 600
 MB = 1_000_000
 LOCAL_STRATEGIES = ["cicada", "meta-mmap", "runai"]
-REMOTE_STRATEGIES = {"http": ["cicada", "tensorizer", "download-then-load"],
-                     "s3": ["cicada", "tensorizer", "runai", "download-then-load"]}
+# cicada-served: a running ``cicada serve``'s first answer over HTTP (remote_served.py), the
+# path a user meets, beside the engine's own clock (``cicada``).
+REMOTE_STRATEGIES = {"http": ["cicada", "cicada-served", "tensorizer", "download-then-load"],
+                     "s3": ["cicada", "cicada-served", "tensorizer", "runai", "download-then-load"]}
 
 
 # ------------------------------------------------------------------------ workers (fresh processes)
@@ -219,17 +223,23 @@ def remote_cold_start_bench(args: argparse.Namespace) -> int:
                     link.set_rate(rate * MB * 8 if rate else None)
                 for rep in range(args.repeat):
                     for kind, cap, strategy in group[rep % len(group):] + group[: rep % len(group)]:
-                        drop_page_cache(d)
-                        if kind != "local":
-                            drop_tree(origin)
-                            if kind == "s3":
-                                drop_tree(tmp / S3_DATA)
+                        def evict(d: Path = d, kind: str = kind) -> None:
+                            drop_page_cache(d)
+                            if kind != "local":
+                                drop_tree(origin)
+                                if kind == "s3":
+                                    drop_tree(tmp / S3_DATA)
+
+                        evict()
                         if kind == "local":
                             uri, storage = str(d), {}
                         else:
                             uri = f"s3://{BUCKET}/{name}" if kind == "s3" else f"{endpoints['http']}/{name}/"
                             storage = {kind: _remote_settings(kind, endpoints.get(kind), creds)}
-                        r = _spawn(["--worker", strategy, uri, str(d), json.dumps(storage)])
+                        if strategy == SERVED:
+                            r = served_run(uri, storage, d, evict, BENCH_SEQ)
+                        else:
+                            r = _spawn(["--worker", strategy, uri, str(d), json.dumps(storage)])
                         runs[(kind, cap, strategy)].append(r)
                         label = kind if cap is None else f"{kind} @{cap:g} MB/s" if cap else f"{kind} unshaped"
                         shown = f"{r['total_s'] * 1e3:8.0f} ms" if "total_s" in r else f"FAILED: {r['error']}"
