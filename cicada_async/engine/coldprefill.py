@@ -11,12 +11,17 @@ computes while layers k+1.. are still on the wire, and the prefill costs about m
 instead of read + compute. Decoding cannot start before the output head has run, i.e. before the
 last layer landed: the first token is sampled at the end of this job.
 
-Rows are left-padded (right-aligned, as ``BatchCache`` keeps them) with an attention mask and
+The rows go through the model in forwards of at most ``PREFILL_CHUNK_TOKENS`` padded tokens
+(``forwards_of``; the first forward passes the gates as the weights land, the next ones follow
+it), so the activations a cold burst's prefill holds at once are those of one forward of at
+most that many tokens (or of its longest prompt alone), not of the whole burst. In each forward, rows
+are left-padded (right-aligned, as ``BatchCache`` keeps them) with an attention mask and
 per-row position ids 0..n-1, so each row's logits and cache are those of the same prompt
 prefilled alone, up to float reassociation in the padded matmuls (greedy tokens equal; the
 tests compare with transformers). A batch of one row, or of rows of one length, passes no mask:
-exactly what a warm prefill computes. Each row's cache is cut out of the batch's
-(``kvcache.split_rows``) and joins the running batch at the loop's next decode step.
+exactly what a warm prefill computes. Each row's cache is cut out of its forward's
+(``kvcache.split_rows``; a forward of one row is its cache) and joins the running batch at the
+loop's next decode step.
 
 Admission as in the loop, over every rider of the load (all its batches) that the loop has not
 admitted yet: at most ``max_sequences`` rows, and their padded worst case (rows x longest prompt
@@ -48,6 +53,14 @@ from protocols.serving import ModelOptions
 if TYPE_CHECKING:  # transformers is imported on the executor, never at the engine's import
     from transformers.cache_utils import DynamicCache
 
+PREFILL_CHUNK_TOKENS = 512
+"""Padded tokens (rows x longest prompt) per forward of a cold batch. A forward holds one layer's
+activations for all its tokens at once, outside the KV budget: one forward of 8 x 512 tokens of
+llama-small held 160-190 MiB over its KV cache (VmHWM, in process; MLP intermediates of
+8 x 512 x 2048 fp32 are 32 MiB each), and the served peak RSS of that burst was 1.41x weights +
+KV + baseline (c0d5913). A burst of short prompts (8 x 32) stays one forward, whose matmuls
+need the rows together; the bench's bound times both ways (``first_token_bound``)."""
+
 Forward = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", torch.Tensor, "DynamicCache | None"], torch.Tensor]
 
 
@@ -60,11 +73,42 @@ class Prefilled:
     choice: Choice
 
 
+def forwards_of(lengths: list[int], chunk_tokens: int) -> list[list[int]]:
+    """The cold batch's rows (indices into ``lengths``) grouped into forwards of at most
+    ``chunk_tokens`` padded tokens each (rows x the group's longest prompt; a longer prompt goes
+    alone), longest first: rows of one length share a forward, which then needs no mask."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= chunk_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _prefill_rows(forward: Forward, model: nn.Module, rows: list[GenSequence],
+                  device: torch.device) -> tuple[list[DynamicCache], list[Choice]]:
+    """One left-padded forward of ``rows``: each row's cache (its real columns) and first token."""
+    lengths = [len(s.prompt) for s in rows]
+    width = max(lengths)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, s in enumerate(rows):
+        ids[r, width - lengths[r]:] = torch.tensor(s.prompt, dtype=torch.long)
+        real[r, width - lengths[r]:] = 1
+    positions = (real.cumsum(-1) - 1).clamp(min=0)
+    mask = None if min(lengths) == width else real.to(device)
+    cache = new_cache()
+    logits = forward(model, ids.to(device), mask, positions.to(device), cache)
+    return split_rows(cache, lengths), choose(logits, [s.sampler for s in rows])
+
+
 class ColdBatch:
     """The sequences riding one gated prefill of a loading model (see the module's docstring)."""
 
-    def __init__(self, job: LoadJob) -> None:
+    def __init__(self, job: LoadJob, chunk_tokens: int | None = None) -> None:
         self.job = job
+        self.chunk_tokens = PREFILL_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
         self._rows: list[GenSequence] = []
         self._lock = threading.Lock()  # join (loop) against close (executor)
         self._closed = False
@@ -95,23 +139,16 @@ class ColdBatch:
             return []
         job.check()
         lengths = [len(s.prompt) for s in rows]
-        width = max(lengths)
+        out: list[Prefilled] = []
         start = job.timeline.now()
         with torch.inference_mode(), job.computing(), all_cores(every_core):
-            ids = torch.zeros((len(rows), width), dtype=torch.long)
-            real = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, s in enumerate(rows):
-                ids[r, width - lengths[r]:] = torch.tensor(s.prompt, dtype=torch.long)
-                real[r, width - lengths[r]:] = 1
-            positions = (real.cumsum(-1) - 1).clamp(min=0)
-            mask = None if min(lengths) == width else real.to(device)
-            cache = new_cache()
-            logits = forward(job.model, ids.to(device), mask, positions.to(device), cache)
-            choices = choose(logits, [s.sampler for s in rows])
-            caches = split_rows(cache, lengths)
+            for group in forwards_of(lengths, self.chunk_tokens):
+                part = [rows[i] for i in group]
+                caches, choices = _prefill_rows(forward, job.model, part, device)
+                out += [Prefilled(s, c, ch) for s, c, ch in zip(part, caches, choices)]
         # One span per cold batch (the timeline's plot, and what tells a burst rode one prefill).
         job.timeline.add("prefill", f"{len(rows)} rows, {sum(lengths)} tokens", start)
-        return [Prefilled(s, c, ch) for s, c, ch in zip(rows, caches, choices)]
+        return out
 
 
 

@@ -343,9 +343,8 @@ class GenerationLoop:
         def job() -> tuple[list[Choice], list[int], int]:
             with torch.inference_mode(), all_cores(every):
                 batch.keep(keep)
+                batch.join_all([(s.cache, len(s.prompt)) for s in joins if s.cache is not None])  # (consumed)
                 for s in joins:
-                    assert s.cache is not None
-                    batch.join(s.cache, len(s.prompt))
                     s.cache = None
                 device = _device(model)
                 ids = torch.tensor([[s.last] for s in order], dtype=torch.long, device=device)

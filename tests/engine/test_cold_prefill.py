@@ -23,6 +23,8 @@ import pytest
 from protocols.errors import LoadError
 from protocols.generation import GenerationDelta, SamplingParams
 from protocols.serving import ModelOptions, Priority
+from cicada_async.engine import coldprefill
+from cicada_async.engine.coldprefill import forwards_of
 from cicada_async.engine.runtime import Engine
 from tests.engine.test_generate import IdCodec, hf_greedy, lm_dirs, prompts, tokens  # noqa: F401 - lm_dirs: a fixture
 
@@ -125,3 +127,45 @@ async def test_unload_during_the_cold_prefill_fails_its_riders(lm_dirs, served_r
             # The next request loads it again and answers.
             again = await one(inst, codec, (5, 6, 7), 4)
     assert tokens(again) == hf_greedy(d, (5, 6, 7), 4)
+
+
+def test_forwards_of_groups_rows_within_the_token_budget():
+    """Longest first, rows x the group's longest prompt <= the budget; a longer prompt alone."""
+    assert forwards_of([3, 17, 8, 25, 5, 12], 30) == [[3], [1], [5, 2], [4, 0]]
+    assert forwards_of([512] * 8, 512) == [[i] for i in range(8)]
+    assert forwards_of([32] * 8, 512) == [list(range(8))]
+    assert forwards_of([600, 4], 512) == [[0], [1]]
+    assert forwards_of([], 512) == []
+
+
+async def test_a_cold_burst_in_several_forwards_equals_transformers(lm_dirs, served_root, aiohttp_origin,
+                                                                   fault_proxy_factory, tmp_path, monkeypatch):
+    """A burst whose padded tokens exceed ``PREFILL_CHUNK_TOKENS`` rides one cold batch computed
+    as several forwards (here four of at most 30 tokens, the first through the gates): every
+    row's tokens still equal transformers' greedy ones."""
+    monkeypatch.setattr(coldprefill, "PREFILL_CHUNK_TOKENS", 30)
+    d = lm_dirs["tiny-llama"]
+    codec = IdCodec(d)
+    ps = prompts(6, seed=11, lengths=[3, 17, 8, 25, 5, 12])
+    lengths = [12, 5, 16, 9, 14, 7]
+    uri = await slow_copy(d, served_root, aiohttp_origin, fault_proxy_factory)
+    forwards: list[int] = []
+    real = coldprefill._prefill_rows
+
+    def counted(forward: Any, model: Any, rows: Any, device: Any) -> Any:
+        forwards.append(len(rows))
+        return real(forward, model, rows, device)
+
+    monkeypatch.setattr(coldprefill, "_prefill_rows", counted)
+    async with asyncio.timeout(60):
+        async with engine(tmp_path / "plans") as eng:
+            inst = eng.instance("m", uri, ModelOptions(max_sequences=8))
+            await inst.load()
+            await inst.unload()
+            results = await asyncio.gather(*(one(inst, codec, p, n) for p, n in zip(ps, lengths)))
+            timeline = inst.last_timeline
+    assert timeline is not None
+    assert [s.name for s in timeline.spans if s.kind == "prefill"] == [f"6 rows, {sum(map(len, ps))} tokens"]
+    assert forwards == [1, 1, 2, 2], forwards
+    for i, deltas in enumerate(results):
+        assert tokens(deltas) == hf_greedy(d, ps[i], lengths[i]), f"request {i} (prompt of {len(ps[i])})"

@@ -130,3 +130,28 @@ async def test_reported_bytes_are_whole_tokens_of_the_config(lm_dirs, dtype):
         assert inst.generation.reserved_bytes == (9 + 50) * token_bytes
         await agen.aclose()
         assert inst.generation.reserved_bytes == 0 and inst.generation_stats.kv_cache_bytes_used == 0
+
+
+def test_join_all_merges_rows_in_one_copy_and_frees_the_old_tensors():
+    """Several rows joining at one step are stacked once per layer; the old batch's tensors and
+    the rows' go as the merge goes (weakrefs: nothing keeps them), and the result is what
+    joining them one by one gives."""
+    import weakref
+
+    b, ref = BatchCache(), BatchCache()
+    for c, n in ((single(3, 100.0), 3), (single(1, 200.0), 1)):
+        b.join(c, n)
+    for c, n in ((single(3, 100.0), 3), (single(1, 200.0), 1), (single(5, 300.0), 5), (single(2, 400.0), 2)):
+        ref.join(c, n)
+    old = weakref.ref(b.cache.layers[0].keys)
+    rows = [(single(5, 300.0), 5), (single(2, 400.0), 2)]
+    row_keys = [weakref.ref(c.layers[1].keys) for c, _ in rows]
+    b.join_all(rows)
+    assert b.lengths == [3, 1, 5, 2]
+    for mine, theirs in zip(b.cache.layers, ref.cache.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    assert b.cache.layers[1].keys[:, 0, :, 0].tolist() == [[0, 0, 100, 101, 102], [0, 0, 0, 0, 200],
+                                                           [300, 301, 302, 303, 304], [0, 0, 0, 400, 401]]
+    del rows
+    assert old() is None and all(r() is None for r in row_keys)
+    assert b.nbytes() == 2 * 2 * 4 * H * 5 * D * 4
