@@ -22,6 +22,25 @@ from cicada_async.bench.ray_stock import is_decoder
 
 REPLICA_HEADERS = ("cicada-replica", "bench-replica")
 REPLICA_TIME_HEADERS = ("cicada-replica-s", "bench-replica-s")  # seconds inside the model replica
+# process start, constructor begun, constructor returned, request entered (epoch s; ray_wire)
+REPLICA_CLOCK_HEADERS = ("cicada-replica-clock", "bench-replica-clock")
+
+
+def ray_path(sent: float, clock: str | None) -> dict[str, float] | None:
+    """A first answer's wait before its replica ran it, split by the replica's clock header:
+    Ray starting the worker process, the process until the constructor (Ray's worker start, the
+    class's module imported), the constructor, and Ray routing to the replica after it."""
+    if not clock:
+        return None
+    try:
+        process, init_begin, init_end, entered = (float(x) if x != "-" else None for x in clock.split())
+    except ValueError:
+        return None
+    if process is None or init_begin is None or init_end is None or entered is None:
+        return None
+    return {"process_after_send_s": process - sent, "init_after_process_s": init_begin - process,
+            "init_s": init_end - init_begin, "entered_after_init_s": entered - init_end,
+            "entered_after_send_s": entered - sent}
 
 
 def request_body(model_dir: Path, seq: int) -> tuple[bytes, int]:
@@ -48,7 +67,7 @@ class Client:
         headers = {"Content-Type": "application/json"}
         if strategy == "stock":
             headers["serve_multiplexed_model_id"] = model
-        t0 = time.monotonic()
+        t0, sent = time.monotonic(), time.time()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout_s)
         try:
             conn.request("POST", f"/{strategy}/v2/models/{model}/infer", body=body, headers=headers)
@@ -64,7 +83,8 @@ class Client:
         replica = next((hdrs[h] for h in REPLICA_HEADERS if h in hdrs), None)
         inside = next((float(hdrs[h]) for h in REPLICA_TIME_HEADERS if h in hdrs), None)
         out: dict[str, Any] = {"s": t1 - t0, "t_end": t1, "status": r.status, "bytes": len(raw),
-                               "replica": replica, "replica_s": inside, "node": hdrs.get("cicada-node") or hdrs.get("bench-node")}
+                               "replica": replica, "replica_s": inside, "node": hdrs.get("cicada-node") or hdrs.get("bench-node"),
+                               "ray_path": ray_path(sent, next((hdrs[h] for h in REPLICA_CLOCK_HEADERS if h in hdrs), None))}
         out["ok"] = r.status == 200 and len(raw) >= least
         if not out["ok"]:
             out["error"] = raw[:300].decode(errors="replace") if r.status != 200 else \
@@ -115,7 +135,8 @@ def first_answer(bed: Bed, client: Client, strategy: str, model: str, model_dir:
         raise RuntimeError(f"answered by replica {r['replica']}, not a fresh one")
     seen.add(r["replica"])
     return {"first_answer_s": r["s"], "first_answer_replica_s": r["replica_s"], "replica": r["replica"], "node": r["node"], "bytes": r["bytes"],
-            "resident_after_evict_bytes": resident, "waited_for_zero_s": waited}
+            "resident_after_evict_bytes": resident, "waited_for_zero_s": waited,
+            **{f"first_answer_{k}": v for k, v in (r["ray_path"] or {}).items()}}
 
 
 def warm_replica(bed: Bed, client: Client, strategy: str, model_a: str, seen: set[str],

@@ -33,8 +33,8 @@ from ray.serve import Deployment
 from cicada_async.service.ray_ingress import CicadaIngress
 from cicada_async.service.ray_replica import ReplicaStart
 from cicada_async.service.ray_wire import (
-    METRICS_TYPE, NODE_HEADER, REPLICA_HEADER, REPLICA_TIME_HEADER, CicadaArgs, Forwarded, Reply, as_openai,
-    error_reply, json_reply, load_settings,
+    METRICS_TYPE, NODE_HEADER, REPLICA_CLOCK_HEADER, REPLICA_HEADER, REPLICA_TIME_HEADER, CicadaArgs, Forwarded, Reply,
+    as_openai, clock_header, error_reply, json_reply, load_settings, process_started_at,
 )
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ class CicadaModels:
         # Ready at once: torch, the engine and the data plane start behind it (ray_replica), so
         # Ray routes the first request while they import, and that request's weights are read
         # meanwhile. Only the configured prefetch and the config are done here (no torch).
+        init_begin = time.time()
         from cicada_async.engine import prefetch
 
         prefetch.start_for_cli(["serve", "--config", args.config] if args.config
@@ -93,6 +94,7 @@ class CicadaModels:
         import ray
 
         self._ident = {REPLICA_HEADER: ctx.replica_id.unique_id, NODE_HEADER: ray.get_runtime_context().get_node_id()}
+        self._clock = (process_started_at(), init_begin, time.time())
 
     async def check_health(self) -> None:
         """Ray's periodic health check: a replica whose start failed is replaced."""
@@ -101,7 +103,7 @@ class CicadaModels:
             raise RuntimeError(f"the replica's start failed: {err!r}")
 
     async def handle(self, req: Forwarded) -> Reply:
-        t0 = time.perf_counter()
+        t0, entered = time.perf_counter(), time.time()
         try:
             model = serve.get_multiplexed_model_id()
             dp = await self._start.data_plane(model if req.action != "metrics" else None)
@@ -114,6 +116,7 @@ class CicadaModels:
         # The replica's own time (the multiplexed loader, the engine, the encode): what a client
         # measures beyond it is Ray's path (proxy, ingress, the two hops). The bench records it.
         reply.headers[REPLICA_TIME_HEADER] = f"{time.perf_counter() - t0:.6f}"
+        reply.headers[REPLICA_CLOCK_HEADER] = clock_header(*self._clock, entered)
         return reply
 
     async def stream(self, req: Forwarded) -> AsyncGenerator[Reply | bytes, None]:

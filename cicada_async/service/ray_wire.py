@@ -27,6 +27,10 @@ log = logging.getLogger("cicada.ray")
 REPLICA_HEADER = "cicada-replica"  # which replica answered: the multiplexing test reads it
 NODE_HEADER = "cicada-node"
 REPLICA_TIME_HEADER = "cicada-replica-s"  # seconds the request spent in the model replica (V2 replies)
+# When the replica's process started, its constructor began and returned, and this request
+# entered it: four wall-clock times (seconds since the epoch, this node's clock), space-separated.
+# The bench splits a first answer's wait on Ray's path with them (docs/ray-serve.md).
+REPLICA_CLOCK_HEADER = "cicada-replica-clock"
 
 # dataplane.SERVER_NAME, SERVER_VERSION, EXTENSIONS (the data plane imports torch).
 SERVER_NAME = "cicada-async"
@@ -87,6 +91,25 @@ def load_settings(args: CicadaArgs) -> Config:
         config.models = scan_repository(repo, ModelConfig(name="_", uri="_"))
     auth.merge_env(config.server.auth)
     return config
+
+
+def process_started_at() -> float | None:
+    """This process's start in seconds since the epoch (/proc, 10 ms ticks), or None without /proc."""
+    import os
+    import time
+
+    try:
+        after_paren = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        start_ticks = int(after_paren[19])  # field 22 (starttime), counted from field 3
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def clock_header(process: float | None, init_begin: float, init_end: float, entered: float) -> str:
+    """``REPLICA_CLOCK_HEADER``'s value."""
+    return " ".join(f"{t:.3f}" if t is not None else "-" for t in (process, init_begin, init_end, entered))
 
 
 Action = Literal["infer", "metadata", "ready", "config", "stats", "load", "unload", "index", "metrics",
