@@ -5,9 +5,12 @@
 
 Each repetition runs, interleaved and in an order rotated per repetition:
 
-- the **baseline**: a fresh ``python -c`` that imports torch and transformers, builds the model
-  on meta, assigns the mmapped safetensors (weights warm in the page cache, checked with
-  mincore) and runs one forward of the same 128 tokens; timed from spawn to the forward's end;
+- the **baseline** (the floor): a fresh ``python -c`` that imports torch and transformers the
+  plain way (Python's collector on, as any script; ``cicada serve`` imports with it paused,
+  ``engine/importgc.py``), builds the model on meta, assigns the mmapped safetensors (weights
+  warm in the page cache, checked with mincore) and runs one forward of the same 128 tokens;
+  timed from spawn to the forward's end. Target (issue 28): spawn to first answer at most
+  1.25x this;
 - a fresh ``cicada serve`` per mode (``--prefetch on/off``: the weights read into the page
   cache from the CLI's first statement, ``CICADA_PREFETCH``), its weights evicted first and the
   eviction verified with mincore; spawn to the first answer, split into:
@@ -48,6 +51,8 @@ from typing import Any
 from cicada_async.bench.origins import stop_process
 from cicada_async.bench.pagecache import evict, evict_checked, files_of, resident_bytes, warm
 from cicada_async.bench.procinfo import ChildRss, commit, machine
+
+TARGET = 1.25  # issue 28: spawn to first answer at most 1.25x imports + one warm forward
 
 
 def free_port() -> int:
@@ -366,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     for label, med in medians.items():
         if label != "baseline" and base and med["total_s"] is not None:
             ratios[label] = med["total_s"] / base
-            print(f"  {label}: {ratios[label]:.2f}x the baseline (target: at most 1.1x)")
+            print(f"  {label}: {ratios[label]:.2f}x the baseline (target: at most {TARGET}x)")
     if failed:
         print(f"  FAILED runs: {len(failed)} (listed in the JSON)")
     summary = {"model": args.model, "repeat": args.repeat, "drop": not args.no_drop,
                "imports_s": {k: statistics.median(v) for k, v in imports.items()},
-               "medians": medians, "ratio_to_baseline": ratios, "failed": len(failed)}
+               "medians": medians, "ratio_to_baseline": ratios, "target": TARGET,
+               "meets_target": {k: v <= TARGET for k, v in ratios.items()}, "failed": len(failed)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({**where, "summary": summary, "runs": runs, "failed_runs": failed}, indent=2))
     print(f"wrote {args.json}")
