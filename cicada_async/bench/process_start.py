@@ -10,7 +10,8 @@ Each repetition runs, interleaved and in an order rotated per repetition:
   ``engine/importgc.py``), builds the model on meta, assigns the mmapped safetensors (weights
   warm in the page cache, checked with mincore) and runs one forward of the same 128 tokens;
   timed from spawn to the forward's end. Target (issue 28): spawn to first answer at most
-  1.25x this;
+  1.25x this. The same floor with the collector paused during its imports and its objects
+  frozen after (``baseline gc-paused``) runs beside it, so the figure can be read both ways;
 - a fresh ``cicada serve`` per mode (``--prefetch on/off``: the weights read into the page
   cache from the CLI's first statement, ``CICADA_PREFETCH``), its weights evicted first and the
   eviction verified with mincore; spawn to the first answer, split into:
@@ -152,11 +153,16 @@ _NO_WARM_IMPORTS = (
 # The reference: a fresh process that only imports torch and transformers, builds the model on
 # meta, assigns the mmapped (page-cache-warm) weights and runs one forward of the same request.
 _BASELINE = r"""
-import json, sys, time
+import gc, json, sys, time
+paused = sys.argv[2:] == ["paused"]  # the floor with importgc's treatment: collector off, then frozen
+if paused:
+    gc.disable()
 import torch, transformers
 from safetensors.torch import load_file
 d = sys.argv[1]
 cls = getattr(transformers, json.load(open(d + "/config.json"))["architectures"][0])
+if paused:
+    gc.freeze(); gc.enable()
 t_imports = time.time()
 config = transformers.AutoConfig.from_pretrained(d)
 with torch.device("meta"):
@@ -173,11 +179,11 @@ print(json.dumps({"t_imports": t_imports, "t_done": t_done, "threads": torch.get
 """
 
 
-def baseline_run(model_dir: Path) -> dict[str, Any]:
+def baseline_run(model_dir: Path, paused: bool = False) -> dict[str, Any]:
     """Spawn to the forward's end of the reference process, weights warm in the page cache."""
     resident = warm(model_dir)
     t_spawn = time.time()
-    proc = subprocess.Popen([sys.executable, "-c", _BASELINE, str(model_dir.resolve())],
+    proc = subprocess.Popen([sys.executable, "-c", _BASELINE, str(model_dir.resolve()), *(["paused"] if paused else [])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     rss = ChildRss(proc.pid)
     out, err = proc.communicate(timeout=600)
@@ -297,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the weights read into the page cache from the CLI's first statement (CICADA_PREFETCH)")
     ap.add_argument("--warm-imports", dest="warm_imports", choices=["on", "off", "both"], default="on",
                     help="the engine's import of transformers on its idle thread at start (Engine(warm_imports))")
+    ap.add_argument("--no-paused-floor", dest="paused_floor", action="store_false", help="skip 'baseline gc-paused'")
     ap.add_argument("--import-repeat", type=int, default=1, help="fresh interpreters per import measurement")
     ap.add_argument("--no-drop", action="store_true", help="keep the weights in the page cache")
     ap.add_argument("--json", type=Path, default=Path("bench-results/process-start.json"))
@@ -331,12 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[dict[str, Any]] = []
     for i in range(args.repeat):
         # Interleaved, and the order rotated per repetition, so drift hits every mode alike.
-        plan: list[tuple[bool, bool] | None] = [None, *configs]
+        plan: list[tuple[bool, bool] | str] = ["baseline", *(["baseline gc-paused"] if args.paused_floor else []), *configs]
         plan = plan[i % len(plan):] + plan[: i % len(plan)]
         for c in plan:
-            label = "baseline" if c is None else f"serve prefetch={'on' if c[0] else 'off'} warm-imports={'on' if c[1] else 'off'}"
+            label = c if isinstance(c, str) else f"serve prefetch={'on' if c[0] else 'off'} warm-imports={'on' if c[1] else 'off'}"
             try:
-                r = baseline_run(model_dir) if c is None else \
+                r = baseline_run(model_dir, paused=c != "baseline") if isinstance(c, str) else \
                     one_run(args.model, model_dir, prefetch=c[0], warm_imports=c[1], drop=not args.no_drop)
             except Exception as e:  # noqa: BLE001 - counted and shown, never dropped silently
                 failed.append({"rep": i, "run": label, "error": f"{type(e).__name__}: {e}"})
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             r["rep"], r["label"] = i, label
             runs.append(r)
-            figs = [f"total {_fmt(r['total_s'])}"] + ([f"{k[:-2]} {_fmt(r[k])}" for k in KEYS[1:]] if c else [])
+            figs = [f"total {_fmt(r['total_s'])}"] + ([f"{k[:-2]} {_fmt(r[k])}" for k in KEYS[1:]] if not isinstance(c, str) else [])
             gbs = r["cost"]["gb_seconds"]
             print(f"rep {i} {label:38s} " + "  ".join(figs) + f" ms  {gbs or 0:.2f} GB-s", flush=True)
 
@@ -353,30 +360,34 @@ def main(argv: list[str] | None = None) -> int:
     print("  imports, each in a fresh interpreter:")
     for k, v in imports.items():
         print(f"    {k:40s} {statistics.median(v) * 1e3:7.0f}")
-    labels = sorted({r["label"] for r in runs}, key=lambda x: (x != "baseline", x))
+    labels = sorted({r["label"] for r in runs}, key=lambda x: (not x.startswith("baseline"), x))
     medians: dict[str, Any] = {}
     for label in labels:
         sel = [r for r in runs if r["label"] == label]
-        keys = KEYS if label != "baseline" else ["total_s", "to_imports_s"]
+        keys = KEYS if not label.startswith("baseline") else ["total_s", "to_imports_s"]
         med = {k: _median(sel, k) for k in keys}
         med.update({f"cost_{k}": _median(sel, "cost", k) for k in ("gb_seconds", "gb_seconds_held", "rss_peak_bytes")})
-        if label != "baseline":
+        if not label.startswith("baseline"):
             med["cold_start_gb_seconds"] = _median(sel, "cold_start_memory", "gb_seconds")
         med["n"] = len(sel)
         medians[label] = med
         print(f"  {label:38s} " + "  ".join(f"{k[:-2]} {_fmt(med[k])}" for k in keys)
               + f"  {med['cost_gb_seconds'] or 0:.2f} GB-s (peak RSS x spawn to answer)")
     base = medians.get("baseline", {}).get("total_s")
-    ratios = {}
+    ratios, to_paused, paused_base = {}, {}, medians.get("baseline gc-paused", {}).get("total_s")
     for label, med in medians.items():
-        if label != "baseline" and base and med["total_s"] is not None:
+        if not label.startswith("baseline") and base and med["total_s"] is not None:
             ratios[label] = med["total_s"] / base
             print(f"  {label}: {ratios[label]:.2f}x the baseline (target: at most {TARGET}x)")
+            if paused_base:
+                to_paused[label] = med["total_s"] / paused_base
+                print(f"  {label}: {to_paused[label]:.2f}x the baseline with its collector paused")
     if failed:
         print(f"  FAILED runs: {len(failed)} (listed in the JSON)")
     summary = {"model": args.model, "repeat": args.repeat, "drop": not args.no_drop,
                "imports_s": {k: statistics.median(v) for k, v in imports.items()},
-               "medians": medians, "ratio_to_baseline": ratios, "target": TARGET,
+               "medians": medians, "ratio_to_baseline": ratios, "ratio_to_gc_paused_baseline": to_paused,
+               "target": TARGET,
                "meets_target": {k: v <= TARGET for k, v in ratios.items()}, "failed": len(failed)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({**where, "summary": summary, "runs": runs, "failed_runs": failed}, indent=2))
