@@ -8,12 +8,10 @@ forwards of other models, other loads' layers and applies, skeleton builds. At e
 gate a job also hands the turn over to waiting work of its own priority or more urgent one
 (``yield_turn``), so a long forward never holds back a request for more than one layer.
 
-A job that already ran and wants the turn back at the holder's own priority (a gated forward
-whose weights landed, a job that yielded) waits for the holder's *slice* (``SLICE_S``, about one
-layer's compute) to run out: two forwards of one priority share by slices, and a forward shorter
-than a slice finishes first. Without it a 3 ms warm request took 100-300 ms while gpt2-medium
-cold-started: one gpt2-medium layer per warm layer (issue 28 item 4). New jobs and more urgent
-work still get the turn at the next boundary.
+A job that wants the turn back at the holder's own priority (a gated forward whose weights
+landed, a job that yielded) waits for the holder's *slice* (``SLICE_S``, about one layer's
+compute): a 3 ms warm request took 100-300 ms while gpt2-medium cold-started without it (issue
+28 item 4). A new job of that priority waits for ``PIECE_S``; more urgent work for nothing.
 """
 
 from __future__ import annotations
@@ -39,29 +37,30 @@ log = logging.getLogger(__name__)
 OnError = Callable[[BaseException], None]
 Key = tuple[Priority, int]  # (priority, sequence): lower runs first
 
-# Work submitted without a priority (tools, tests, an unload's last reference): level 0,
-# ahead of every request, the level of Priority.UNLOAD.
+# Work submitted without a priority (tools, tests, an unload's last reference): level 0.
 AHEAD_OF_REQUESTS = Priority.UNLOAD
 # A worker that takes the turn only to run posted applies: no job, so no real key.
 _APPLIES_ONLY: Key = (Priority(-(1 << 62)), -1)
 
 MAX_THREADS = 32
-# Idle workers kept past a burst; the others retire after RETIRE_IDLE_S without work (workers
-# spawn whenever a job waits or yields; kept for ever, each holds a stack and an OpenMP team).
+# Idle workers kept past a burst; the others retire after RETIRE_IDLE_S without work (each
+# holds a stack and an OpenMP team).
 KEEP_IDLE = 2
 RETIRE_IDLE_S = 1.0
 SLICE_S = 0.02  # the turn's slice among jobs of one priority (the module's docstring)
-
+# A new job of the holder's priority waits this long into the turn at fine yield points (a
+# submodule built, a shard placed, a layer): 320-layer loads among 1.5 ms requests took 8 s.
+PIECE_S = 0.005
 
 _worker_of = threading.local()  # .executor: the executor whose worker this thread is
 
 
-def yield_point() -> None:
-    """A piece boundary of a long job: ``yield_turn`` of the executor running it; nothing when
-    called off an executor's worker (a tool or test calling the job's function directly)."""
+def yield_point(piece_s: float = 0.0) -> None:
+    """A piece boundary of a long job: ``yield_turn(piece_s)`` of the executor running it;
+    nothing when called off an executor's worker (a tool or test calling the function)."""
     executor: Executor | None = getattr(_worker_of, "executor", None)
     if executor is not None:
-        executor.yield_turn()
+        executor.yield_turn(piece_s)
 
 
 class ExecutorDead(CicadaError):
@@ -79,13 +78,12 @@ class Executor:
                  shared: bool = True) -> None:
         self._name = name
         # shared=False keeps the turn while a job waits (no yields): one load at a time holds
-        # all compute, the baseline the multi-model benchmark compares to.
+        # all compute (the multi-model benchmark's baseline).
         self._shared = shared
         self._max_threads = max_threads
         # One lock; jobs waiting for weights (wait_until) wait on ``_cv``, each worker on a
-        # condition of its own on the same lock. Only one idle worker (``_idle[-1]``) and one
-        # thread waiting for the turn (``_wanting[0]``) can act on a change, so only they are
-        # woken (``_notify_locked``), not every idle worker (review-3 C-9).
+        # condition of its own on it. Only ``_idle[-1]`` and ``_wanting[0]`` can act on a
+        # change, so only they are woken (``_notify_locked``), not every idle worker (C-9).
         self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._wakeups: dict[int, threading.Condition] = {}
@@ -202,24 +200,23 @@ class Executor:
                     except CicadaError:
                         self._acquire_locked(key)
                         raise
-                    timeout = None if deadline is None else deadline - time.monotonic()
                     # Applies with nobody to run them: this thread takes the turn and runs them.
                     if done() or (self._applies and self._holder is None):
                         break
-                    self._cv.wait(1.0 if timeout is None else min(timeout, 1.0))
+                    self._cv.wait(1.0 if deadline is None else min(deadline - time.monotonic(), 1.0))
                 self._acquire_locked(key)
 
-    def yield_turn(self) -> None:
-        """At a layer boundary: let waiting work of this priority or a more urgent one run first."""
-        key = self._current_key()
-        if key is None:
+    def yield_turn(self, piece_s: float = 0.0) -> None:
+        """At a layer boundary: let waiting work of this priority (once this turn ran ``piece_s``)
+        or a more urgent one run first."""
+        if (key := self._current_key()) is None:
             return  # not a job (a forward called directly, outside the executor)
         prio, seq = key
         self.run_applies()
         if not self._shared:
             return
         with self._cv:
-            if not self._contested_locked(prio):
+            if not self._contested_locked(prio, piece_s):
                 return
             self._release_locked()
             # Behind work of the same priority that already waits: a fresh sequence number.
@@ -244,15 +241,18 @@ class Executor:
             raise RuntimeError("only a job on the executor may wait or yield")
         return key
 
-    def _contested_locked(self, prio: Priority) -> bool:
-        """A queued job as urgent or more, or one wanting the turn back: more urgent, or as urgent
-        once this holder's slice ran out."""
-        if self._jobs and self._jobs[0][0][0] <= prio and self._idle_or_spawn_locked():
+    def _contested_locked(self, prio: Priority, piece_s: float = 0.0) -> bool:
+        """A queued job more urgent, or as urgent once this turn ran ``piece_s``; or one wanting
+        the turn back: more urgent, or as urgent once this holder's slice ran out."""
+        held = time.monotonic() - self._slice_start
+        queued = self._jobs[0][0][0] if self._jobs else None
+        if queued is not None and (queued < prio or (queued == prio and held >= piece_s)) \
+                and self._idle_or_spawn_locked():
             return True
         if not self._wanting:
             return False
         wanted = self._wanting[0][0][0]
-        return wanted < prio or (wanted == prio and time.monotonic() - self._slice_start >= SLICE_S)
+        return wanted < prio or (wanted == prio and held >= SLICE_S)
 
     def _idle_or_spawn_locked(self) -> bool:
         """True when a worker can start the queued job once the turn is free."""

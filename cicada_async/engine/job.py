@@ -20,7 +20,7 @@ from protocols.errors import ConfigError, LoadError
 from protocols.manifest import Plan, TensorEntry
 from protocols.serving import ModelOptions
 
-from cicada_async.engine.executor import Executor
+from cicada_async.engine.executor import PIECE_S, Executor
 from cicada_async.engine.forward import Widening
 from cicada_async.engine.landing import Landing
 from cicada_async.engine.ledger import ShardLedger
@@ -154,10 +154,14 @@ class LoadJob:
         self.ledger.applied(i)
 
     def apply_all(self) -> None:
-        """Every shard in one pass, no ledger (the resident path: every byte is in memory)."""
+        """Every shard in one pass, no ledger (the resident path: every byte is in memory).
+
+        Yield points between shards: a large model's pass is one executor turn otherwise
+        (issue 28 item 4)."""
         start = self.timeline.now()
         for i in range(len(self.plan.shards)):
             self._make_tensors(i)
+            self.executor.yield_turn(PIECE_S)
         self._all_in = True
         self.timeline.add("apply", "<all>", start, nbytes=sum(s.nbytes for s in self.plan.shards))
 
@@ -208,7 +212,7 @@ class LoadJob:
 
         def gate(name: str, shards: list[int]) -> Callable[..., None]:
             def pre(_m: nn.Module, _a: Any) -> None:
-                self.executor.yield_turn()  # a layer boundary: more urgent work goes first
+                self.executor.yield_turn(PIECE_S)  # a layer boundary: more urgent work goes first
                 self.wait_for(shards, name)
                 starts[name] = self.timeline.now()
 
@@ -262,7 +266,7 @@ class LoadJob:
         executor = self.executor
 
         def yield_point(_m: nn.Module, _a: Any) -> None:
-            executor.yield_turn()
+            executor.yield_turn(PIECE_S)
 
         for name in self.module_shards:
             if name:

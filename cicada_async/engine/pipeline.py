@@ -124,7 +124,7 @@ class ColdStart:
         except BaseException:
             skeleton.cancel()
             raise
-        if self.options.resident and self.request.shard_order is None and choose(landing, self.timeline):
+        if self.options.resident and self.request.shard_order is None and await choose(landing, self.timeline):
             return await resident_load(self, spec, skeleton, hdrs, landing)  # files in memory
         if spec.manifest is not None:
             landing.hold_releases()  # converted spans stay resident until the files verify

@@ -18,10 +18,12 @@ path ran: a ``residency`` stage in both (the check; its span's ``nbytes`` = resi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import functools
 import logging
 import mmap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -31,7 +33,7 @@ from torch import nn
 from protocols.errors import CicadaError, InferenceError, LoadError
 from protocols.manifest import FileHeader, Plan
 
-from cicada_async.engine.executor import Executor
+from cicada_async.engine.executor import PIECE_S, Executor, yield_point
 from cicada_async.engine.fetch import FetchScheduler, LoadPriority
 from cicada_async.engine.forward import run_forward
 from cicada_async.engine.headers import all_tensors
@@ -123,13 +125,15 @@ def resident_bytes(maps: Iterable[mmap.mmap]) -> tuple[int, int]:
     return resident, total
 
 
-def choose(landing: Landing, timeline: Timeline) -> bool:
+async def choose(landing: Landing, timeline: Timeline) -> bool:
     """True when this load should take the resident path: local files, mapped on the CPU
     (``MappedLanding``), at least ``RESIDENT_FRACTION`` of their bytes in the page cache."""
     if not isinstance(landing, MappedLanding):
         return False  # remote storage, arenas, or a device: the pipeline
     start = timeline.now()
-    have, total = resident_bytes(landing.maps.values())
+    # On a thread: the kernel walks every page (24-29 ms of the loop for gpt2-medium's 1.4 GB,
+    # measured as loop lag), and ctypes lets the GIL go meanwhile.
+    have, total = await asyncio.to_thread(resident_bytes, list(landing.maps.values()))
     timeline.add("stage", "residency", start, nbytes=have)
     taken = total > 0 and have >= RESIDENT_FRACTION * total
     log.info('{"event": "load_path", "path": "%s", "resident_bytes": %d, "total_bytes": %d}',
@@ -166,22 +170,27 @@ async def resident_load(cs: ColdStart, spec: ModelSpec, skeleton: asyncio.Future
 
 
 def _place(cs: ColdStart, spec: ModelSpec, model: nn.Module, hdrs: dict[str, FileHeader],
-           landing: Landing, known: Plan | None) -> LoadJob:  # executor thread, one turn
-    """Index the skeleton, make the plan (kept for later loads), put every tensor in."""
+           landing: Landing, known: Plan | None) -> LoadJob:  # executor thread
+    """Index the skeleton, make the plan (kept for later loads), put every tensor in; waiting
+    work of this priority or a more urgent one runs between the steps (issue 28 item 4)."""
     tl, opts = cs.timeline, cs.options
+    turn = functools.partial(yield_point, PIECE_S)
     tensors = all_tensors(hdrs)
-    with tl.stage("plan"):
+    with tl.stage("plan"):  # yield points between the steps, and after each shard's applies
         index = index_skeleton(model, tensors, renamer=lambda: spec.checkpoint_renamer(model))
+        turn()
         place_buffers(model, index, opts.device)
         planned = planned_modules(model, index)
+        turn()
         fits = known is not None and order_fits(known, planned)
         if known is not None and fits:
             modules, source, uncalled = list(known.modules), known.order_source, list(known.uncalled)
         else:
             # No stored order: the dry run on meta, as the pipeline's first load does, before
             # any weight is in; its order is stored for the loads that will read from disk.
-            with tl.stage("dry-run"):
+            with tl.stage("dry-run"), _yielding(model, planned, turn):
                 modules, source, uncalled = execution_order(model, spec, planned)
+        turn()
         groups = shard_groups(model, index, tensors, modules)
         if not fits and groups and groups[-1][0] == "":
             uncalled = [*uncalled, ""]
@@ -192,6 +201,19 @@ def _place(cs: ColdStart, spec: ModelSpec, model: nn.Module, hdrs: dict[str, Fil
         job.apply_all()
         job.remove_gates()  # no gates were in: this leaves the warm forwards' yield points
     return job
+
+
+@contextlib.contextmanager
+def _yielding(model: nn.Module, names: list[str], turn: Callable[[], None]) -> Iterator[None]:
+    """Yield points before each of ``names``' modules while inside (a dry run: a model's
+    forward on meta, 1.2 s for a 192-layer GPT-2 in one turn otherwise, measured)."""
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_pre_hook(lambda _m, _a: turn()) for n in names if n in modules]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _forward(cs: ColdStart, job: LoadJob, inputs: dict[str, torch.Tensor]) -> Outputs:  # executor thread
