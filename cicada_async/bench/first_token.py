@@ -46,7 +46,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from cicada_async.bench.first_token_bound import bound_of, measure
+from cicada_async.bench.first_token_bound import bound_of, local_read_s, measure
 from cicada_async.bench.first_token_report import cell_summary, format_table, plot_timelines
 from cicada_async.bench.first_token_runs import Setup, run_peer
 from cicada_async.bench.origins import S3_DATA
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             bound = None
             if m in doc["bounds"]:
                 parts = doc["bounds"][m]["parts"]
-                read = parts["read_cold_s"] if kind == "local" else \
+                read = local_read_s(parts, runs) if kind == "local" else \
                     sum(f.stat().st_size for f in d.iterdir() if f.is_file()) * 8 / (args.rate_mbit * 1e6)
                 bound = bound_of(parts, seen, b, read)
             config = json.loads((d / "config.json").read_text())

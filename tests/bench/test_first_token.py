@@ -205,3 +205,18 @@ def test_llama_cpp_peer(tiny: Path, tmp_path: Path) -> None:
     (run,) = cell["runs"]["llama.cpp"]
     assert "error" not in run, run
     assert len(run["ttft_s"]) == 2 and run["resident_before_bytes"] <= 1 << 20
+
+
+def test_local_read_is_the_fastest_cold_read_of_the_run():
+    """The bound's read takes the servers' own cold fetches of the cell (``cicada`` runs only:
+    ``cicada-spawn`` may prefetch before its load) when one was faster than its own methods."""
+    from cicada_async.bench.first_token_bound import local_read_s
+
+    def run(fetch_s: float, ok: bool = True) -> dict:
+        return {"cold_start_log": {"ok": ok, "timeline": {"stages": {"fetch_s": fetch_s}}}}
+
+    parts = {"read_cold_s": 3.0}
+    assert local_read_s(parts, {"cicada": [run(2.5), run(2.2), run(1.0, ok=False)],
+                                "cicada-spawn": [run(0.5)]}) == 2.2
+    assert local_read_s(parts, {"cicada": [run(3.5), {"cold_start_log": None}]}) == 3.0
+    assert local_read_s(parts, {}) == 3.0
