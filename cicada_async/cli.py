@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     mm.add_argument("--budget", type=int, default=1_200_000_000, help="memory_budget_bytes of the server")
     mm.add_argument("--dir", type=Path, default=Path("models"), help="where catalogue models are made")
     mm.add_argument("--json", type=Path, default=Path("bench-results/multi-model.json"))
+    mm.add_argument("--pair", help="instead: tiny-bert warm while this model cold-starts, evicted and resident")
+    mm.add_argument("--rounds", type=int, default=5, help="cold starts per page-cache state (with --pair)")
 
     w = bsub.add_parser("warm-forward", help="warm forward after a pipelined load vs a stock load")
     w.add_argument("--models", default="gpt2,bert-base")
