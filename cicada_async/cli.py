@@ -173,6 +173,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         return _demo(args)
     if args.cmd == "bench":
+        if args.bench == "multi-model" and args.pair:
+            from cicada_async.bench.multi_model_pair import pair_bench
+
+            return pair_bench(args)
         if args.bench == "multi-model":
             from cicada_async.bench.multi_model import multi_model_bench
 

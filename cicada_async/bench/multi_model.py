@@ -262,10 +262,6 @@ async def priority_phase(client: Client, urgent: str = "bert-base",
 
 
 def multi_model_bench(args: argparse.Namespace) -> int:
-    if getattr(args, "pair", None):  # the two-model case (multi_model_pair)
-        from cicada_async.bench.multi_model_pair import pair_bench
-
-        return pair_bench(args)
     from cicada_async.models.catalogue import make_model
 
     dirs: dict[str, Path] = {}
