@@ -30,7 +30,9 @@ def attr(name: str) -> object:
         done = sys.modules.get("transformers")
         if done is not None and name in vars(done):  # the lazy module keeps what it resolved
             return vars(done)[name]
-        with importgc.paused():
+        # Called from a load (a model class's first use in the skeleton build): no freeze, see
+        # importgc for the mapping an unloaded model kept when this froze the load's frames.
+        with importgc.paused(freeze=False):
             import transformers
 
             return getattr(transformers, name)

@@ -16,8 +16,16 @@ older-generation pass walks them again. So an outermost scope that imported modu
 the permanent generation, which no collection walks. The price is that an object alive at that
 moment which later becomes part of an unreachable cycle is never reclaimed (reference counting
 still frees everything else: a GPT-2 or BERT model leaves no cycle when dropped, checked with
-``gc.collect()``). Such scopes are few per process: the start's imports, and the first import
-of each model architecture; a scope that imported nothing only resumes the collector.
+``gc.collect()``). Such scopes are few per process: the start's imports; a scope that imported
+nothing only resumes the collector.
+
+An import inside a load (a model class's first use, from the skeleton build) pauses without
+freezing (``freeze=False``): freezing there froze the load's own frames, reachable from an
+exception the import kept, and an unloaded model's weight file then stayed mapped for the life
+of the process (a fresh process loading tiny-gpt2 with transformers first imported inside the
+build: the file was still in /proc/self/maps after the unload and ``gc.collect()``; with the
+collector alone it was not). Pausing alone keeps most of the gain: the collector's passes during
+the import; the objects it made are walked once by a later older-generation pass.
 
 What the imports cost beyond the collector, and why none of it is skipped, is in
 ``docs/process-start.md``: ``torch._dynamo`` (with sympy, ``torch.distributed.tensor`` and
@@ -38,31 +46,34 @@ _lock = threading.Lock()
 _depth = 0  # scopes open in any thread
 _resume = False  # whether the outermost scope found the collector on (and so turns it back on)
 _modules = 0  # len(sys.modules) when the outermost scope began
+_no_freeze = False  # a scope of this stretch ran inside a load: nothing is frozen at its end
 
 
 @contextmanager
-def paused() -> Iterator[None]:
+def paused(*, freeze: bool = True) -> Iterator[None]:
     """The collector off for the scope (any thread, nested); at the outermost end, resume it.
 
-    The outermost end first freezes what is alive when modules were imported in the scope. A
-    collector the application had disabled stays disabled, and nothing is frozen then.
+    The outermost end first freezes what is alive when modules were imported in the scope,
+    unless a scope of the stretch said ``freeze=False`` (an import inside a load). A collector
+    the application had disabled stays disabled, and nothing is frozen then.
     ``CICADA_IMPORT_GC=on`` leaves the collector alone (to compare, or should a leak show).
     """
-    global _depth, _resume, _modules
+    global _depth, _resume, _modules, _no_freeze
     if os.environ.get("CICADA_IMPORT_GC", "").lower() in ("on", "1"):
         yield
         return
     with _lock:
         if _depth == 0:
-            _resume, _modules = gc.isenabled(), len(sys.modules)
+            _resume, _modules, _no_freeze = gc.isenabled(), len(sys.modules), False
             gc.disable()
         _depth += 1
+        _no_freeze = _no_freeze or not freeze
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
             if _depth == 0 and _resume:
-                if len(sys.modules) > _modules:
+                if len(sys.modules) > _modules and not _no_freeze:
                     gc.freeze()
                 gc.enable()

@@ -1,7 +1,7 @@
 """A fresh process's imports of torch and transformers run without the cyclic collector.
 
 ``importgc`` pauses the collector around the served path's heavy imports (a Ray replica's
-start, the engine's warm import, a model class's first use) and freezes what they made. The
+start, the engine's warm import, a model class's first use) and freezes what the first two made. The
 oracle is the interpreter itself: ``gc.callbacks`` sees every collection. Before ``importgc``
 the same imports in a fresh process ran ~870 collections (0.55-0.63 s of ~3 s on this
 machine); a change that brings the collector back into those imports fails here. The outputs
@@ -35,12 +35,13 @@ phase[0] = "imports"
 _import_engine(1)
 from cicada_async.engine import hfimport
 hfimport.warm()  # what the engine's executor runs at start
+phase[0] = "after"  # a model class's first use pauses the collector but freezes nothing: a
+# collection may follow it (see test_an_import_inside_a_load_leaves_nothing_of_it_after_the_unload)
 dirs = json.loads(sys.argv[1])
 for d in dirs.values():
     if Path(d, "config.json").exists():  # a transformers model (tiny-mlp is a plain factory)
         arch = json.loads(Path(d, "config.json").read_text())["architectures"][0]
         assert hfimport.find(arch) is not None, arch
-phase[0] = "after"
 assert gc.isenabled()
 frozen = gc.get_freeze_count()
 
@@ -125,3 +126,34 @@ def test_the_environment_can_leave_the_collector_alone() -> None:
             "with importgc.paused():\n    on = gc.isenabled()\n    import colorsys\n"
             "print(json.dumps({'on_inside': on, 'frozen': gc.get_freeze_count()}))")
     assert _python(code, env={"CICADA_IMPORT_GC": "on"}) == {"on_inside": True, "frozen": 0}
+
+
+_UNLOADED = r"""
+import asyncio, gc, json, sys
+from pathlib import Path
+from cicada_async.engine.runtime import Engine, ModelOptions
+from tests.fixtures.helpers import inputs_for
+d = Path(sys.argv[1]).resolve()
+def mapped():
+    return sorted({line.split()[-1] for line in open("/proc/self/maps") if str(d) in line})
+async def main():
+    # No warm import: transformers is first imported inside the load's skeleton build.
+    async with Engine(warm_imports=False) as engine:
+        inst = engine.instance("m", str(d), ModelOptions())
+        await inst.infer(inputs_for(d))
+        loaded = mapped()
+        await inst.unload()
+    return loaded
+loaded = asyncio.run(main())
+gc.collect()
+print(json.dumps({"imported_in_load": "transformers" in sys.modules, "loaded": loaded, "after": mapped()}))
+"""
+
+
+def test_an_import_inside_a_load_leaves_nothing_of_it_after_the_unload(model_dirs: dict[str, Path]) -> None:
+    """A model's files are unmapped after its unload and a collection, also when transformers
+    was first imported inside that model's load (a freeze there kept them mapped for good)."""
+    out = _python(_UNLOADED, str(model_dirs["tiny-gpt2"]))
+    assert out["imported_in_load"] is True
+    assert out["loaded"], "the load did not map the weights: the test no longer sees its case"
+    assert out["after"] == [], out
