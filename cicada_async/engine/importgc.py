@@ -20,11 +20,11 @@ still frees everything else: a GPT-2 or BERT model leaves no cycle when dropped,
 nothing only resumes the collector.
 
 An import inside a load (a model class's first use, from the skeleton build) pauses without
-freezing (``freeze=False``): freezing there froze the load's own frames, reachable from an
-exception the import kept, and an unloaded model's weight file then stayed mapped for the life
-of the process (a fresh process loading tiny-gpt2 with transformers first imported inside the
-build: the file was still in /proc/self/maps after the unload and ``gc.collect()``; with the
-collector alone it was not). Pausing alone keeps most of the gain: the collector's passes during
+freezing (``freeze=False``): freezing there froze objects of the load in flight (its skeleton
+build's frame among what kept the mapping reachable, in a cycle the collector frees otherwise),
+and an unloaded model's weight file then stayed mapped for the life of the process (a fresh
+process loading tiny-gpt2 with transformers first imported inside the build: the file was still
+in /proc/self/maps after the unload and ``gc.collect()``; with the collector alone it was not). Pausing alone keeps most of the gain: the collector's passes during
 the import; the objects it made are walked once by a later older-generation pass.
 
 What the imports cost beyond the collector, and why none of it is skipped, is in
