@@ -21,16 +21,6 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 pytest_plugins = ["tests.fixtures.models", "tests.fixtures.storage", "tests.fixtures.server"]
 
 
-@pytest.fixture(autouse=True)
-def own_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test, and the servers it spawns, keeps plan files in a cache directory of its own.
-    Plans are keyed by the weights' bytes, so a plan one test's remote tiny-gpt2 stored in the
-    session's directory was found by a later test's first cold start of the same bytes (CI at
-    ea99280: ten plan-cache tests saw no first dry forward). Session- and module-scoped fixtures
-    keep the session's directory above."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
-
-
 # The service suite skips its modules when tritonclient, kserve, openai or ray[serve] is missing
 # (importorskip, a module-level skip), which is right on a laptop without the test extra and
 # wrong in CI: there a missing client would silently skip the suite. With $CI set, a missing

@@ -19,7 +19,6 @@ The server's own startup is outside the clock, as it is for a running server.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -38,13 +37,21 @@ READY_S = 120.0
 IDLE_MAX_S = 60.0
 
 
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def serve_config(uri: str, storage: dict[str, dict[str, Any]]) -> str:
     """cicada.toml with the storage tables and one model, ``model``, at ``uri``."""
     lines: list[str] = []
     for kind, settings in storage.items():
         lines.append(f"[storage.{kind}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]  # JSON scalars are TOML's
-    lines += ["[models.model]", f"uri = {json.dumps(uri)}"]
+        lines += [f"{k} = {_toml(v)}" for k, v in settings.items()]
+    lines += ["[models.model]", f"uri = {_toml(uri)}"]
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,14 @@ pytestmark = pytest.mark.timeout(180)
 SEQ = 16
 
 
+@pytest.fixture(autouse=True)
+def own_plan_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The served model is remote, so its server stores its plan under $XDG_CACHE_HOME, which
+    # the test session shares: a tiny-gpt2 plan left there is found by later tests' lookups
+    # of the same bytes (test_plan_cache's first cold starts then ran no dry forward).
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def _origin(model_dirs: dict[str, Path], tmp_path: Path) -> Path:
     root = tmp_path / "root"
     shutil.copytree(model_dirs["tiny-gpt2"], root / "m")

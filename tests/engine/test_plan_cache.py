@@ -18,6 +18,15 @@ from cicada_async.engine.runtime import Engine
 from tests.fixtures.helpers import assert_equal_outputs, inputs_for, reference
 
 
+@pytest.fixture(autouse=True)
+def own_plan_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plan dir of this test's own: the session's ($XDG_CACHE_HOME, shared by every test)
+    holds the plans other tests' remote models stored, and a lookup of the same bytes finds
+    them (CI at ea99280: a served tiny-gpt2's plan made ten of these tests see no first dry
+    forward)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def private_copy(model_dirs: dict[str, Path], name: str, tmp_path: Path) -> Path:
     """A model directory of this test's own: the session's fixtures gather plan files."""
     dst = tmp_path / name

@@ -26,6 +26,13 @@ from cicada_async.engine.timeline import Timeline
 from protocols.storage import ObjectInfo
 from tests.fixtures.helpers import assert_equal_outputs, inputs_for, reference
 
+
+@pytest.fixture(autouse=True)
+def own_plan_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test's own plan dir: the session's is shared, and a plan another test's remote
+    tiny-gpt2 stored there made this fixture find no plan to write (CI at ea99280)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
 pytestmark = pytest.mark.timeout(120)
 
 HOLD_S = 10.0  # an upper bound on how long the origin holds the plan's stat, not a timing
